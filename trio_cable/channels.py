@@ -1,0 +1,305 @@
+"""Channels: the application's side of a subscription, and the built-in channels.
+
+An application subclasses :class:`Channel` and registers it on a :class:`CableApp`::
+
+    app = CableApp()
+
+    @app.channel
+    class ChatChannel(Channel):
+        async def subscribed(self) -> None:
+            self.stream_from(f"chat_{self.params['room']}")
+
+        async def speak(self, data: dict) -> None:
+            await self.broadcast(f"chat_{self.params['room']}", {"text": data["text"]})
+
+A client message ``{"action": "speak", ...}`` calls ``speak`` with the whole decoded object.
+Callbacks may be ``async def`` or plain ``def``.  This module knows nothing about sockets:
+the server hands each channel a :class:`ChannelHost` to act through.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from trio_cable.streams import verify_stream
+
+
+class Unauthorized(Exception):
+    """Raise from a connect callback to refuse the connection (``reason: unauthorized``)."""
+
+
+@dataclass
+class ConnectRequest:
+    """What a connect callback knows about a new connection."""
+
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names
+    remote: str
+    subprotocol: str
+    sid: str
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        """Cookies of the request (``Cookie`` header), parsed leniently."""
+        out: dict[str, str] = {}
+        for part in self.headers.get("cookie", "").split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep:
+                out[name] = value
+        return out
+
+
+ConnectCallback = Callable[[ConnectRequest], "Awaitable[Mapping[str, Any] | None] | Mapping[str, Any] | None"]
+
+
+class ChannelHost(Protocol):
+    """What a channel may ask of the connection it lives on (implemented by the server)."""
+
+    sid: str
+    identifiers: dict[str, Any]
+
+    @property
+    def settings(self) -> Any: ...
+
+    def transmit(self, identifier: str, message: Any) -> None: ...
+
+    def add_stream(self, identifier: str, stream: str) -> None: ...
+
+    def remove_stream(self, identifier: str, stream: str) -> None: ...
+
+    async def broadcast(self, stream: str, data: Any) -> None: ...
+
+
+class Channel:
+    """Base class of application channels.
+
+    One instance per subscription.  ``identifier`` is the client's identifier string (echoed
+    byte for byte), ``params`` its decoded fields without ``channel``, ``identifiers`` the
+    connection's identity (from JWT or the connect callback).
+    """
+
+    #: Name clients use in the identifier's ``channel`` field; defaults to the class name.
+    channel_name: ClassVar[str | None] = None
+    #: False for built-ins that run no application code: they skip the callback limiter.
+    app_callbacks: ClassVar[bool] = True
+
+    def __init__(self, host: ChannelHost, identifier: str, params: dict[str, Any]) -> None:
+        self.host = host
+        self.identifier = identifier
+        self.params = params
+        self.streams: list[str] = []
+        self.rejected = False
+        #: Free-form, JSON-serializable per-subscription state (kept on session resume).
+        self.state: dict[str, Any] = {}
+
+    @classmethod
+    def name(cls) -> str:
+        """The channel name clients subscribe with."""
+        return cls.channel_name or cls.__name__
+
+    @property
+    def identifiers(self) -> dict[str, Any]:
+        """The connection's identifiers."""
+        return self.host.identifiers
+
+    # -- callbacks an application overrides -------------------------------------------------
+
+    def subscribed(self) -> Awaitable[None] | None:
+        """Called when a client subscribes; call :meth:`reject` to refuse."""
+        return None
+
+    def unsubscribed(self) -> Awaitable[None] | None:
+        """Called when the subscription ends (unsubscribe or disconnect)."""
+        return None
+
+    def receive(self, data: dict[str, Any]) -> Awaitable[None] | None:
+        """Called for messages whose action is ``receive`` (or that have no action)."""
+        return None
+
+    # -- what a channel can do -----------------------------------------------------------------
+
+    def transmit(self, message: Any) -> None:
+        """Send *message* to this subscription's client only."""
+        self.host.transmit(self.identifier, message)
+
+    def stream_from(self, stream: str) -> None:
+        """Deliver broadcasts on *stream* to this subscription."""
+        if stream not in self.streams:
+            self.streams.append(stream)
+            self.host.add_stream(self.identifier, stream)
+
+    def stop_stream_from(self, stream: str) -> None:
+        """Stop delivering broadcasts on *stream*."""
+        if stream in self.streams:
+            self.streams.remove(stream)
+            self.host.remove_stream(self.identifier, stream)
+
+    def stop_all_streams(self) -> None:
+        """Stop every stream of this subscription."""
+        for stream in list(self.streams):
+            self.stop_stream_from(stream)
+
+    def reject(self) -> None:
+        """Refuse the subscription (only meaningful inside :meth:`subscribed`)."""
+        self.rejected = True
+
+    async def broadcast(self, stream: str, data: Any) -> None:
+        """Broadcast *data* (any JSON value) to every subscriber of *stream*."""
+        await self.host.broadcast(stream, data)
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    @classmethod
+    def action_names(cls) -> frozenset[str]:
+        """Public methods a client may call as actions."""
+        cached = cls.__dict__.get("_action_names")
+        if cached is None:
+            base = set(dir(Channel)) - {"receive"}
+            cached = frozenset(
+                name
+                for name in dir(cls)
+                if not name.startswith("_")
+                and name not in base
+                and callable(getattr(cls, name))
+                and not isinstance(inspect.getattr_static(cls, name), (classmethod, staticmethod))
+            )
+            cls._action_names = cached  # type: ignore[attr-defined]
+        return cached
+
+    async def perform(self, action: str, data: dict[str, Any]) -> bool:
+        """Run the method named *action*; return False when there is no such action."""
+        if action not in self.action_names():
+            return False
+        await maybe_await(getattr(self, action)(data))
+        return True
+
+
+async def maybe_await(value: Any) -> Any:
+    """Await *value* if it is awaitable: callbacks may be sync or async."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+# -- built-in channels ----------------------------------------------------------------------
+
+
+class PubSubChannel(Channel):
+    """``$pubsub``: subscribe to a signed stream (or a public one when enabled), no app code."""
+
+    channel_name = "$pubsub"
+    app_callbacks = False
+
+    def subscribed(self) -> None:
+        settings = self.host.settings
+        signed = self.params.get("signed_stream_name")
+        if isinstance(signed, str):
+            secret = settings.effective_streams_secret
+            stream = verify_stream(secret, signed) if secret else None
+        elif settings.public_streams:
+            stream = self.params.get("stream_name")
+            if not isinstance(stream, str) or not stream:
+                stream = None
+        else:
+            stream = None
+        if stream is None:
+            self.reject()
+        else:
+            self.stream_from(stream)
+
+
+class TurboStreamsChannel(PubSubChannel):
+    """``Turbo::StreamsChannel``: Turbo Streams' signed stream subscriptions."""
+
+    channel_name = "Turbo::StreamsChannel"
+
+    def subscribed(self) -> None:
+        secret = self.host.settings.effective_streams_secret
+        signed = self.params.get("signed_stream_name")
+        stream = verify_stream(secret, signed) if secret and isinstance(signed, str) else None
+        if stream is None:
+            self.reject()
+        else:
+            self.stream_from(stream)
+
+
+class BenchmarkChannel(Channel):
+    """The channel websocket-bench style tools expect (enabled by ``--benchmark-channel``)."""
+
+    app_callbacks = False
+
+    def _stream(self) -> str:
+        return f"all{self.params.get('id', '')}"
+
+    def subscribed(self) -> None:
+        self.stream_from(self._stream())
+
+    def echo(self, data: dict[str, Any]) -> None:
+        self.transmit(data)
+
+    async def broadcast_action(self, data: dict[str, Any]) -> None:
+        await self.broadcast(self._stream(), data)
+        self.transmit({**data, "action": "broadcastResult"})
+
+    async def perform(self, action: str, data: dict[str, Any]) -> bool:
+        # "broadcast" is both an action name and Channel.broadcast: route it explicitly.
+        if action == "broadcast":
+            await self.broadcast_action(data)
+            return True
+        if action == "echo":
+            self.echo(data)
+            return True
+        return False
+
+
+@dataclass
+class CableApp:
+    """An application: its channels and an optional connect callback."""
+
+    channels: dict[str, type[Channel]] = field(default_factory=dict)
+    connect_callback: ConnectCallback | None = None
+
+    def channel(self, cls: type[Channel]) -> type[Channel]:
+        """Register a channel class (usable as a decorator)."""
+        if not (isinstance(cls, type) and issubclass(cls, Channel)):
+            raise TypeError(f"{cls!r} is not a Channel subclass")
+        self.channels[cls.name()] = cls
+        return cls
+
+    def connect(self, fn: ConnectCallback) -> ConnectCallback:
+        """Register the connect callback (usable as a decorator).
+
+        It receives a :class:`ConnectRequest` and returns the connection's identifiers (a
+        dict, possibly empty) or raises :class:`Unauthorized` (returning ``False`` also
+        refuses).  It is not called for connections identified by JWT or restored sessions.
+        """
+        self.connect_callback = fn
+        return fn
+
+    def lookup(self, name: str) -> type[Channel] | None:
+        """The channel class registered under *name*."""
+        return self.channels.get(name)
+
+    @classmethod
+    def coerce(cls, obj: Any) -> CableApp:
+        """Accept a CableApp, a Channel subclass or an iterable of them (``--channels``)."""
+        if isinstance(obj, CableApp):
+            return obj
+        app = cls()
+        items: Iterable[Any] = [obj] if isinstance(obj, type) else obj
+        try:
+            for item in items:
+                app.channel(item)
+        except TypeError:
+            raise TypeError(
+                f"--channels must name a CableApp, a Channel subclass or a list of them, "
+                f"not {obj!r}"
+            ) from None
+        return app
+
+
+BUILTIN_CHANNELS: tuple[type[Channel], ...] = (PubSubChannel, TurboStreamsChannel)

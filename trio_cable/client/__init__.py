@@ -1,0 +1,1 @@
+"""The trio_cable client (reconnect with backoff, linearized subscriptions, resume)."""

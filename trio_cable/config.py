@@ -1,0 +1,215 @@
+"""Server settings, from defaults, an optional TOML file, ``TRIO_CABLE_*`` variables and flags.
+
+Every setting is declared once, in :data:`SETTINGS`; the command line (``cli.py``), the
+environment-variable names and the README's table are all derived from that list, so they
+cannot drift apart.  Precedence, lowest first: defaults, TOML file, environment, flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "TRIO_CABLE_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the setting."""
+
+
+@dataclass
+class Config:
+    """All settings of one trio_cable server.  See :data:`SETTINGS` for what each one means."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    path: list[str] = field(default_factory=lambda: ["/cable"])
+    secret: str | None = None
+    streams_secret: str | None = None
+    jwt_secret: str | None = None
+    jwt_param: str = "jid"
+    enforce_jwt: bool = False
+    public_streams: bool = False
+    broadcast_key: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    ping_interval: float = 3.0
+    max_message_size: int = 1024 * 1024
+    channels: str | None = None
+    benchmark_channel: bool = False
+    broker: str = "memory"
+    log_level: str = "info"
+    handshake_timeout: float = 10.0
+    close_timeout: float = 3.0
+    max_send_queue: int = 4 * 1024 * 1024
+    callback_concurrency: int = 64
+    echo_path: str | None = None
+
+    # Derived secrets: the specific secret wins, the shared --secret is the fallback.
+    @property
+    def effective_streams_secret(self) -> str | None:
+        """Secret for signed stream names: ``streams_secret``, else ``secret``."""
+        return self.streams_secret or self.secret
+
+    @property
+    def effective_jwt_secret(self) -> str | None:
+        """Secret for JWT identification: ``jwt_secret``, else ``secret``."""
+        return self.jwt_secret or self.secret
+
+    @property
+    def effective_broadcast_key(self) -> str | None:
+        """Bearer key for ``POST /_broadcast``: ``broadcast_key``, else ``secret``."""
+        return self.broadcast_key or self.secret
+
+    def validate(self) -> Config:
+        """Check cross-field sanity; return self so it chains."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port} is not a TCP port")
+        for p in [*self.path, *([self.echo_path] if self.echo_path else [])]:
+            if not p.startswith("/"):
+                raise ConfigError(f"path: {p!r} must start with '/'")
+        if self.ping_interval <= 0:
+            raise ConfigError("ping_interval: must be > 0")
+        if self.max_message_size < 125:
+            raise ConfigError("max_message_size: must be at least 125 bytes")
+        if self.broker not in ("memory",):
+            raise ConfigError(f"broker: unknown broker {self.broker!r} (known: memory)")
+        if self.enforce_jwt and not self.effective_jwt_secret:
+            raise ConfigError("enforce_jwt needs --jwt-secret (or --secret)")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError(f"log_level: unknown level {self.log_level!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Documentation and parsing rules of one :class:`Config` field."""
+
+    name: str
+    help: str
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def kind(self) -> str:
+        """One of ``str``, ``int``, ``float``, ``bool``, ``list``, ``optstr``."""
+        return _KINDS[self.name]
+
+    @property
+    def default(self) -> Any:
+        return getattr(Config(), self.name)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "address to listen on"),
+    Setting("port", "TCP port to listen on (0 picks a free one)"),
+    Setting("path", "WebSocket endpoint path(s), comma separated"),
+    Setting("secret", "shared secret: fallback for streams, JWT and broadcast key", secret=True),
+    Setting("streams_secret", "secret for signed stream names", secret=True),
+    Setting("jwt_secret", "secret for JWT identification (HS256/384/512)", secret=True),
+    Setting("jwt_param", "query parameter that carries the JWT"),
+    Setting("enforce_jwt", "refuse connections without a valid JWT"),
+    Setting("public_streams", "allow $pubsub subscriptions to unsigned stream_name"),
+    Setting("broadcast_key", "bearer key required by POST /_broadcast", secret=True),
+    Setting("allowed_origins", "allowed Origin hosts, comma separated, '*' prefix wildcard"),
+    Setting("ping_interval", "seconds between pings (a client may ask ?pi=N)"),
+    Setting("max_message_size", "largest client message in bytes (close 1009 beyond)"),
+    Setting("channels", "module:attribute naming the application's channels"),
+    Setting("benchmark_channel", "enable the built-in BenchmarkChannel"),
+    Setting("broker", "broker for broadcasts: memory"),
+    Setting("log_level", "debug, info, warning, error"),
+    Setting("handshake_timeout", "seconds a client has to finish its HTTP request"),
+    Setting("close_timeout", "seconds to wait for the client's close frame"),
+    Setting("max_send_queue", "bytes queued for a slow client before too_slow"),
+    Setting("callback_concurrency", "application callbacks running at once, server-wide"),
+    Setting("echo_path", "path of a raw WebSocket echo endpoint (testing only)"),
+)
+
+_KINDS: dict[str, str] = {}
+for _f in dataclasses.fields(Config):
+    _t = str(_f.type)
+    if _t.startswith("list"):
+        _KINDS[_f.name] = "list"
+    elif "None" in _t:
+        _KINDS[_f.name] = "optstr"
+    else:
+        _KINDS[_f.name] = _t
+assert set(_KINDS) == {s.name for s in SETTINGS}, "every Config field needs a Setting"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_value(setting: Setting, raw: Any) -> Any:
+    """Turn a raw value (a string from the environment or a flag, or a TOML value) into the
+    field's type; raise :class:`ConfigError` naming the setting when that is impossible."""
+    kind = setting.kind
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError("not an integer")
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "list":
+            if isinstance(raw, str):
+                return [part.strip() for part in raw.split(",") if part.strip()]
+            if isinstance(raw, Sequence):
+                return [str(part) for part in raw]
+            raise ValueError("not a list")
+        if kind == "optstr":
+            return None if raw is None or raw == "" else str(raw)
+        return str(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{setting.name} ({setting.env}): {exc}") from None
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    toml_path: str | None = None,
+) -> Config:
+    """Build a :class:`Config`: defaults, then the TOML file, then ``TRIO_CABLE_*`` variables
+    of *environ* (default ``os.environ``), then *flags* (setting name -> raw value; ``None``
+    means "not given")."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    by_name = {s.name: s for s in SETTINGS}
+    if toml_path:
+        try:
+            with open(toml_path, "rb") as fh:
+                table = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {toml_path}: {exc}") from None
+        table = table.get("trio_cable", table)
+        for key, raw in table.items():
+            name = key.replace("-", "_")
+            if name not in by_name:
+                raise ConfigError(f"config file {toml_path}: unknown setting {key!r}")
+            values[name] = parse_value(by_name[name], raw)
+    for setting in SETTINGS:
+        if setting.env in environ:
+            values[setting.name] = parse_value(setting, environ[setting.env])
+    for name, raw in (flags or {}).items():
+        if raw is not None:
+            values[name] = parse_value(by_name[name], raw)
+    return Config(**values).validate()

@@ -1,0 +1,1 @@
+"""Sans-I/O protocol layers: Action Cable commands and replies, WebSocket frames."""

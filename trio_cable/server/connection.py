@@ -1,0 +1,500 @@
+"""One WebSocket connection: a nursery, a reader task, and a writer task only when needed.
+
+The reader parses every complete frame of a received chunk before it goes back to the
+scheduler, and handles Action Cable commands strictly in arrival order (that is what makes
+"linearized" subscriptions hold on the server side).  Writes are non-blocking: a frame goes
+straight to the kernel when the socket is writable and is queued only when it is not; then a
+writer task drains the queue, coalescing queued frames into one ``send``.  The queue is
+bounded in bytes; a client that lets it overflow is disconnected as ``too_slow``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from trio_cable.channels import Channel, ConnectRequest, Unauthorized, maybe_await
+from trio_cable.identity import TokenError, token_from_request
+from trio_cable.protocol import cable
+from trio_cable.protocol.cable import Codec, Command, InvalidCommand, Subprotocol
+from trio_cable.protocol.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    FrameParser,
+    build_close,
+    build_frame,
+    close_code_and_reason,
+)
+from trio_cable.protocol.handshake import Request
+from trio_cable.server.sockio import close_socket
+
+if TYPE_CHECKING:
+    from trio_cable.server.node import Server
+
+log = logging.getLogger("trio_cable.connection")
+
+# Close codes (RFC 6455 section 7.4.1).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+
+# How many reads in a row may be handled without yielding to other tasks: a client that
+# floods us must not starve everybody else.
+_READS_PER_CHECKPOINT = 16
+# Largest single send when draining a backlog (coalescing many small frames into one call).
+_COALESCE_BYTES = 256 * 1024
+
+
+class State(Enum):
+    OPEN = "open"  # handshake done, messages flow
+    CLOSING = "closing"  # we sent a close frame and wait for the client's
+    CLOSED = "closed"  # close handshake finished, or the socket is gone
+
+
+class Connection:
+    """A client's WebSocket, from the end of the HTTP handshake to the closed socket."""
+
+    def __init__(
+        self,
+        server: Server,
+        sock: socket.socket,
+        request: Request,
+        subprotocol: Subprotocol | None,
+        sid: str,
+        initial_data: bytes = b"",
+        *,
+        echo: bool = False,
+    ) -> None:
+        self.server = server
+        self.sock = sock
+        self.request = request
+        self.subprotocol = subprotocol
+        # The raw echo endpoint (framing tests) has no subprotocol; JSON is a placeholder.
+        self.codec: Codec = subprotocol.codec if subprotocol else cable.JSON
+        self._opcode = OP_BINARY if self.codec.binary else OP_TEXT
+        self.sid = sid
+        self.echo = echo
+        self.identifiers: dict[str, Any] = {}
+        self.subscriptions: dict[str, Channel] = {}
+        self.state = State.OPEN
+        self.ping_interval: float = server.config.ping_interval
+        self._parser = FrameParser(server.config.max_message_size)
+        self._initial = initial_data
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._writer_running = False
+        self._drained = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._read_scope = trio.CancelScope()
+
+    def __repr__(self) -> str:
+        return f"<Connection sid={self.sid} {self.request.remote} {self.state.value}>"
+
+    # -- ChannelHost ---------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Any:
+        """The server's :class:`~trio_cable.config.Config` (channels read secrets from it)."""
+        return self.server.config
+
+    def transmit(self, identifier: str, message: Any) -> None:
+        """Send a data message for one subscription."""
+        self.server.metrics.transmissions_total += 1
+        self.send_message(cable.data_message(identifier, message))
+
+    def add_stream(self, identifier: str, stream: str) -> None:
+        self.server.hub.add(stream, identifier, self)
+
+    def remove_stream(self, identifier: str, stream: str) -> None:
+        self.server.hub.remove(stream, identifier, self)
+
+    async def broadcast(self, stream: str, data: Any) -> None:
+        await self.server.broadcast(stream, data)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        """Encode an Action Cable message with this connection's codec and send it."""
+        self.send_frame(build_frame(self._opcode, self.codec.encode(message)))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Write a ready frame without blocking; queue it if the socket is backpressured."""
+        if self.state is not State.OPEN:
+            return  # nothing may follow our close frame (RFC 6455 5.5.1)
+        if self._queue:
+            self._queue.append(frame)
+            self._queued_bytes += len(frame)
+            if self._queued_bytes > self.server.config.max_send_queue:
+                self._too_slow()
+            return
+        try:
+            sent = self.sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._lost()
+            return
+        if sent < len(frame):
+            rest = frame[sent:]
+            self._queue.append(rest)
+            self._queued_bytes += len(rest)
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._writer_running or self._nursery is None:
+            return
+        self._writer_running = True
+        self._drained = trio.Event()
+        self._nursery.start_soon(self._write_backlog)
+
+    async def _write_backlog(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                await trio.lowlevel.wait_writable(self.sock)
+                # Coalesce: one syscall for as many queued frames as fit in the batch.
+                chunk = [queue.popleft()]
+                size = len(chunk[0])
+                while queue and size < _COALESCE_BYTES:
+                    size += len(queue[0])
+                    chunk.append(queue.popleft())
+                data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
+                try:
+                    sent = self.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._lost()
+                    return
+                self._queued_bytes -= sent
+                if sent < len(data):
+                    queue.appendleft(data[sent:])
+        except trio.ClosedResourceError:
+            return
+        finally:
+            self._writer_running = False
+            self._drained.set()
+
+    async def _flush(self) -> None:
+        """Wait until the queue is written, at most ``close_timeout``."""
+        if self._queue and self.state is not State.CLOSED:
+            with trio.move_on_after(self.server.config.close_timeout):
+                await self._drained.wait()
+
+    def _too_slow(self) -> None:
+        log.info("%r: send queue over %d bytes: too_slow", self, self.server.config.max_send_queue)
+        self.server.metrics.too_slow_total += 1
+        self._queue.clear()
+        self._queued_bytes = 0
+        # Best effort: the socket is full, so the notice may not fit; the client then sees
+        # the TCP connection end and reconnects anyway.
+        for frame in (
+            build_frame(self._opcode, self.codec.encode(cable.disconnect("too_slow", True))),
+            build_close(CLOSE_POLICY, "too slow"),
+        ):
+            try:
+                self.sock.send(frame)
+            except OSError:
+                break
+        self._lost()
+
+    def _lost(self) -> None:
+        """The socket is unusable: stop everything this connection does."""
+        self.state = State.CLOSED
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # -- closing -------------------------------------------------------------------------
+
+    def close(
+        self,
+        reason: str | None = None,
+        *,
+        reconnect: bool = True,
+        code: int = CLOSE_NORMAL,
+        reconnect_after_ms: int | None = None,
+    ) -> None:
+        """Start a server-side close: an Action Cable ``disconnect`` message (when *reason* is
+        given and this is an Action Cable connection), then a close frame; the connection
+        ends when the client answers or ``close_timeout`` passes."""
+        if self.state is not State.OPEN:
+            return
+        if reason is not None and not self.echo:
+            self.send_message(cable.disconnect(reason, reconnect, reconnect_after_ms))
+        self.send_frame(build_close(code))
+        self.state = State.CLOSING
+        self._read_scope.deadline = trio.current_time() + self.server.config.close_timeout
+
+    # -- the connection's life -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; the socket is closed on return."""
+        server = self.server
+        server.register(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if not self.echo:
+                    await self._welcome()
+                with self._read_scope:
+                    await self._read_loop()
+                await self._flush()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.state = State.CLOSED
+            server.unregister(self)
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + server.config.close_timeout
+                await self._drop_subscriptions()
+            close_socket(self.sock)
+
+    async def _welcome(self) -> None:
+        """Identify the client (JWT or the connect callback), then send ``welcome``."""
+        server = self.server
+        config = server.config
+        req = self.request
+        token = token_from_request(
+            req.headers, req.subprotocols, req.query, param=config.jwt_param
+        )
+        if token is not None and server.jwt is not None:
+            try:
+                self.identifiers = server.jwt.verify(token)
+            except TokenError as exc:
+                server.metrics.unauthorized_total += 1
+                log.info("%r: JWT refused: %s", self, exc.reason)
+                self.close(exc.reason, reconnect=False)
+                return
+        elif config.enforce_jwt:
+            server.metrics.unauthorized_total += 1
+            self.close("unauthorized", reconnect=False)
+            return
+        elif server.app.connect_callback is not None:
+            info = ConnectRequest(
+                path=req.path,
+                query=req.query,
+                headers=req.headers,
+                remote=req.remote,
+                subprotocol=self.subprotocol.name if self.subprotocol else "",
+                sid=self.sid,
+            )
+            try:
+                async with server.callback_limiter:
+                    result = await maybe_await(server.app.connect_callback(info))
+            except Unauthorized:
+                result = False
+            except Exception:
+                log.exception("%r: connect callback raised", self)
+                server.metrics.callback_errors_total += 1
+                result = False
+            if result is False:
+                server.metrics.unauthorized_total += 1
+                self.close("unauthorized", reconnect=False)
+                return
+            self.identifiers = dict(result or {})
+        self.send_message(cable.welcome(self.sid))
+        server.start_pinging(self)
+
+    async def _read_loop(self) -> None:
+        sock = self.sock
+        parser = self._parser
+        buf = self.server.recv_buffer
+        view = memoryview(buf)
+        if self._initial:
+            parser.feed(self._initial)
+            self._initial = b""
+            if await self._drain_parser():
+                return
+        reads = 0
+        while True:
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                reads = 0
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                self.state = State.CLOSED
+                return
+            if n == 0:  # EOF without a close handshake
+                self.state = State.CLOSED
+                return
+            # The buffer is shared by every connection: feed() copies before any await.
+            parser.feed(view[:n])
+            if await self._drain_parser():
+                return
+            reads += 1
+            if reads >= _READS_PER_CHECKPOINT:
+                reads = 0
+                await trio.lowlevel.checkpoint()
+
+    async def _drain_parser(self) -> bool:
+        """Handle every complete frame in the parser; True when the connection is done."""
+        parser = self._parser
+        while True:
+            try:
+                message = parser.next_message()
+            except FrameError as exc:
+                self.server.metrics.invalid_requests_total += 1
+                log.info("%r: protocol error %d: %s", self, exc.code, exc.reason)
+                if self.state is State.OPEN:
+                    self.send_frame(build_close(exc.code, exc.reason[:100]))
+                    self.state = State.CLOSING
+                # Nothing more can be parsed: give the close frame a moment, then hang up.
+                await self._flush()
+                return True
+            if message is None:
+                return False
+            opcode, payload = message
+            if opcode == OP_TEXT or opcode == OP_BINARY:
+                if self.state is not State.OPEN:
+                    continue  # after we sent close, data is discarded (RFC 6455 1.4)
+                if self.echo:
+                    self.send_frame(build_frame(opcode, payload))
+                else:
+                    await self._handle_command(payload)
+            elif opcode == OP_PING:
+                if self.state is State.OPEN:
+                    self.send_frame(build_frame(OP_PONG, payload))
+            elif opcode == OP_CLOSE:
+                if self.state is State.OPEN:
+                    code, _reason = close_code_and_reason(payload)
+                    self.send_frame(build_close(code))
+                    self.state = State.CLOSING
+                return True
+            # OP_PONG: nothing to do; liveness of ext clients is tracked by command pongs.
+
+    # -- Action Cable commands -----------------------------------------------------------
+
+    async def _handle_command(self, payload: bytes) -> None:
+        server = self.server
+        server.metrics.commands_total += 1
+        try:
+            command = cable.decode_command(self.codec, payload)
+        except InvalidCommand as exc:
+            server.metrics.invalid_requests_total += 1
+            if exc.identifier is not None:
+                log.info("%r: invalid command for %s: %s", self, exc.identifier, exc.reason)
+                if getattr(exc, "command", None) == "subscribe":
+                    self.send_message(cable.reject_subscription(exc.identifier))
+                return
+            log.info("%r: invalid request: %s", self, exc.reason)
+            self.close("invalid_request", reconnect=False, code=CLOSE_POLICY)
+            return
+        name = command.command
+        if name == "subscribe":
+            await self._subscribe(command)
+        elif name == "message":
+            await self._message(command)
+        elif name == "unsubscribe":
+            await self._unsubscribe(command)
+        elif name == "ping":
+            self.send_message(cable.pong())
+        elif name == "history":
+            # Reliable streams arrive with the history broker; until then nothing is stored.
+            assert command.identifier is not None
+            self.send_message(cable.reject_history(command.identifier))
+        # "pong" and "whisper": accepted and ignored.
+
+    async def _subscribe(self, command: Command) -> None:
+        identifier = command.identifier
+        assert identifier is not None
+        if identifier in self.subscriptions:
+            return  # Rails clients re-send subscribe until confirmed: not an error
+        server = self.server
+        try:
+            channel_name, params = cable.parse_identifier(identifier)
+        except InvalidCommand as exc:
+            log.info("%r: bad identifier %r: %s", self, identifier[:200], exc.reason)
+            self._reject(identifier)
+            return
+        cls = server.lookup_channel(channel_name)
+        if cls is None:
+            log.info("%r: unknown channel %r", self, channel_name[:200])
+            self._reject(identifier)
+            return
+        channel = cls(self, identifier, params)
+        # Registered before subscribed() runs so that transmit() and stream_from() work
+        # inside it; a duplicate subscribe arriving meanwhile is ignored by the check above.
+        self.subscriptions[identifier] = channel
+        try:
+            if cls.app_callbacks:
+                async with server.callback_limiter:
+                    await maybe_await(channel.subscribed())
+            else:
+                channel.subscribed()
+        except Exception:
+            log.exception("%r: %s.subscribed raised", self, cls.__name__)
+            server.metrics.callback_errors_total += 1
+            channel.rejected = True
+        if channel.rejected or self.state is not State.OPEN:
+            channel.stop_all_streams()
+            self.subscriptions.pop(identifier, None)
+            self._reject(identifier)
+            return
+        server.metrics.subscriptions_total += 1
+        self.send_message(cable.confirm_subscription(identifier))
+
+    def _reject(self, identifier: str) -> None:
+        self.server.metrics.subscriptions_rejected_total += 1
+        self.send_message(cable.reject_subscription(identifier))
+
+    async def _unsubscribe(self, command: Command) -> None:
+        assert command.identifier is not None
+        channel = self.subscriptions.pop(command.identifier, None)
+        if channel is None:
+            log.info("%r: unsubscribe from unknown %r", self, command.identifier[:200])
+            return
+        await self._end_subscription(channel)
+
+    async def _message(self, command: Command) -> None:
+        assert command.identifier is not None
+        channel = self.subscriptions.get(command.identifier)
+        if channel is None:
+            log.info("%r: message for unknown %r", self, command.identifier[:200])
+            return
+        try:
+            action, data = cable.parse_action(command.data)
+        except InvalidCommand as exc:
+            self.server.metrics.invalid_requests_total += 1
+            log.info("%r: bad message data: %s", self, exc.reason)
+            return
+        try:
+            if channel.app_callbacks:
+                async with self.server.callback_limiter:
+                    found = await channel.perform(action, data)
+            else:
+                found = await channel.perform(action, data)
+        except Exception:
+            log.exception("%r: %s.%s raised", self, type(channel).__name__, action)
+            self.server.metrics.callback_errors_total += 1
+            return
+        if not found:
+            log.info("%r: %s has no action %r", self, type(channel).__name__, action[:100])
+
+    async def _end_subscription(self, channel: Channel) -> None:
+        channel.stop_all_streams()
+        try:
+            if channel.app_callbacks:
+                async with self.server.callback_limiter:
+                    await maybe_await(channel.unsubscribed())
+            else:
+                await maybe_await(channel.unsubscribed())
+        except Exception:
+            log.exception("%r: %s.unsubscribed raised", self, type(channel).__name__)
+            self.server.metrics.callback_errors_total += 1
+
+    async def _drop_subscriptions(self) -> None:
+        while self.subscriptions:
+            _, channel = self.subscriptions.popitem()
+            await self._end_subscription(channel)

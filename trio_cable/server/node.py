@@ -1,0 +1,328 @@
+"""The server node: listener, routing of HTTP requests, the ping ticker, and broadcasting.
+
+Embedding::
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(Server(Config(port=0), app).serve)
+        await server.broadcast("chat_1", {"text": "hi"})
+        ...
+        nursery.cancel_scope.cancel()   # stops the server
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import socket
+import time
+from typing import Any
+
+import h11
+import trio
+
+from trio_cable.broker import Broker
+from trio_cable.broker.memory import MemoryBroker
+from trio_cable.channels import BUILTIN_CHANNELS, BenchmarkChannel, CableApp, Channel
+from trio_cable.config import Config
+from trio_cable.identity import JWTIdentifier
+from trio_cable.metrics import Metrics, prometheus_text
+from trio_cable.protocol import cable
+from trio_cable.protocol.cable import InvalidCommand, Publication
+from trio_cable.protocol.frames import OP_BINARY, OP_TEXT, SPEEDUPS, build_frame
+from trio_cable.protocol.handshake import Refusal, negotiate, request_from_h11
+from trio_cable.server.connection import Connection, State
+from trio_cable.server.http import (
+    MAX_HEAD_BYTES,
+    BadRequest,
+    Response,
+    bearer_ok,
+    read_body,
+    read_request,
+    send_response,
+)
+from trio_cable.server.hub import Hub
+from trio_cable.server.sockio import close_socket, send_all
+
+log = logging.getLogger("trio_cable")
+
+_ACCEPT_BATCH = 64
+_RECV_BUFFER = 256 * 1024
+_speedups_notice_given = False
+
+
+def new_sid() -> str:
+    """A session id: 128 random bits, URL-safe."""
+    return secrets.token_urlsafe(16)
+
+
+class Server:
+    """A trio_cable server node.  Start it with ``await nursery.start(server.serve)``."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        app: CableApp | None = None,
+        *,
+        broker: Broker | None = None,
+    ) -> None:
+        self.config = (config or Config()).validate()
+        self.app = app or CableApp()
+        self.metrics = Metrics()
+        self.broker: Broker = broker or MemoryBroker()
+        self.hub = Hub(self.metrics, on_first=self.broker.subscribe, on_last=self.broker.unsubscribe)
+        self.broker.bind(self.hub.deliver)
+        self.connections: set[Connection] = set()
+        self.callback_limiter = trio.CapacityLimiter(self.config.callback_concurrency)
+        jwt_secret = self.config.effective_jwt_secret
+        self.jwt: JWTIdentifier | None = JWTIdentifier(jwt_secret) if jwt_secret else None
+        # One receive buffer for every connection: reads copy into the frame parser before
+        # any await, so sharing it is safe and saves 256 KiB per connection.
+        self.recv_buffer = bytearray(_RECV_BUFFER)
+        self._channels: dict[str, type[Channel]] = {c.name(): c for c in BUILTIN_CHANNELS}
+        if self.config.benchmark_channel:
+            self._channels[BenchmarkChannel.name()] = BenchmarkChannel
+        self._channels.update(self.app.channels)
+        self._ping_groups: dict[float, set[Connection]] = {}
+        self._listen_socket: socket.socket | None = None
+        self.started_at = time.time()
+        self.metrics.gauges["connections"] = lambda: float(len(self.connections))
+        self.metrics.gauges["streams"] = lambda: float(len(self.hub))
+
+    # -- addresses -----------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with ``port=0``)."""
+        if self._listen_socket is None:
+            raise RuntimeError("server is not listening yet")
+        return int(self._listen_socket.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port/path`` of the first endpoint."""
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}{self.config.path[0]}"
+
+    # -- running -------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled; ``task_status.started(self)`` once listening."""
+        global _speedups_notice_given
+        if not SPEEDUPS and not _speedups_notice_given:
+            _speedups_notice_given = True
+            log.warning("speedups not compiled: running the pure-Python frame kernels")
+        sock = self._listen()
+        self._listen_socket = sock
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._ping_ticker)
+                log.info("trio_cable listening on %s", self.url)
+                task_status.started(self)
+                await self._accept_loop(sock, nursery)
+        finally:
+            close_socket(sock)
+
+    def _listen(self) -> socket.socket:
+        cfg = self.config
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        try:
+            sock = socket.create_server(
+                (cfg.host, cfg.port), family=family, backlog=4096, reuse_port=False
+            )
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from exc
+        sock.setblocking(False)
+        return sock
+
+    async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    sock, addr = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    # EMFILE and friends: back off instead of spinning on a readable socket.
+                    log.error("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    break
+                sock.setblocking(False)
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+                nursery.start_soon(self._handle_socket, sock, _format_addr(addr))
+
+    async def _handle_socket(self, sock: socket.socket, remote: str) -> None:
+        """Read one HTTP request and route it: a WebSocket, an HTTP endpoint, or an error."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        handed_off = False
+        try:
+            with trio.move_on_after(self.config.handshake_timeout) as scope:
+                try:
+                    event = await read_request(sock, conn)
+                except BadRequest as exc:
+                    self.metrics.handshakes_failed_total += 1
+                    await send_response(sock, conn, Response.text(exc.status, exc.message))
+                    return
+            if scope.cancelled_caught:
+                self.metrics.handshakes_failed_total += 1
+                log.info("%s: handshake timeout", remote)
+                await send_response(sock, conn, Response.text(408, "request timeout"))
+                return
+            if event is None:
+                return
+            request = request_from_h11(event, remote)
+            cfg = self.config
+            if request.path in cfg.path or (cfg.echo_path and request.path == cfg.echo_path):
+                echo = request.path == cfg.echo_path
+                outcome = negotiate(
+                    request, allowed_origins=cfg.allowed_origins, require_subprotocol=not echo
+                )
+                if isinstance(outcome, Refusal):
+                    self.metrics.handshakes_failed_total += 1
+                    log.info("%s: WebSocket refused (%d %s)", remote, outcome.status, outcome.message)
+                    await send_response(
+                        sock, conn, Response.text(outcome.status, outcome.message, outcome.headers)
+                    )
+                    return
+                response = h11.InformationalResponse(status_code=101, headers=outcome.headers)
+                await send_all(sock, conn.send(response) or b"")
+                trailing, _closed = conn.trailing_data
+                connection = Connection(
+                    self,
+                    sock,
+                    request,
+                    outcome.subprotocol,
+                    new_sid(),
+                    bytes(trailing),
+                    echo=echo,
+                )
+                handed_off = True
+                await connection.run()
+            else:
+                response_ = await self._http(sock, conn, request)
+                await send_response(sock, conn, response_)
+        except OSError as exc:
+            log.debug("%s: socket error: %s", remote, exc)
+        except Exception:
+            # A bug must cost one connection, never the server.
+            log.exception("%s: unexpected error", remote)
+        finally:
+            if not handed_off:
+                close_socket(sock)
+
+    async def _http(self, sock: socket.socket, conn: h11.Connection, request: Any) -> Response:
+        path, method = request.path, request.method
+        if path == "/health":
+            if method not in ("GET", "HEAD"):
+                return Response.text(405, "use GET", [("allow", "GET")])
+            return Response.json(200, self.health())
+        if path == "/metrics":
+            if method not in ("GET", "HEAD"):
+                return Response.text(405, "use GET", [("allow", "GET")])
+            return Response(200, prometheus_text(self.metrics), "text/plain; version=0.0.4")
+        if path == "/_broadcast":
+            if method != "POST":
+                return Response.text(405, "use POST", [("allow", "POST")])
+            if not bearer_ok(request.headers.get("authorization"), self.config.effective_broadcast_key):
+                return Response.text(401, "missing or wrong broadcast key", [("www-authenticate", "Bearer")])
+            try:
+                body = await read_body(sock, conn, max(self.config.max_message_size, 1 << 20))
+            except BadRequest as exc:
+                return Response.text(exc.status, exc.message)
+            try:
+                publications = cable.parse_publications(body)
+            except InvalidCommand as exc:
+                return Response.text(400, f"bad publication: {exc.reason}")
+            for publication in publications:
+                await self.publish(publication)
+            return Response(201)
+        if request.is_websocket_upgrade:
+            return Response.text(404, f"no WebSocket endpoint at {path[:200]}")
+        return Response.text(404, f"not found: {path[:200]}")
+
+    # -- state shared with connections ---------------------------------------------------
+
+    def register(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.metrics.connections_total += 1
+
+    def unregister(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.metrics.disconnects_total += 1
+        group = self._ping_groups.get(conn.ping_interval)
+        if group is not None:
+            group.discard(conn)
+
+    def lookup_channel(self, name: str) -> type[Channel] | None:
+        """The channel class clients reach with ``"channel": name``."""
+        return self._channels.get(name)
+
+    def start_pinging(self, conn: Connection) -> None:
+        """Add *conn* to the shared ping ticker (honouring ``?pi=<seconds>``)."""
+        interval = self.config.ping_interval
+        requested = conn.request.query.get("pi")
+        if requested:
+            try:
+                value = float(requested)
+                if 1 <= value <= 300:
+                    interval = value
+            except ValueError:
+                pass
+        conn.ping_interval = interval
+        self._ping_groups.setdefault(interval, set()).add(conn)
+
+    async def _ping_ticker(self) -> None:
+        # One task pings every connection: per interval group, one frame per codec per tick.
+        next_due: dict[float, float] = {}
+        tick = min(1.0, self.config.ping_interval)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for interval, group in list(self._ping_groups.items()):
+                if not group:
+                    continue
+                due = next_due.setdefault(interval, now + interval - tick)
+                if now < due:
+                    continue
+                next_due[interval] = now + interval - tick / 2
+                message = cable.ping(int(time.time()))
+                frames = {
+                    codec: build_frame(OP_BINARY if codec.binary else OP_TEXT, codec.encode(message))
+                    for codec in (cable.JSON, cable.MSGPACK)
+                }
+                for conn in list(group):
+                    if conn.state is State.OPEN:
+                        conn.send_frame(frames[conn.codec])
+
+    # -- public API ----------------------------------------------------------------------
+
+    async def publish(self, publication: Publication) -> None:
+        """Send a publication (``data`` as the wire's JSON string) through the broker."""
+        await self.broker.publish(publication)
+
+    async def broadcast(self, stream: str, data: Any, *, exclude_socket: str | None = None) -> None:
+        """Broadcast *data* (any JSON value) to every subscriber of *stream*, on every node."""
+        await self.publish(Publication(stream, json.dumps(data), exclude_socket))
+
+    def health(self) -> dict[str, Any]:
+        """The ``/health`` document."""
+        return {
+            "status": "ok",
+            "connections": len(self.connections),
+            "streams": len(self.hub),
+            "uptime": round(time.time() - self.started_at, 3),
+            "speedups": SPEEDUPS,
+        }
+
+
+def _format_addr(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
+    return str(addr)
