@@ -140,7 +140,11 @@ class CableClient:
 
     async def perform(self, ident: str, action: str, **data: Any) -> None:
         await self.send(
-            {"command": "message", "identifier": ident, "data": json.dumps({"action": action, **data})}
+            {
+                "command": "message",
+                "identifier": ident,
+                "data": json.dumps({"action": action, **data}),
+            }
         )
 
     async def expect_silence(self, seconds: float = 0.3) -> None:
@@ -225,7 +229,15 @@ class RawClient:
         head, _, self.buffer = self.buffer.partition(marker)
         return head + marker
 
-    async def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bytes | None = b"abcd") -> None:
+    async def send_frame(
+        self,
+        opcode: int,
+        payload: bytes,
+        *,
+        fin: bool = True,
+        rsv: int = 0,
+        mask: bytes | None = b"abcd",
+    ) -> None:
         await self.stream.send_all(frames.build_frame(opcode, payload, fin=fin, mask=mask, rsv=rsv))
 
     async def send_raw(self, data: bytes) -> None:
@@ -248,7 +260,9 @@ class RawClient:
                     return None
                 self.buffer += data
 
-    async def read_until_close(self, timeout: float = 5.0) -> tuple[list[tuple[int, bytes]], int | None]:
+    async def read_until_close(
+        self, timeout: float = 5.0
+    ) -> tuple[list[tuple[int, bytes]], int | None]:
         """Frames up to and including the close frame; returns (frames, close code)."""
         got = []
         while True:

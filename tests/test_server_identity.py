@@ -19,7 +19,9 @@ from trio_cable.streams import sign_stream
 
 @pytest.mark.parametrize("subprotocol", ALL_PROTOCOLS)
 @pytest.mark.parametrize("channel", ["$pubsub", "Turbo::StreamsChannel"])
-async def test_signed_stream_subscription_receives_broadcasts(server, connect, subprotocol, channel):
+async def test_signed_stream_subscription_receives_broadcasts(
+    server, connect, subprotocol, channel
+):
     async with connect(subprotocol) as client:
         ident = identifier(channel, signed_stream_name=sign_stream(SECRET, "chat/2023"))
         await client.subscribe(ident)
@@ -51,12 +53,16 @@ async def test_signed_stream_test_vector_over_the_wire(server, connect):
 @pytest.mark.parametrize("channel", ["$pubsub", "Turbo::StreamsChannel"])
 async def test_bad_signatures_are_rejected(server, connect, signed, channel):
     async with connect() as client:
-        await client.subscribe(identifier(channel, signed_stream_name=signed), expect="reject_subscription")
+        await client.subscribe(
+            identifier(channel, signed_stream_name=signed), expect="reject_subscription"
+        )
 
 
 async def test_public_streams_are_off_by_default(connect):
     async with connect() as client:
-        await client.subscribe(identifier("$pubsub", stream_name="open"), expect="reject_subscription")
+        await client.subscribe(
+            identifier("$pubsub", stream_name="open"), expect="reject_subscription"
+        )
 
 
 async def test_public_streams_when_enabled(nursery, config, connect):
@@ -64,17 +70,25 @@ async def test_public_streams_when_enabled(nursery, config, connect):
     srv = await nursery.start(Server(config).serve)
     from trio_websocket import open_websocket_url
 
-    async with open_websocket_url(f"ws://127.0.0.1:{srv.port}/cable", subprotocols=["actioncable-v1-json"]) as ws:
+    async with open_websocket_url(
+        f"ws://127.0.0.1:{srv.port}/cable", subprotocols=["actioncable-v1-json"]
+    ) as ws:
         assert json.loads(await ws.get_message())["type"] == "welcome"
         ident = identifier("$pubsub", stream_name="open")
         await ws.send_message(json.dumps({"command": "subscribe", "identifier": ident}))
-        assert json.loads(await ws.get_message()) == {"identifier": ident, "type": "confirm_subscription"}
+        assert json.loads(await ws.get_message()) == {
+            "identifier": ident,
+            "type": "confirm_subscription",
+        }
         await srv.broadcast("open", {"a": 1})
         assert json.loads(await ws.get_message()) == {"identifier": ident, "message": {"a": 1}}
         # Turbo::StreamsChannel never takes unsigned names.
         ident2 = identifier("Turbo::StreamsChannel", stream_name="open")
         await ws.send_message(json.dumps({"command": "subscribe", "identifier": ident2}))
-        assert json.loads(await ws.get_message()) == {"identifier": ident2, "type": "reject_subscription"}
+        assert json.loads(await ws.get_message()) == {
+            "identifier": ident2,
+            "type": "reject_subscription",
+        }
 
 
 # -- JWT identification ----------------------------------------------------------------------
@@ -101,9 +115,15 @@ async def test_valid_jwt_identifies_without_connect_callback(connect, subprotoco
 
 @pytest.mark.parametrize("subprotocol", ALL_PROTOCOLS)
 async def test_expired_jwt_gets_token_expired(connect, subprotocol):
-    token = pyjwt.encode({"ext": json.dumps({"user": 1}), "exp": int(time.time()) - 10}, SECRET, "HS256")
+    token = pyjwt.encode(
+        {"ext": json.dumps({"user": 1}), "exp": int(time.time()) - 10}, SECRET, "HS256"
+    )
     async with connect(subprotocol, query=f"jid={token}", expect_welcome=False) as client:
-        assert await client.recv() == {"type": "disconnect", "reason": "token_expired", "reconnect": False}
+        assert await client.recv() == {
+            "type": "disconnect",
+            "reason": "token_expired",
+            "reconnect": False,
+        }
 
 
 @pytest.mark.parametrize(
@@ -117,7 +137,11 @@ async def test_expired_jwt_gets_token_expired(connect, subprotocol):
 )
 async def test_invalid_jwt_gets_unauthorized(connect, token):
     async with connect(query=f"jid={token}", expect_welcome=False) as client:
-        assert await client.recv() == {"type": "disconnect", "reason": "unauthorized", "reconnect": False}
+        assert await client.recv() == {
+            "type": "disconnect",
+            "reason": "unauthorized",
+            "reconnect": False,
+        }
 
 
 async def test_enforce_jwt_refuses_connections_without_token(nursery, config):
@@ -151,7 +175,9 @@ async def test_custom_jwt_param(nursery, config):
 # -- Broadcasting into the server from other programs ----------------------------------------
 
 
-async def _post(server: Server, body: bytes, key: str | None = SECRET, path: str = "/_broadcast") -> tuple[int, bytes]:
+async def _post(
+    server: Server, body: bytes, key: str | None = SECRET, path: str = "/_broadcast"
+) -> tuple[int, bytes]:
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     await stream.send_all(
@@ -172,7 +198,9 @@ async def test_http_broadcast(server, connect, subprotocol):
     async with connect(subprotocol) as client:
         ident = identifier(stream="web")
         await client.subscribe(ident)
-        status, _ = await _post(server, json.dumps({"stream": "web", "data": json.dumps({"a": 1})}).encode())
+        status, _ = await _post(
+            server, json.dumps({"stream": "web", "data": json.dumps({"a": 1})}).encode()
+        )
         assert status == 201
         assert await client.recv() == {"identifier": ident, "message": {"a": 1}}
         batch = [
@@ -212,7 +240,15 @@ async def test_http_broadcast_without_key_configured(nursery, config):
 
 @pytest.mark.parametrize(
     "body",
-    [b"{", b"[]x", b'{"data":"1"}', b'{"stream":5,"data":"1"}', b'{"stream":"s"}', b"42", b'[{"stream":"s","data":"1"}, 3]'],
+    [
+        b"{",
+        b"[]x",
+        b'{"data":"1"}',
+        b'{"stream":5,"data":"1"}',
+        b'{"stream":"s"}',
+        b"42",
+        b'[{"stream":"s","data":"1"}, 3]',
+    ],
 )
 async def test_http_broadcast_bad_body(server, connect, body):
     status, text = await _post(server, body)
@@ -238,12 +274,21 @@ async def test_benchmark_channel(connect, subprotocol):
         await a.subscribe(ident)
         await b.subscribe(ident)
         await a.perform(ident, "echo", payload="p")
-        assert await a.recv() == {"identifier": ident, "message": {"action": "echo", "payload": "p"}}
+        assert await a.recv() == {
+            "identifier": ident,
+            "message": {"action": "echo", "payload": "p"},
+        }
         await a.perform(ident, "broadcast", payload="q")
         got_a = [await a.recv(), await a.recv()]
         assert {"identifier": ident, "message": {"action": "broadcast", "payload": "q"}} in got_a
-        assert {"identifier": ident, "message": {"action": "broadcastResult", "payload": "q"}} in got_a
-        assert await b.recv() == {"identifier": ident, "message": {"action": "broadcast", "payload": "q"}}
+        assert {
+            "identifier": ident,
+            "message": {"action": "broadcastResult", "payload": "q"},
+        } in got_a
+        assert await b.recv() == {
+            "identifier": ident,
+            "message": {"action": "broadcast", "payload": "q"},
+        }
 
 
 async def test_benchmark_channel_is_off_by_default(nursery, config):
@@ -251,7 +296,9 @@ async def test_benchmark_channel_is_off_by_default(nursery, config):
     srv = await nursery.start(Server(config).serve)
     from trio_websocket import open_websocket_url
 
-    async with open_websocket_url(f"ws://127.0.0.1:{srv.port}/cable", subprotocols=["actioncable-v1-json"]) as ws:
+    async with open_websocket_url(
+        f"ws://127.0.0.1:{srv.port}/cable", subprotocols=["actioncable-v1-json"]
+    ) as ws:
         await ws.get_message()
         ident = identifier("BenchmarkChannel")
         await ws.send_message(json.dumps({"command": "subscribe", "identifier": ident}))

@@ -1,4 +1,4 @@
-"""PROTOCOL.md over real sockets: handshake, server -> client, client -> server, in JSON and msgpack."""
+"""PROTOCOL.md over real sockets: handshake, server -> client, client -> server (JSON, msgpack)."""
 
 from __future__ import annotations
 
@@ -58,12 +58,14 @@ async def test_unknown_subprotocol_is_refused_with_http_error(server: Server):
 
 
 async def test_no_subprotocol_is_refused(server: Server):
-    client, head = await RawClient.open(server.port, subprotocol=None)
+    _client, head = await RawClient.open(server.port, subprotocol=None)
     assert head.startswith(b"HTTP/1.1 400"), head
 
 
 async def test_actioncable_unsupported_is_selected_when_offered(server: Server):
-    client, head = await RawClient.open(server.port, subprotocol="graphql-ws, actioncable-unsupported")
+    _client, head = await RawClient.open(
+        server.port, subprotocol="graphql-ws, actioncable-unsupported"
+    )
     assert head.startswith(b"HTTP/1.1 101"), head
     assert b"sec-websocket-protocol: actioncable-unsupported" in head.lower()
 
@@ -106,7 +108,10 @@ async def test_missing_origin_is_refused_when_an_allow_list_is_set(nursery, conf
     [
         (b"GET /cable HTTP/1.1\r\nHost: x\r\n\r\n", b"426"),
         (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", b"404"),
-        (b"GET /nope HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", b"404"),
+        (
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            b"404",
+        ),
         (
             b"GET /cable HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -248,8 +253,14 @@ async def test_broadcast_reaches_subscribers(server: Server, connect, subprotoco
         await a.subscribe(ident_a)
         await b.subscribe(ident_b)
         await server.broadcast("news", {"headline": "hi", "n": [1, 2.5, None, True]})
-        assert await a.recv() == {"identifier": ident_a, "message": {"headline": "hi", "n": [1, 2.5, None, True]}}
-        assert await b.recv() == {"identifier": ident_b, "message": {"headline": "hi", "n": [1, 2.5, None, True]}}
+        assert await a.recv() == {
+            "identifier": ident_a,
+            "message": {"headline": "hi", "n": [1, 2.5, None, True]},
+        }
+        assert await b.recv() == {
+            "identifier": ident_b,
+            "message": {"headline": "hi", "n": [1, 2.5, None, True]},
+        }
         await server.broadcast("other", {"x": 1})
         await a.expect_silence()
 
@@ -282,7 +293,10 @@ async def test_message_dispatches_on_action(connect, subprotocol):
         ident = identifier()
         await client.subscribe(ident)
         await client.perform(ident, "echo", text="hello", n=1)
-        assert await client.recv() == {"identifier": ident, "message": {"action": "echo", "text": "hello", "n": 1}}
+        assert await client.recv() == {
+            "identifier": ident,
+            "message": {"action": "echo", "text": "hello", "n": 1},
+        }
         # No action: "receive" gets the whole object.
         await client.send({"command": "message", "identifier": ident, "data": json.dumps({"x": 2})})
         assert await client.recv() == {"identifier": ident, "message": {"received": {"x": 2}}}
@@ -383,7 +397,9 @@ BAD_COMMANDS = [
     pytest.param(b'{"command":"launch_missiles"}', id="unknown-command"),
     pytest.param(b'{"command":"subscribe"}', id="missing-identifier"),
     pytest.param(b'{"command":"subscribe","identifier":42}', id="identifier-not-string"),
-    pytest.param(b'{"command":"subscribe","identifier":"' + b"x" * 10000 + b'"}', id="huge-identifier"),
+    pytest.param(
+        b'{"command":"subscribe","identifier":"' + b"x" * 10000 + b'"}', id="huge-identifier"
+    ),
     pytest.param(b'{"command":"ping","x":' + b"[" * 5000 + b"]" * 5000 + b"}", id="deep-nesting"),
 ]
 
@@ -396,14 +412,20 @@ async def test_malformed_json_command_disconnects_that_client_only(connect, payl
         async with connect() as client:
             await client.ws.send_message(payload.decode())
             message = await client.recv()
-            assert message == {"type": "disconnect", "reason": "invalid_request", "reconnect": False}
+            assert message == {
+                "type": "disconnect",
+                "reason": "invalid_request",
+                "reconnect": False,
+            }
             with pytest.raises(ConnectionClosed):
                 await client.recv()
         await bystander.perform(ident, "echo", fine=True)
         assert (await bystander.recv())["message"] == {"action": "echo", "fine": True}
 
 
-@pytest.mark.parametrize("payload", [b"\xc1", b"\x93\x01\x02\x03", b"\xa5hello", b"\x81\xa7command\xa4nope"])
+@pytest.mark.parametrize(
+    "payload", [b"\xc1", b"\x93\x01\x02\x03", b"\xa5hello", b"\x81\xa7command\xa4nope"]
+)
 async def test_malformed_msgpack_command_disconnects_that_client_only(connect, payload):
     async with connect("actioncable-v1-msgpack") as client:
         await client.ws.send_message(payload)

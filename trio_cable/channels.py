@@ -53,7 +53,9 @@ class ConnectRequest:
         return out
 
 
-ConnectCallback = Callable[[ConnectRequest], "Awaitable[Mapping[str, Any] | None] | Mapping[str, Any] | None"]
+ConnectCallback = Callable[
+    [ConnectRequest], "Awaitable[Mapping[str, Any] | None] | Mapping[str, Any] | None"
+]
 
 
 class ChannelHost(Protocol):

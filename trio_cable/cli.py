@@ -27,7 +27,9 @@ log = logging.getLogger("trio_cable")
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         default = setting.default
-        shown = "" if setting.secret or default in (None, [], "") else f" (default: {_show(default)})"
+        shown = (
+            "" if setting.secret or default in (None, [], "") else f" (default: {_show(default)})"
+        )
         help_text = f"{setting.help}{shown} [env {setting.env}]"
         if setting.kind == "bool":
             parser.add_argument(
@@ -61,12 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sign = sub.add_parser("sign", help="sign a stream name for $pubsub / Turbo Streams")
     sign.add_argument("stream", help="the stream name")
-    sign.add_argument("--secret", help="streams secret [env TRIO_CABLE_STREAMS_SECRET or TRIO_CABLE_SECRET]")
+    sign.add_argument(
+        "--secret", help="streams secret [env TRIO_CABLE_STREAMS_SECRET or TRIO_CABLE_SECRET]"
+    )
 
     token = sub.add_parser("token", help="issue a JWT identifying a connection")
-    token.add_argument("identifiers", help='connection identifiers as JSON, e.g. \'{"user_id": 42}\'')
-    token.add_argument("--secret", help="JWT secret [env TRIO_CABLE_JWT_SECRET or TRIO_CABLE_SECRET]")
-    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
+    token.add_argument(
+        "identifiers", help="connection identifiers as JSON, e.g. '{\"user_id\": 42}'"
+    )
+    token.add_argument(
+        "--secret", help="JWT secret [env TRIO_CABLE_JWT_SECRET or TRIO_CABLE_SECRET]"
+    )
+    token.add_argument(
+        "--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)"
+    )
     return parser
 
 
@@ -101,6 +111,7 @@ async def run_server(config: Config, app: CableApp) -> None:
     from trio_cable.server import Server
 
     server = Server(config, app)
+    server.bind()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
@@ -121,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-cable`` and ``python -m trio_cable``."""
     parser = build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0].startswith("-") and args_list[0] not in ("-h", "--help"):
+    if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help")):
         args_list.insert(0, "serve")
     args = parser.parse_args(args_list)
     try:

@@ -40,6 +40,21 @@ GAUGES: dict[str, str] = {
 class Metrics:
     """Plain counters; ``gauges`` maps a gauge name to a function read at scrape time."""
 
+    # One attribute per entry of COUNTERS (checked below), typed for mypy.
+    connections_total: int
+    handshakes_failed_total: int
+    disconnects_total: int
+    unauthorized_total: int
+    commands_total: int
+    invalid_requests_total: int
+    subscriptions_total: int
+    subscriptions_rejected_total: int
+    broadcasts_total: int
+    broadcast_frames_total: int
+    transmissions_total: int
+    too_slow_total: int
+    callback_errors_total: int
+
     def __init__(self) -> None:
         for name in COUNTERS:
             setattr(self, name, 0)
@@ -60,6 +75,9 @@ class Metrics:
         out = {name: float(getattr(self, name)) for name in COUNTERS}
         out.update({name: fn() for name, fn in self.gauges.items()})
         return out
+
+
+assert set(Metrics.__annotations__) == set(COUNTERS), "Metrics attributes and COUNTERS differ"
 
 
 class _Collector(Collector):

@@ -12,7 +12,8 @@ from typing import Protocol
 from trio_cable.protocol.cable import Publication
 
 #: Called by a broker for every publication that reaches this node.
-Deliver = Callable[[Publication], None]
+#: Its return value (e.g. the number of frames written) is ignored by brokers.
+Deliver = Callable[[Publication], object]
 
 
 class Broker(Protocol):

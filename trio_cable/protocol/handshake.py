@@ -124,9 +124,7 @@ def negotiate(
         return Refusal(505, "WebSocket upgrade needs HTTP/1.1")
     connection = [v.strip().lower() for v in request.headers.get("connection", "").split(",")]
     if "upgrade" not in connection or not request.is_websocket_upgrade:
-        return Refusal(
-            426, "this endpoint speaks WebSocket only", [("upgrade", "websocket")]
-        )
+        return Refusal(426, "this endpoint speaks WebSocket only", [("upgrade", "websocket")])
     if request.headers.get("sec-websocket-version", "").strip() != "13":
         return Refusal(
             426, "unsupported WebSocket version (need 13)", [("sec-websocket-version", "13")]
@@ -144,13 +142,15 @@ def negotiate(
         if UNSUPPORTED in offered:
             selected = UNSUPPORTED
         else:
-            supported = "actioncable-v1-json, actioncable-v1-ext-json, " \
+            supported = (
+                "actioncable-v1-json, actioncable-v1-ext-json, "
                 "actioncable-v1-msgpack, actioncable-v1-ext-msgpack"
+            )
             return Refusal(400, f"no supported subprotocol offered (supported: {supported})")
     headers = [
         ("upgrade", "websocket"),
         ("connection", "Upgrade"),
-        ("sec-websocket-accept", generate_accept_token(key.encode("ascii"))),
+        ("sec-websocket-accept", generate_accept_token(key.encode("ascii")).decode("ascii")),
     ]
     if selected:
         headers.append(("sec-websocket-protocol", selected))

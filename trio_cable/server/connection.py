@@ -264,9 +264,7 @@ class Connection:
         server = self.server
         config = server.config
         req = self.request
-        token = token_from_request(
-            req.headers, req.subprotocols, req.query, param=config.jwt_param
-        )
+        token = token_from_request(req.headers, req.subprotocols, req.query, param=config.jwt_param)
         if token is not None and server.jwt is not None:
             try:
                 self.identifiers = server.jwt.verify(token)
@@ -356,7 +354,7 @@ class Connection:
             if message is None:
                 return False
             opcode, payload = message
-            if opcode == OP_TEXT or opcode == OP_BINARY:
+            if opcode in (OP_TEXT, OP_BINARY):
                 if self.state is not State.OPEN:
                     continue  # after we sent close, data is discarded (RFC 6455 1.4)
                 if self.echo:

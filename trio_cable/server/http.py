@@ -41,7 +41,9 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
-    def text(cls, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    def text(
+        cls, status: int, message: str, headers: list[tuple[str, str]] | None = None
+    ) -> Response:
         return cls(status, (message + "\n").encode(), headers=headers or [])
 
     @classmethod
@@ -95,7 +97,9 @@ async def read_body(sock: socket.socket, conn: h11.Connection, limit: int) -> by
             raise BadRequest(400, "unexpected end of request")
 
 
-async def send_response(sock: socket.socket, conn: h11.Connection | None, response: Response) -> None:
+async def send_response(
+    sock: socket.socket, conn: h11.Connection | None, response: Response
+) -> None:
     """Write *response* and leave the connection ready to be closed."""
     headers = [
         ("content-type", response.content_type),
@@ -109,7 +113,14 @@ async def send_response(sock: socket.socket, conn: h11.Connection | None, respon
         try:
             data = b"".join(
                 [
-                    conn.send(h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))) or b"",
+                    conn.send(
+                        h11.Response(
+                            status_code=response.status,
+                            headers=headers,
+                            reason=_reason(response.status),
+                        )
+                    )
+                    or b"",
                     conn.send(h11.Data(data=response.body)) or b"",
                     conn.send(h11.EndOfMessage()) or b"",
                 ]

@@ -11,6 +11,7 @@ Embedding::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -70,7 +71,9 @@ class Server:
         self.app = app or CableApp()
         self.metrics = Metrics()
         self.broker: Broker = broker or MemoryBroker()
-        self.hub = Hub(self.metrics, on_first=self.broker.subscribe, on_last=self.broker.unsubscribe)
+        self.hub = Hub(
+            self.metrics, on_first=self.broker.subscribe, on_last=self.broker.unsubscribe
+        )
         self.broker.bind(self.hub.deliver)
         self.connections: set[Connection] = set()
         self.callback_limiter = trio.CapacityLimiter(self.config.callback_concurrency)
@@ -108,14 +111,15 @@ class Server:
 
     # -- running -------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Listen and serve until cancelled; ``task_status.started(self)`` once listening."""
         global _speedups_notice_given
         if not SPEEDUPS and not _speedups_notice_given:
             _speedups_notice_given = True
             log.warning("speedups not compiled: running the pure-Python frame kernels")
-        sock = self._listen()
-        self._listen_socket = sock
+        sock = self.bind()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ping_ticker)
@@ -125,7 +129,11 @@ class Server:
         finally:
             close_socket(sock)
 
-    def _listen(self) -> socket.socket:
+    def bind(self) -> socket.socket:
+        """Open the listening socket now (``serve`` does it otherwise), so that an address
+        already in use is reported as a plain ``OSError`` before any task starts."""
+        if self._listen_socket is not None:
+            return self._listen_socket
         cfg = self.config
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         try:
@@ -133,8 +141,11 @@ class Server:
                 (cfg.host, cfg.port), family=family, backlog=4096, reuse_port=False
             )
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from exc
+            raise OSError(
+                exc.errno, f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}"
+            ) from exc
         sock.setblocking(False)
+        self._listen_socket = sock
         return sock
 
     async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
@@ -151,10 +162,8 @@ class Server:
                     await trio.sleep(0.1)
                     break
                 sock.setblocking(False)
-                try:
+                with contextlib.suppress(OSError):  # not every socket family has it
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
                 nursery.start_soon(self._handle_socket, sock, _format_addr(addr))
 
     async def _handle_socket(self, sock: socket.socket, remote: str) -> None:
@@ -185,7 +194,9 @@ class Server:
                 )
                 if isinstance(outcome, Refusal):
                     self.metrics.handshakes_failed_total += 1
-                    log.info("%s: WebSocket refused (%d %s)", remote, outcome.status, outcome.message)
+                    log.info(
+                        "%s: WebSocket refused (%d %s)", remote, outcome.status, outcome.message
+                    )
                     await send_response(
                         sock, conn, Response.text(outcome.status, outcome.message, outcome.headers)
                     )
@@ -229,8 +240,12 @@ class Server:
         if path == "/_broadcast":
             if method != "POST":
                 return Response.text(405, "use POST", [("allow", "POST")])
-            if not bearer_ok(request.headers.get("authorization"), self.config.effective_broadcast_key):
-                return Response.text(401, "missing or wrong broadcast key", [("www-authenticate", "Bearer")])
+            if not bearer_ok(
+                request.headers.get("authorization"), self.config.effective_broadcast_key
+            ):
+                return Response.text(
+                    401, "missing or wrong broadcast key", [("www-authenticate", "Bearer")]
+                )
             try:
                 body = await read_body(sock, conn, max(self.config.max_message_size, 1 << 20))
             except BadRequest as exc:
@@ -293,7 +308,9 @@ class Server:
                 next_due[interval] = now + interval - tick / 2
                 message = cable.ping(int(time.time()))
                 frames = {
-                    codec: build_frame(OP_BINARY if codec.binary else OP_TEXT, codec.encode(message))
+                    codec: build_frame(
+                        OP_BINARY if codec.binary else OP_TEXT, codec.encode(message)
+                    )
                     for codec in (cable.JSON, cable.MSGPACK)
                 }
                 for conn in list(group):
