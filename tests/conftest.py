@@ -104,6 +104,7 @@ class CableClient:
         self.ws = ws
         self.subprotocol = subprotocol
         self.binary = "msgpack" in subprotocol
+        self.last_position: tuple[str, str, int] | None = None
 
     def encode(self, obj: Any) -> str | bytes:
         if self.binary:
@@ -120,12 +121,23 @@ class CableClient:
     async def send(self, obj: Any) -> None:
         await self.ws.send_message(self.encode(obj))
 
-    async def recv(self, *, pings: bool = False, timeout: float = 5.0) -> Any:
+    async def recv(self, *, pings: bool = False, raw: bool = False, timeout: float = 5.0) -> Any:
+        """The next message, pings skipped.  Unless *raw*, a stored broadcast's position
+        (``stream_id``/``epoch``/``offset``, ext protocols only) is moved to ``last_position``
+        so that tests can compare messages across protocols."""
         with trio.fail_after(timeout):
             while True:
                 message = self.decode(await self.ws.get_message())
                 if pings or message.get("type") != "ping":
-                    return message
+                    break
+        if not raw and "offset" in message:
+            assert "ext" in self.subprotocol, f"position sent to a plain client: {message}"
+            self.last_position = (
+                message.pop("stream_id"),
+                message.pop("epoch"),
+                message.pop("offset"),
+            )
+        return message
 
     async def subscribe(self, ident: str, expect: str = "confirm_subscription") -> list[Any]:
         """Subscribe; return everything received up to and including the answer."""
@@ -159,7 +171,8 @@ ClientFactory = Callable[..., Any]
 @pytest.fixture
 def connect(server: Server, nursery: trio.Nursery) -> ClientFactory:
     """``async with connect(subprotocol, query="", headers=None) as client`` yields a welcomed
-    :class:`CableClient` (``client.welcome`` holds the welcome message)."""
+    :class:`CableClient` (``client.welcome`` holds the welcome message).  It connects to the
+    ``server`` fixture, or to the server given as ``to=``."""
 
     from contextlib import asynccontextmanager
 
@@ -172,8 +185,10 @@ def connect(server: Server, nursery: trio.Nursery) -> ClientFactory:
         extra_subprotocols: list[str] | None = None,
         expect_welcome: bool = True,
         path: str = "/cable",
+        to: Server | None = None,
     ) -> AsyncIterator[CableClient]:
-        url = f"ws://127.0.0.1:{server.port}{path}{'?' + query if query else ''}"
+        port = (to or server).port
+        url = f"ws://127.0.0.1:{port}{path}{'?' + query if query else ''}"
         async with open_websocket_url(
             url,
             subprotocols=[subprotocol, *(extra_subprotocols or [])],

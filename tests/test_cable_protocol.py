@@ -940,8 +940,14 @@ def test_publication_accepts_str_body() -> None:
         ),
         (
             b'{"command":"disconnect","payload":{"identifier":"x"}}',
-            "publication: broadcast commands are not supported",
+            "publication: invalid JSON",  # the identifier must be JSON identifiers
         ),
+        (
+            b'{"command":"disconnect","payload":{"identifier":"{}"}}',
+            "publication: disconnect needs non-empty identifiers",
+        ),
+        (b'{"command":"disconnect"}', "publication: disconnect needs a payload object"),
+        (b'{"command":"restart","payload":{}}', "publication: unknown broadcast command 'restart'"),
         (b"[" * 100_000, "too deeply nested"),
     ],
 )
@@ -956,3 +962,19 @@ def test_publication_is_frozen() -> None:
     with pytest.raises(AttributeError):
         pub.stream = "t"  # type: ignore[misc]
     assert pub.meta == {} and pub.exclude_socket is None
+
+
+def test_remote_disconnect_command_publication():
+    from trio_cable.protocol.cable import RemoteCommand
+
+    body = (
+        b'{"command":"disconnect",'
+        b'"payload":{"identifier":"{\\"user\\":\\"ann\\"}","reconnect":true}}'
+    )
+    (item,) = parse_publications(body)
+    assert item == RemoteCommand("disconnect", {"user": "ann"}, True)
+    assert item.to_dict() == {
+        "command": "disconnect",
+        "identifiers": {"user": "ann"},
+        "reconnect": True,
+    }

@@ -107,7 +107,8 @@ def load_app(spec: str | None) -> CableApp:
 
 
 async def run_server(config: Config, app: CableApp) -> None:
-    """Serve until SIGINT or SIGTERM."""
+    """Serve until a signal.  SIGTERM / SIGINT start a slow drain; a second signal drains
+    the rest at once; a third stops without waiting."""
     from trio_cable.server import Server
 
     server = Server(config, app)
@@ -115,10 +116,25 @@ async def run_server(config: Config, app: CableApp) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
-            async for signum in signals:
-                log.info("received %s: stopping", signal.Signals(signum).name)
+
+            async def drain_then_stop() -> None:
+                await server.drain()
                 nursery.cancel_scope.cancel()
-                break
+
+            received = 0
+            async for signum in signals:
+                received += 1
+                name = signal.Signals(signum).name
+                if received == 1:
+                    log.info("received %s: draining (send again to hurry)", name)
+                    nursery.start_soon(drain_then_stop)
+                elif received == 2:
+                    log.info("received %s again: disconnecting everybody now", name)
+                    server.drain_now()
+                else:
+                    log.info("received %s a third time: stopping", name)
+                    nursery.cancel_scope.cancel()
+                    break
 
 
 def _secret(flag: str | None, *names: str) -> str:

@@ -47,6 +47,22 @@ class Config:
     max_send_queue: int = 4 * 1024 * 1024
     callback_concurrency: int = 64
     echo_path: str | None = None
+    # Avalanche safety (slow drain, advice, admission, per-connection limits, resume, history).
+    drain_period: float = 10.0
+    drain_rate: float = 0.0
+    shutdown_timeout: float = 30.0
+    reconnect_advice: float = 5.0
+    max_connections: int = 0
+    handshake_rate: float = 1000.0
+    max_pending_handshakes: int = 512
+    adaptive_admission: bool = True
+    lag_target: float = 0.1
+    max_subscriptions: int = 100
+    command_rate: float = 100.0
+    pong_timeout: float = 0.0
+    sessions_ttl: float = 300.0
+    history_limit: int = 100
+    history_ttl: float = 300.0
 
     # Derived secrets: the specific secret wins, the shared --secret is the fallback.
     @property
@@ -79,6 +95,26 @@ class Config:
             raise ConfigError(f"broker: unknown broker {self.broker!r} (known: memory)")
         if self.enforce_jwt and not self.effective_jwt_secret:
             raise ConfigError("enforce_jwt needs --jwt-secret (or --secret)")
+        for name in (
+            "drain_period",
+            "drain_rate",
+            "shutdown_timeout",
+            "reconnect_advice",
+            "handshake_rate",
+            "command_rate",
+            "pong_timeout",
+            "sessions_ttl",
+            "history_ttl",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0")
+        for name in ("max_connections", "max_subscriptions", "history_limit"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0")
+        if self.max_pending_handshakes < 1:
+            raise ConfigError("max_pending_handshakes: must be >= 1")
+        if self.lag_target <= 0:
+            raise ConfigError("lag_target: must be > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
         return self
@@ -133,6 +169,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_send_queue", "bytes queued for a slow client before too_slow"),
     Setting("callback_concurrency", "application callbacks running at once, server-wide"),
     Setting("echo_path", "path of a raw WebSocket echo endpoint (testing only)"),
+    Setting("drain_period", "seconds over which a drain spreads its disconnects (0: at once)"),
+    Setting("drain_rate", "most disconnects per second during a drain (0: no cap)"),
+    Setting("shutdown_timeout", "longest a drain may take before the rest are cut"),
+    Setting("reconnect_advice", "window (s) over which reconnect/Retry-After advice is jittered"),
+    Setting("max_connections", "open connections at most (0: from the open-file limit)"),
+    Setting("handshake_rate", "new WebSocket connections per second (0: unlimited)"),
+    Setting("max_pending_handshakes", "connections allowed in their HTTP handshake at once"),
+    Setting("adaptive_admission", "shrink handshake rate and callback concurrency under lag"),
+    Setting("lag_target", "event-loop lag (s) above which adaptive admission backs off"),
+    Setting("max_subscriptions", "subscriptions per connection (0: unlimited)"),
+    Setting("command_rate", "commands per second per connection, burst 2x (0: unlimited)"),
+    Setting("pong_timeout", "seconds to wait for a pong on ext protocols (0: off)"),
+    Setting("sessions_ttl", "seconds a disconnected session stays resumable"),
+    Setting("history_limit", "messages kept per stream (0: no history)"),
+    Setting("history_ttl", "seconds a stream's messages are kept"),
 )
 
 _KINDS: dict[str, str] = {}

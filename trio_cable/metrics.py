@@ -1,22 +1,28 @@
-"""Counters and gauges of one server, exported in Prometheus' text format.
+"""Counters, gauges and histograms of one server, exported in Prometheus' text format.
 
 The hot path increments plain integer attributes (a Prometheus ``Counter.inc`` takes a lock
 and costs about a microsecond, which is as much as writing a broadcast frame); a custom
-collector reads the attributes only when ``/metrics`` is scraped.
+collector (prometheus-client) reads them only when ``/metrics`` is scraped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 # name -> help.  Counters are monotonically increasing totals.
 COUNTERS: dict[str, str] = {
     "connections_total": "WebSocket connections accepted (after the handshake)",
-    "handshakes_failed_total": "HTTP requests refused before a WebSocket was opened",
+    "handshakes_failed_total": "HTTP requests that did not become a WebSocket (any reason)",
     "disconnects_total": "connections closed, for any reason",
     "unauthorized_total": "connections refused by JWT or the connect callback",
     "commands_total": "Action Cable commands received",
@@ -28,13 +34,76 @@ COUNTERS: dict[str, str] = {
     "transmissions_total": "messages sent to single clients",
     "too_slow_total": "clients disconnected because their send queue overflowed",
     "callback_errors_total": "application callbacks that raised",
+    "drained_total": "connections closed by a slow drain",
+    "sessions_resumed_total": "sessions restored from the session cache",
+    "sessions_not_found_total": "restore requests whose session was gone or expired",
+    "history_served_total": "history requests answered with confirm_history",
+    "history_rejected_total": "history requests answered with reject_history",
+    "rate_limited_commands_total": "commands refused by the per-connection rate limit",
+    "remote_disconnects_total": "connections closed by a remote disconnect",
+    "admission_decreases_total": "times adaptive admission lowered the limits",
+}
+
+# name -> (help, label name): counters split by a label.
+LABELED_COUNTERS: dict[str, tuple[str, str]] = {
+    "handshakes_refused_total": ("WebSocket handshakes refused, by reason", "reason"),
+    "disconnect_reasons_total": ("server-initiated disconnect messages, by reason", "reason"),
 }
 
 GAUGES: dict[str, str] = {
     "connections": "open WebSocket connections",
     "streams": "streams with at least one local subscriber",
     "send_queue_bytes": "bytes waiting in per-connection send queues",
+    "draining": "1 while the node is draining",
+    "pending_handshakes": "connections still in their HTTP handshake",
+    "handshake_rate_limit": "handshakes per second admitted now (adaptive)",
+    "callback_concurrency_limit": "application callbacks allowed at once now (adaptive)",
 }
+
+HISTOGRAMS: dict[str, str] = {
+    "command_seconds": "time to handle one Action Cable command, callbacks included",
+    "loop_lag_seconds": "event-loop lag: how late a timer fired",
+}
+
+_DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    """A cumulative-bucket histogram cheap enough for the hot path (one bisect, no lock)."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float] = _DEFAULT_BUCKETS) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding the *q*-quantile (``inf`` past the last bound)."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            seen += n
+            if seen >= rank:
+                return bound
+        return float("inf")
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((repr(bound), float(running)))
+        out.append(("+Inf", float(self.count)))
+        return out
 
 
 class Metrics:
@@ -54,15 +123,34 @@ class Metrics:
     transmissions_total: int
     too_slow_total: int
     callback_errors_total: int
+    drained_total: int
+    sessions_resumed_total: int
+    sessions_not_found_total: int
+    history_served_total: int
+    history_rejected_total: int
+    rate_limited_commands_total: int
+    remote_disconnects_total: int
+    admission_decreases_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:
             setattr(self, name, 0)
+        self.labeled: dict[str, dict[str, int]] = {name: {} for name in LABELED_COUNTERS}
+        self.histograms: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
         self.gauges: dict[str, Callable[[], float]] = {}
 
     def inc(self, name: str, amount: int = 1) -> None:
         """Add *amount* to a counter (a convenience for code that is not on the hot path)."""
         setattr(self, name, getattr(self, name) + amount)
+
+    def inc_labeled(self, name: str, label: str, amount: int = 1) -> None:
+        """Add *amount* to the *label* series of a labeled counter."""
+        series = self.labeled[name]
+        series[label] = series.get(label, 0) + amount
+
+    def observe(self, name: str, value: float) -> None:
+        """Record *value* in a histogram."""
+        self.histograms[name].observe(value)
 
     def value(self, name: str) -> float:
         """Current value of a counter or gauge."""
@@ -71,8 +159,11 @@ class Metrics:
         return float(getattr(self, name))
 
     def snapshot(self) -> dict[str, float]:
-        """Every counter and gauge, for ``/health`` and tests."""
+        """Every counter and gauge (labeled series as ``name{label}``), for tests and logs."""
         out = {name: float(getattr(self, name)) for name in COUNTERS}
+        for name, series in self.labeled.items():
+            for label, count in series.items():
+                out[f"{name}{{{label}}}"] = float(count)
         out.update({name: fn() for name, fn in self.gauges.items()})
         return out
 
@@ -85,17 +176,28 @@ class _Collector(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        m = self._metrics
         for name, help_text in COUNTERS.items():
             # prometheus_client appends "_total" itself.
             yield CounterMetricFamily(
-                f"trio_cable_{name.removesuffix('_total')}",
-                help_text,
-                value=getattr(self._metrics, name),
+                f"trio_cable_{name.removesuffix('_total')}", help_text, value=getattr(m, name)
             )
+        for name, (help_text, label) in LABELED_COUNTERS.items():
+            family = CounterMetricFamily(
+                f"trio_cable_{name.removesuffix('_total')}", help_text, labels=[label]
+            )
+            for value, count in sorted(m.labeled[name].items()):
+                family.add_metric([value], count)
+            yield family
         for name, help_text in GAUGES.items():
-            fn = self._metrics.gauges.get(name)
+            fn = m.gauges.get(name)
             if fn is not None:
                 yield GaugeMetricFamily(f"trio_cable_{name}", help_text, value=fn())
+        for name, help_text in HISTOGRAMS.items():
+            hist = m.histograms[name]
+            yield HistogramMetricFamily(
+                f"trio_cable_{name}", help_text, buckets=hist.cumulative(), sum_value=hist.sum
+            )
 
 
 def prometheus_text(metrics: Metrics) -> bytes:

@@ -1,32 +1,83 @@
-"""Brokers carry publications to every node's hub (and, later, keep history and sessions).
+"""Brokers carry publications to every node's hub, keep stream history, and hold sessions.
 
 The embedded :class:`~trio_cable.broker.memory.MemoryBroker` is the default and needs nothing
-installed; a Redis broker shares broadcasts between several nodes.
+installed (several servers in one process may share one); a Redis broker shares broadcasts,
+history and sessions between processes and machines.
+
+Everything a broker stores is plain data (strings, numbers, lists, dicts), so that any broker
+can keep it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from trio_cable.protocol.cable import Publication
 
-#: Called by a broker for every publication that reaches this node.
-#: Its return value (e.g. the number of frames written) is ignored by brokers.
-Deliver = Callable[[Publication], object]
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """A publication as the hub delivers it: with its stream position when it was stored."""
+
+    stream: str
+    data: Any  # as published: usually the JSON text of the message
+    epoch: str | None = None
+    offset: int | None = None
+    exclude_socket: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One stored message of a stream."""
+
+    offset: int
+    time: float  # unix seconds when it was published
+    data: Any
+    epoch: str
+
+
+class HistoryUnavailable(Exception):
+    """The requested history cannot be served completely (epoch changed, or the position is
+    no longer in the window): the client must get ``reject_history``, never a silent gap."""
+
+
+#: Called for every broadcast that reaches this node; its return value is ignored.
+Deliver = Callable[[Broadcast], object]
+#: Called for every node command (e.g. a remote disconnect) that reaches this node.
+CommandHandler = Callable[[dict[str, Any]], object]
 
 
 class Broker(Protocol):
-    """What the server needs from a broker."""
+    """What a server node needs from a broker."""
 
-    def bind(self, deliver: Deliver) -> None:
-        """Set the function that hands publications to the local hub."""
+    def bind(self, deliver: Deliver, on_command: CommandHandler) -> None:
+        """Attach a node: it receives every broadcast and node command from now on."""
 
-    async def publish(self, publication: Publication) -> None:
-        """Send *publication* to every node (this one included)."""
+    def unbind(self, deliver: Deliver) -> None:
+        """Detach a node (when it stops)."""
+
+    async def publish(self, stream: str, data: Any, exclude_socket: str | None = None) -> None:
+        """Store *data* in *stream*'s history and deliver it to every node."""
+
+    async def publish_command(self, command: dict[str, Any]) -> None:
+        """Deliver a node command to every node."""
 
     def subscribe(self, stream: str) -> None:
         """This node now has local subscribers of *stream*."""
 
     def unsubscribe(self, stream: str) -> None:
         """This node no longer has local subscribers of *stream*."""
+
+    async def history_since_offset(
+        self, stream: str, epoch: str, offset: int
+    ) -> list[HistoryEntry]:
+        """Entries after *offset*; raises :class:`HistoryUnavailable` when that is impossible."""
+
+    async def history_since_time(self, stream: str, since: float) -> list[HistoryEntry]:
+        """Entries published at or after unix time *since* that are still kept."""
+
+    async def save_session(self, sid: str, data: dict[str, Any], ttl: float) -> None:
+        """Keep a resumable session for *ttl* seconds."""
+
+    async def take_session(self, sid: str) -> dict[str, Any] | None:
+        """Return and forget a session (a session restores at most once)."""

@@ -1,32 +1,169 @@
-"""The embedded in-memory broker: one node, nothing to install."""
+"""The embedded in-memory broker: nothing to install.
+
+It keeps each stream's recent messages (for reliable streams) and resumable sessions in this
+process.  Several :class:`~trio_cable.server.Server` nodes in one process may share one
+instance, which then behaves like a tiny cluster (tests and benchmarks use that to move clients
+from a draining node to a fresh one).  History and sessions do not survive the process: a
+restart gives every stream a new epoch, so clients are told (``reject_history``) instead of
+silently missing messages.
+"""
 
 from __future__ import annotations
 
-from trio_cable.broker import Deliver
-from trio_cable.protocol.cable import Publication
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trio_cable.broker import (
+    Broadcast,
+    CommandHandler,
+    Deliver,
+    HistoryEntry,
+    HistoryUnavailable,
+)
+
+# Sweep expired sessions and idle histories every this many writes, so memory stays bounded
+# without a background task.
+_SWEEP_EVERY = 1024
+
+
+@dataclass
+class _StreamHistory:
+    next_offset: int = 1
+    entries: deque[HistoryEntry] = field(default_factory=deque)
 
 
 class MemoryBroker:
-    """Delivers every publication straight to the local hub, synchronously.
+    """Broadcast fan-out, stream history and sessions inside this process.
 
-    With a single node there is nobody else to tell, so ``subscribe``/``unsubscribe`` only
-    keep count (useful for tests and metrics).
+    ``history_limit`` messages per stream are kept for ``history_ttl`` seconds.  ``clock``
+    (unix seconds) can be replaced in tests.
     """
 
-    def __init__(self) -> None:
-        self._deliver: Deliver | None = None
-        self.streams: set[str] = set()
+    def __init__(
+        self,
+        *,
+        history_limit: int = 100,
+        history_ttl: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.history_limit = history_limit
+        self.history_ttl = history_ttl
+        self.clock = clock
+        #: Changes whenever history is lost; a new broker is a new epoch.
+        self.epoch = secrets.token_hex(4)
+        self._nodes: dict[Deliver, CommandHandler] = {}
+        self._histories: dict[str, _StreamHistory] = {}
+        self._sessions: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._writes = 0
+        self.streams: dict[str, int] = {}  # stream -> nodes with local subscribers
 
-    def bind(self, deliver: Deliver) -> None:
-        self._deliver = deliver
+    # -- nodes ---------------------------------------------------------------------------
 
-    async def publish(self, publication: Publication) -> None:
-        if self._deliver is None:
-            raise RuntimeError("MemoryBroker.publish() before bind()")
-        self._deliver(publication)
+    def bind(self, deliver: Deliver, on_command: CommandHandler) -> None:
+        self._nodes[deliver] = on_command
+
+    def unbind(self, deliver: Deliver) -> None:
+        self._nodes.pop(deliver, None)
 
     def subscribe(self, stream: str) -> None:
-        self.streams.add(stream)
+        self.streams[stream] = self.streams.get(stream, 0) + 1
 
     def unsubscribe(self, stream: str) -> None:
-        self.streams.discard(stream)
+        count = self.streams.get(stream, 0) - 1
+        if count > 0:
+            self.streams[stream] = count
+        else:
+            self.streams.pop(stream, None)
+
+    # -- publishing ----------------------------------------------------------------------
+
+    async def publish(self, stream: str, data: Any, exclude_socket: str | None = None) -> None:
+        broadcast = self.store(stream, data, exclude_socket)
+        for deliver in list(self._nodes):
+            deliver(broadcast)
+
+    def store(self, stream: str, data: Any, exclude_socket: str | None = None) -> Broadcast:
+        """Append to the stream's history; return the broadcast with its position."""
+        now = self.clock()
+        history = self._histories.get(stream)
+        if history is None:
+            history = self._histories[stream] = _StreamHistory()
+        offset = history.next_offset
+        history.next_offset += 1
+        if self.history_limit > 0:
+            entries = history.entries
+            entries.append(HistoryEntry(offset, now, data, self.epoch))
+            while len(entries) > self.history_limit:
+                entries.popleft()
+            self._trim(history, now)
+        self._count_write(now)
+        return Broadcast(stream, data, self.epoch, offset, exclude_socket)
+
+    async def publish_command(self, command: dict[str, Any]) -> None:
+        for on_command in list(self._nodes.values()):
+            on_command(command)
+
+    # -- history -------------------------------------------------------------------------
+
+    def _trim(self, history: _StreamHistory, now: float) -> None:
+        entries = history.entries
+        horizon = now - self.history_ttl
+        while entries and entries[0].time < horizon:
+            entries.popleft()
+
+    async def history_since_offset(
+        self, stream: str, epoch: str, offset: int
+    ) -> list[HistoryEntry]:
+        if epoch != self.epoch:
+            raise HistoryUnavailable(f"epoch {epoch!r} is gone (now {self.epoch!r})")
+        history = self._histories.get(stream)
+        last = history.next_offset - 1 if history else 0
+        if offset > last:
+            raise HistoryUnavailable(f"offset {offset} is ahead of the stream ({last})")
+        if offset == last:
+            return []
+        assert history is not None
+        self._trim(history, self.clock())
+        entries = history.entries
+        # Complete or nothing: the message right after the client's offset must still be here.
+        if not entries or entries[0].offset > offset + 1:
+            raise HistoryUnavailable(f"offset {offset} is out of the history window")
+        return [entry for entry in entries if entry.offset > offset]
+
+    async def history_since_time(self, stream: str, since: float) -> list[HistoryEntry]:
+        history = self._histories.get(stream)
+        if history is None:
+            return []
+        self._trim(history, self.clock())
+        return [entry for entry in history.entries if entry.time >= since]
+
+    # -- sessions ------------------------------------------------------------------------
+
+    async def save_session(self, sid: str, data: dict[str, Any], ttl: float) -> None:
+        now = self.clock()
+        self._sessions[sid] = (now + ttl, data)
+        self._count_write(now)
+
+    async def take_session(self, sid: str) -> dict[str, Any] | None:
+        item = self._sessions.pop(sid, None)
+        if item is None:
+            return None
+        expires, data = item
+        return data if expires > self.clock() else None
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def _count_write(self, now: float) -> None:
+        self._writes += 1
+        if self._writes % _SWEEP_EVERY:
+            return
+        for sid in [s for s, (expires, _) in self._sessions.items() if expires <= now]:
+            del self._sessions[sid]
+        horizon = now - self.history_ttl
+        for history in self._histories.values():
+            if history.entries and history.entries[-1].time < horizon:
+                history.entries.clear()

@@ -41,6 +41,7 @@ __all__ = [
     "Command",
     "InvalidCommand",
     "Publication",
+    "RemoteCommand",
     "Subprotocol",
     "confirm_history",
     "confirm_subscription",
@@ -718,12 +719,54 @@ class Publication:
     meta: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
-def _parse_publication(obj: Any, where: str) -> Publication:
+@dataclass(frozen=True)
+class RemoteCommand:
+    """A command for the server nodes that travels with publications (AnyCable's broadcast
+    commands).  Only ``disconnect`` exists: close every connection whose identifiers equal
+    ``identifiers``, with ``reason: "remote"``."""
+
+    command: str
+    identifiers: dict[str, Any]
+    reconnect: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain-data form brokers carry between nodes."""
+        return {
+            "command": self.command,
+            "identifiers": self.identifiers,
+            "reconnect": self.reconnect,
+        }
+
+
+def _parse_remote_command(obj: dict[str, Any], where: str) -> RemoteCommand:
+    # {"command":"disconnect","payload":{"identifier":"<identifiers as JSON>","reconnect":false}}
+    if obj.get("command") != "disconnect":
+        raise InvalidCommand(f"{where}: unknown broadcast command {str(obj.get('command'))[:50]!r}")
+    payload = obj.get("payload")
+    if not isinstance(payload, dict):
+        raise InvalidCommand(f"{where}: disconnect needs a payload object")
+    identifier = payload.get("identifier")
+    if isinstance(identifier, str):
+        try:
+            identifiers = JSON.decode(identifier)
+        except InvalidCommand as exc:
+            raise InvalidCommand(f"{where}: {exc.reason}") from None
+    else:
+        identifiers = identifier
+    if not isinstance(identifiers, dict) or not identifiers:
+        raise InvalidCommand(f"{where}: disconnect needs non-empty identifiers")
+    reconnect = payload.get("reconnect", False)
+    if not isinstance(reconnect, bool):
+        raise InvalidCommand(f"{where}: reconnect must be a boolean")
+    return RemoteCommand("disconnect", identifiers, reconnect)
+
+
+def _parse_publication(obj: Any, where: str) -> Publication | RemoteCommand:
     if not isinstance(obj, dict):
         raise InvalidCommand(f"{where}: publication is not an object")
     if "stream" not in obj and "command" in obj:
         # AnyCable's remote commands (e.g. remote disconnect) share this channel.
-        raise InvalidCommand(f"{where}: broadcast commands are not supported")
+        return _parse_remote_command(obj, where)
     stream = obj.get("stream")
     if not isinstance(stream, str) or not stream:
         raise InvalidCommand(f"{where}: stream must be a non-empty string")
@@ -742,12 +785,13 @@ def _parse_publication(obj: Any, where: str) -> Publication:
 
 def parse_publications(
     body: Payload, *, max_depth: int = DEFAULT_BROADCAST_MAX_DEPTH
-) -> list[Publication]:
+) -> list[Publication | RemoteCommand]:
     """Parse a broadcast request body: one publication object, or a list of them.
 
     ``{"stream": "<non-empty>", "data": <string or any JSON value>, "meta": {"exclude_socket":
-    "<sid>"}?}``. Raises :class:`InvalidCommand` (with the reason to answer 400 with) on anything
-    else; nothing is returned unless every publication is valid.
+    "<sid>"}?}``, or a remote command (:class:`RemoteCommand`). Raises :class:`InvalidCommand`
+    (with the reason to answer 400 with) on anything else; nothing is returned unless every
+    publication is valid.
     """
     obj = JSON.decode(body, max_depth=max_depth)
     if isinstance(obj, list):

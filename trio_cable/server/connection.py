@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections import deque
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trio_cable.broker import HistoryEntry, HistoryUnavailable
 from trio_cable.channels import Channel, ConnectRequest, Unauthorized, maybe_await
 from trio_cable.identity import TokenError, token_from_request
 from trio_cable.protocol import cable
-from trio_cable.protocol.cable import Codec, Command, InvalidCommand, Subprotocol
+from trio_cable.protocol.cable import (
+    BroadcastEncoder,
+    Codec,
+    Command,
+    InvalidCommand,
+    Subprotocol,
+)
 from trio_cable.protocol.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -35,6 +43,7 @@ from trio_cable.protocol.frames import (
     close_code_and_reason,
 )
 from trio_cable.protocol.handshake import Request
+from trio_cable.server.admission import TokenBucket
 from trio_cable.server.sockio import close_socket
 
 if TYPE_CHECKING:
@@ -83,6 +92,8 @@ class Connection:
         self._opcode = OP_BINARY if self.codec.binary else OP_TEXT
         self.sid = sid
         self.echo = echo
+        #: Extended protocol: resume, history, stream positions on broadcasts, pong commands.
+        self.extended = bool(subprotocol and subprotocol.extended)
         self.identifiers: dict[str, Any] = {}
         self.subscriptions: dict[str, Channel] = {}
         self.state = State.OPEN
@@ -95,6 +106,20 @@ class Connection:
         self._drained = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._read_scope = trio.CancelScope()
+        # Frames sent while a history request is being fetched wait here, so that history
+        # goes out before live messages that were published after it.
+        self._held: list[bytes] | None = None
+        # A close requested while a command is being handled waits for the command to end.
+        self._busy = False
+        self._pending_close: tuple[str | None, bool, int, int | None] | None = None
+        self._commands = TokenBucket(
+            server.config.command_rate, 2 * server.config.command_rate, trio.current_time()
+        )
+        self.last_pong = trio.current_time()
+        #: The session changed since it was last saved (ext protocols only).
+        self.session_dirty = False
+        #: The client got its welcome (it was identified).
+        self.welcomed = False
 
     def __repr__(self) -> str:
         return f"<Connection sid={self.sid} {self.request.remote} {self.state.value}>"
@@ -128,6 +153,12 @@ class Connection:
 
     def send_frame(self, frame: bytes) -> None:
         """Write a ready frame without blocking; queue it if the socket is backpressured."""
+        if self._held is not None:
+            self._held.append(frame)
+            return
+        self._write(frame)
+
+    def _write(self, frame: bytes) -> None:
         if self.state is not State.OPEN:
             return  # nothing may follow our close frame (RFC 6455 5.5.1)
         if self._queue:
@@ -207,6 +238,15 @@ class Connection:
                 break
         self._lost()
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting for the socket to become writable."""
+        return self._queued_bytes
+
+    def abort(self) -> None:
+        """Drop the connection now, without a close handshake."""
+        self._lost()
+
     def _lost(self) -> None:
         """The socket is unusable: stop everything this connection does."""
         self.state = State.CLOSED
@@ -230,9 +270,21 @@ class Connection:
         ends when the client answers or ``close_timeout`` passes."""
         if self.state is not State.OPEN:
             return
+        if self._busy:
+            # Let the command being handled finish (its reply included) first.
+            if self._pending_close is None:
+                self._pending_close = (reason, reconnect, code, reconnect_after_ms)
+            return
+        self._held = None
         if reason is not None and not self.echo:
-            self.send_message(cable.disconnect(reason, reconnect, reconnect_after_ms))
-        self.send_frame(build_close(code))
+            self.server.metrics.inc_labeled("disconnect_reasons_total", reason)
+            self._write(
+                build_frame(
+                    self._opcode,
+                    self.codec.encode(cable.disconnect(reason, reconnect, reconnect_after_ms)),
+                )
+            )
+        self._write(build_close(code))
         self.state = State.CLOSING
         self._read_scope.deadline = trio.current_time() + self.server.config.close_timeout
 
@@ -256,14 +308,22 @@ class Connection:
             server.unregister(self)
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + server.config.close_timeout
+                # Saved before the socket closes: a client that reconnects at once must
+                # find its session.
+                if self.welcomed and self.extended:
+                    await self.save_session()
+                close_socket(self.sock)
                 await self._drop_subscriptions()
-            close_socket(self.sock)
 
     async def _welcome(self) -> None:
         """Identify the client (JWT or the connect callback), then send ``welcome``."""
         server = self.server
         config = server.config
         req = self.request
+        if self.extended:
+            restore_sid = req.query.get("sid") or req.headers.get("x-anycable-restore-sid")
+            if restore_sid and await self._restore(restore_sid):
+                return
         token = token_from_request(req.headers, req.subprotocols, req.query, param=config.jwt_param)
         if token is not None and server.jwt is not None:
             try:
@@ -301,7 +361,73 @@ class Connection:
                 return
             self.identifiers = dict(result or {})
         self.send_message(cable.welcome(self.sid))
+        self.welcomed = True
         server.start_pinging(self)
+        if self.extended:
+            await self.save_session()
+
+    # -- sessions (ext protocols) --------------------------------------------------------
+
+    def session_data(self) -> dict[str, Any]:
+        """Everything a resumed session needs, as plain data a broker can store."""
+        return {
+            "identifiers": self.identifiers,
+            "subscriptions": [
+                {
+                    "identifier": identifier,
+                    "channel": type(channel).name(),
+                    "params": channel.params,
+                    "streams": list(channel.streams),
+                    "state": channel.state,
+                }
+                for identifier, channel in self.subscriptions.items()
+            ],
+        }
+
+    async def save_session(self) -> None:
+        """Store this connection's session under its sid (ext protocols only)."""
+        if not self.extended:
+            return
+        self.session_dirty = False
+        try:
+            await self.server.broker.save_session(
+                self.sid, self.session_data(), self.server.config.sessions_ttl
+            )
+        except Exception:
+            log.exception("%r: could not save the session", self)
+
+    async def _restore(self, old_sid: str) -> bool:
+        """Restore identifiers and subscriptions of *old_sid* without any callback."""
+        server = self.server
+        try:
+            data = await server.broker.take_session(old_sid)
+        except Exception:
+            log.exception("%r: could not read session %s", self, old_sid[:64])
+            data = None
+        if not isinstance(data, dict):
+            server.metrics.sessions_not_found_total += 1
+            return False
+        self.identifiers = dict(data.get("identifiers") or {})
+        restored: list[str] = []
+        for item in data.get("subscriptions") or []:
+            cls = server.lookup_channel(item.get("channel", ""))
+            if cls is None or len(self.subscriptions) >= (
+                server.config.max_subscriptions or 1 << 30
+            ):
+                continue
+            identifier = item["identifier"]
+            channel = cls(self, identifier, dict(item.get("params") or {}))
+            channel.state = dict(item.get("state") or {})
+            for stream in item.get("streams") or []:
+                channel.stream_from(stream)
+            self.subscriptions[identifier] = channel
+            restored.append(identifier)
+        server.metrics.sessions_resumed_total += 1
+        self.send_message(cable.welcome(self.sid, restored_ids=restored))
+        self.welcomed = True
+        server.start_pinging(self)
+        await self.save_session()
+        return True
 
     async def _read_loop(self) -> None:
         sock = self.sock
@@ -359,15 +485,25 @@ class Connection:
                     continue  # after we sent close, data is discarded (RFC 6455 1.4)
                 if self.echo:
                     self.send_frame(build_frame(opcode, payload))
-                else:
+                    continue
+                self._busy = True
+                started = time.perf_counter()
+                try:
                     await self._handle_command(payload)
+                finally:
+                    self._busy = False
+                    self.server.metrics.observe("command_seconds", time.perf_counter() - started)
+                if self._pending_close is not None:
+                    reason, reconnect, code, after = self._pending_close
+                    self._pending_close = None
+                    self.close(reason, reconnect=reconnect, code=code, reconnect_after_ms=after)
             elif opcode == OP_PING:
                 if self.state is State.OPEN:
-                    self.send_frame(build_frame(OP_PONG, payload))
+                    self._write(build_frame(OP_PONG, payload))
             elif opcode == OP_CLOSE:
                 if self.state is State.OPEN:
-                    code, _reason = close_code_and_reason(payload)
-                    self.send_frame(build_close(code))
+                    client_code, _reason = close_code_and_reason(payload)
+                    self._write(build_close(client_code))
                     self.state = State.CLOSING
                 return True
             # OP_PONG: nothing to do; liveness of ext clients is tracked by command pongs.
@@ -390,6 +526,10 @@ class Connection:
             self.close("invalid_request", reconnect=False, code=CLOSE_POLICY)
             return
         name = command.command
+        if not self._commands.take(trio.current_time()):
+            server.metrics.rate_limited_commands_total += 1
+            self._refuse_rate_limited(command)
+            return
         if name == "subscribe":
             await self._subscribe(command)
         elif name == "message":
@@ -399,10 +539,28 @@ class Connection:
         elif name == "ping":
             self.send_message(cable.pong())
         elif name == "history":
-            # Reliable streams arrive with the history broker; until then nothing is stored.
             assert command.identifier is not None
-            self.send_message(cable.reject_history(command.identifier))
-        # "pong" and "whisper": accepted and ignored.
+            await self._history(command.identifier, command.history or {})
+        elif name == "pong":
+            self.last_pong = trio.current_time()
+        # "whisper": accepted and ignored.
+
+    def _refuse_rate_limited(self, command: Command) -> None:
+        # Answered, not dropped: a client waiting for a confirm must not hang.
+        identifier = command.identifier
+        if command.command == "subscribe" and identifier is not None:
+            if identifier not in self.subscriptions:
+                self._reject(identifier)
+        elif command.command == "history" and identifier is not None:
+            self.server.metrics.history_rejected_total += 1
+            self.send_message(cable.reject_history(identifier))
+        else:
+            log.info(
+                "%r: %s refused: over %s commands/s",
+                self,
+                command.command,
+                self.server.config.command_rate,
+            )
 
     async def _subscribe(self, command: Command) -> None:
         identifier = command.identifier
@@ -410,6 +568,11 @@ class Connection:
         if identifier in self.subscriptions:
             return  # Rails clients re-send subscribe until confirmed: not an error
         server = self.server
+        limit = server.config.max_subscriptions
+        if limit and len(self.subscriptions) >= limit:
+            log.info("%r: over %d subscriptions", self, limit)
+            self._reject(identifier)
+            return
         try:
             channel_name, params = cable.parse_identifier(identifier)
         except InvalidCommand as exc:
@@ -442,6 +605,61 @@ class Connection:
             return
         server.metrics.subscriptions_total += 1
         self.send_message(cable.confirm_subscription(identifier))
+        self.session_dirty = self.extended
+        if command.history is not None and self.extended:
+            await self._history(identifier, command.history)
+
+    async def _history(self, identifier: str, request: dict[str, Any]) -> None:
+        """Send the stored messages a client missed, then ``confirm_history``; or only
+        ``reject_history`` when any of them cannot be served (never a silent gap)."""
+        server = self.server
+        channel = self.subscriptions.get(identifier)
+        if channel is None or not self.extended:
+            server.metrics.history_rejected_total += 1
+            self.send_message(cable.reject_history(identifier))
+            return
+        positions = request.get("streams") or {}
+        since = request.get("since")
+        self._held = [] if self._held is None else self._held
+        try:
+            entries: list[tuple[str, HistoryEntry]] = []
+            # Only the subscription's own streams: a client cannot read others' history.
+            for stream in list(channel.streams):
+                position = positions.get(stream)
+                if position is not None:
+                    found = await server.broker.history_since_offset(
+                        stream, position["epoch"], position["offset"]
+                    )
+                elif since is not None:
+                    found = await server.broker.history_since_time(stream, since)
+                else:
+                    continue
+                entries.extend((stream, entry) for entry in found)
+        except HistoryUnavailable as exc:
+            log.info("%r: history for %s refused: %s", self, identifier[:200], exc)
+            server.metrics.history_rejected_total += 1
+            self._release_held(cable.reject_history(identifier))
+            return
+        except Exception:
+            log.exception("%r: history lookup failed", self)
+            server.metrics.history_rejected_total += 1
+            self._release_held(cable.reject_history(identifier))
+            return
+        # Several streams: interleave by publication time; one stream stays in offset order.
+        entries.sort(key=lambda item: (item[1].time, item[0], item[1].offset))
+        for stream, entry in entries:
+            encoder = BroadcastEncoder(
+                entry.data, stream_id=stream, epoch=entry.epoch, offset=entry.offset
+            )
+            self._write(build_frame(self._opcode, encoder.encode(self.codec, identifier)))
+        server.metrics.history_served_total += 1
+        self._release_held(cable.confirm_history(identifier))
+
+    def _release_held(self, final: dict[str, Any]) -> None:
+        held, self._held = self._held or [], None
+        self._write(build_frame(self._opcode, self.codec.encode(final)))
+        for frame in held:
+            self._write(frame)
 
     def _reject(self, identifier: str) -> None:
         self.server.metrics.subscriptions_rejected_total += 1
@@ -453,6 +671,7 @@ class Connection:
         if channel is None:
             log.info("%r: unsubscribe from unknown %r", self, command.identifier[:200])
             return
+        self.session_dirty = self.extended
         await self._end_subscription(channel)
 
     async def _message(self, command: Command) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from trio_cable.protocol.cable import BroadcastEncoder, Codec, Publication
+from trio_cable.broker import Broadcast
+from trio_cable.protocol.cable import BroadcastEncoder, Codec
 from trio_cable.protocol.frames import OP_BINARY, OP_TEXT, build_frame
 
 if TYPE_CHECKING:
@@ -63,27 +64,41 @@ class Hub:
         """Number of (connection, identifier) pairs on *stream*."""
         return sum(len(c) for c in self._streams.get(stream, {}).values())
 
-    def deliver(self, publication: Publication) -> int:
-        """Fan *publication* out to local subscribers; return the number of frames written."""
-        groups = self._streams.get(publication.stream)
+    def deliver(self, broadcast: Broadcast) -> int:
+        """Fan *broadcast* out to local subscribers; return the number of frames written.
+
+        Clients of the extended protocols get the stream position (``stream_id``, ``epoch``,
+        ``offset``) with each stored message; plain Action Cable clients get none, exactly as
+        Rails would send it."""
+        groups = self._streams.get(broadcast.stream)
         self._metrics.broadcasts_total += 1
         if not groups:
             return 0
-        encoder = BroadcastEncoder(publication.data)
-        exclude = publication.exclude_socket
+        plain = BroadcastEncoder(broadcast.data)
+        stored = plain
+        if broadcast.offset is not None:
+            stored = BroadcastEncoder(
+                plain.message,
+                stream_id=broadcast.stream,
+                epoch=broadcast.epoch,
+                offset=broadcast.offset,
+                decode=False,
+            )
+        exclude = broadcast.exclude_socket
         sent = 0
         # Snapshot: a write may fail and close a connection, which mutates these sets.
         for identifier, conns in list(groups.items()):
-            frames: dict[Codec, bytes] = {}
+            frames: dict[tuple[Codec, bool], bytes] = {}
             for conn in list(conns):
                 if exclude is not None and conn.sid == exclude:
                     continue
-                codec = conn.codec
-                frame = frames.get(codec)
+                key = (conn.codec, conn.extended)
+                frame = frames.get(key)
                 if frame is None:
-                    payload = encoder.encode(codec, identifier)
-                    frame = build_frame(OP_BINARY if codec.binary else OP_TEXT, payload)
-                    frames[codec] = frame
+                    encoder = stored if conn.extended else plain
+                    payload = encoder.encode(conn.codec, identifier)
+                    frame = build_frame(OP_BINARY if conn.codec.binary else OP_TEXT, payload)
+                    frames[key] = frame
                 conn.send_frame(frame)
                 sent += 1
         self._metrics.broadcast_frames_total += sent

@@ -1,4 +1,4 @@
-"""The server node: listener, routing of HTTP requests, the ping ticker, and broadcasting.
+"""The server node: listener and admission, HTTP routing, tickers, drain and broadcasting.
 
 Embedding::
 
@@ -6,7 +6,8 @@ Embedding::
         server = await nursery.start(Server(Config(port=0), app).serve)
         await server.broadcast("chat_1", {"text": "hi"})
         ...
-        nursery.cancel_scope.cancel()   # stops the server
+        await server.drain()                 # optional: slow-drain the clients first
+        nursery.cancel_scope.cancel()        # stops the server
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import resource
 import secrets
 import socket
 import time
@@ -29,10 +31,12 @@ from trio_cable.config import Config
 from trio_cable.identity import JWTIdentifier
 from trio_cable.metrics import Metrics, prometheus_text
 from trio_cable.protocol import cable
-from trio_cable.protocol.cable import InvalidCommand, Publication
+from trio_cable.protocol.cable import InvalidCommand
 from trio_cable.protocol.frames import OP_BINARY, OP_TEXT, SPEEDUPS, build_frame
-from trio_cable.protocol.handshake import Refusal, negotiate, request_from_h11
-from trio_cable.server.connection import Connection, State
+from trio_cable.protocol.handshake import Refusal, Request, negotiate, request_from_h11
+from trio_cable.server.admission import AdaptiveLimits, TokenBucket, retry_after
+from trio_cable.server.connection import CLOSE_NORMAL, Connection, State
+from trio_cable.server.drain import Drainer
 from trio_cable.server.http import (
     MAX_HEAD_BYTES,
     BadRequest,
@@ -49,6 +53,7 @@ log = logging.getLogger("trio_cable")
 
 _ACCEPT_BATCH = 64
 _RECV_BUFFER = 256 * 1024
+_LAG_PROBE = 0.05  # seconds between event-loop lag probes
 _speedups_notice_given = False
 
 
@@ -57,8 +62,21 @@ def new_sid() -> str:
     return secrets.token_urlsafe(16)
 
 
+def _raise_open_file_limit() -> int:
+    """Raise the soft open-file limit to the hard one; return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
 class Server:
     """A trio_cable server node.  Start it with ``await nursery.start(server.serve)``."""
+
+    #: What this server supports beyond plain Action Cable (clients and tests may check).
+    features: frozenset[str] = frozenset({"resume", "history", "drain", "reconnect_advice"})
 
     def __init__(
         self,
@@ -67,30 +85,49 @@ class Server:
         *,
         broker: Broker | None = None,
     ) -> None:
-        self.config = (config or Config()).validate()
+        self.config = config = (config or Config()).validate()
         self.app = app or CableApp()
         self.metrics = Metrics()
-        self.broker: Broker = broker or MemoryBroker()
+        self.broker: Broker = broker or MemoryBroker(
+            history_limit=config.history_limit, history_ttl=config.history_ttl
+        )
         self.hub = Hub(
             self.metrics, on_first=self.broker.subscribe, on_last=self.broker.unsubscribe
         )
-        self.broker.bind(self.hub.deliver)
         self.connections: set[Connection] = set()
-        self.callback_limiter = trio.CapacityLimiter(self.config.callback_concurrency)
-        jwt_secret = self.config.effective_jwt_secret
+        self.callback_limiter = trio.CapacityLimiter(config.callback_concurrency)
+        jwt_secret = config.effective_jwt_secret
         self.jwt: JWTIdentifier | None = JWTIdentifier(jwt_secret) if jwt_secret else None
         # One receive buffer for every connection: reads copy into the frame parser before
         # any await, so sharing it is safe and saves 256 KiB per connection.
         self.recv_buffer = bytearray(_RECV_BUFFER)
         self._channels: dict[str, type[Channel]] = {c.name(): c for c in BUILTIN_CHANNELS}
-        if self.config.benchmark_channel:
+        if config.benchmark_channel:
             self._channels[BenchmarkChannel.name()] = BenchmarkChannel
         self._channels.update(self.app.channels)
         self._ping_groups: dict[float, set[Connection]] = {}
         self._listen_socket: socket.socket | None = None
         self.started_at = time.time()
-        self.metrics.gauges["connections"] = lambda: float(len(self.connections))
-        self.metrics.gauges["streams"] = lambda: float(len(self.hub))
+        # Admission control.
+        self.handshake_bucket = TokenBucket(config.handshake_rate, config.handshake_rate)
+        self.adaptive = AdaptiveLimits(
+            self.handshake_bucket,
+            self.callback_limiter,
+            max_rate=config.handshake_rate,
+            max_callbacks=config.callback_concurrency,
+            lag_target=config.lag_target,
+        )
+        self.max_connections = config.max_connections
+        self.pending_handshakes = 0
+        self.drainer = Drainer(self)
+        m = self.metrics
+        m.gauges["connections"] = lambda: float(len(self.connections))
+        m.gauges["streams"] = lambda: float(len(self.hub))
+        m.gauges["draining"] = lambda: float(self.draining)
+        m.gauges["pending_handshakes"] = lambda: float(self.pending_handshakes)
+        m.gauges["handshake_rate_limit"] = lambda: float(self.handshake_bucket.rate)
+        m.gauges["callback_concurrency_limit"] = lambda: float(self.callback_limiter.total_tokens)
+        m.gauges["send_queue_bytes"] = lambda: float(sum(c.queued_bytes for c in self.connections))
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -109,6 +146,11 @@ class Server:
             host = f"[{host}]"
         return f"ws://{host}:{self.port}{self.config.path[0]}"
 
+    @property
+    def draining(self) -> bool:
+        """True from the start of a drain: no new connections, ``/health`` is 503."""
+        return self.drainer.started
+
     # -- running -------------------------------------------------------------------------
 
     async def serve(
@@ -120,13 +162,19 @@ class Server:
             _speedups_notice_given = True
             log.warning("speedups not compiled: running the pure-Python frame kernels")
         sock = self.bind()
+        if not self.max_connections:
+            # Leave room for the listener, logs, broker connections and HTTP requests.
+            self.max_connections = max(16, _raise_open_file_limit() - 128)
+        self.broker.bind(self.hub.deliver, self._on_command)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._ping_ticker)
+                nursery.start_soon(self._lag_monitor)
                 log.info("trio_cable listening on %s", self.url)
                 task_status.started(self)
                 await self._accept_loop(sock, nursery)
         finally:
+            self.broker.unbind(self.hub.deliver)
             close_socket(sock)
 
     def bind(self) -> socket.socket:
@@ -164,12 +212,43 @@ class Server:
                 sock.setblocking(False)
                 with contextlib.suppress(OSError):  # not every socket family has it
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.pending_handshakes >= self.config.max_pending_handshakes:
+                    # Fast refusal, not an unbounded queue: answer without reading.
+                    nursery.start_soon(self._refuse_early, sock, "pending_handshakes")
+                    continue
                 nursery.start_soon(self._handle_socket, sock, _format_addr(addr))
+
+    async def _refuse_early(self, sock: socket.socket, reason: str) -> None:
+        try:
+            await send_response(sock, None, self._overloaded(reason))
+        finally:
+            close_socket(sock)
+
+    def _overloaded(self, reason: str, base: float = 0.0) -> Response:
+        """503 with jittered Retry-After advice; counted by reason."""
+        self.metrics.handshakes_failed_total += 1
+        self.metrics.inc_labeled("handshakes_refused_total", reason)
+        seconds = retry_after(base, self.config.reconnect_advice)
+        message = "server is draining" if reason == "draining" else f"server busy ({reason})"
+        return Response.text(503, message, [("retry-after", str(seconds))])
+
+    def _admit(self, request: Request) -> Response | None:
+        """Admission control for a WebSocket handshake: None to admit, else the refusal."""
+        if self.draining:
+            return self._overloaded("draining")
+        if len(self.connections) >= self.max_connections:
+            return self._overloaded("max_connections")
+        now = trio.current_time()
+        if not self.handshake_bucket.take(now):
+            return self._overloaded("handshake_rate", self.handshake_bucket.wait_time(now))
+        return None
 
     async def _handle_socket(self, sock: socket.socket, remote: str) -> None:
         """Read one HTTP request and route it: a WebSocket, an HTTP endpoint, or an error."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         handed_off = False
+        self.pending_handshakes += 1
+        pending = True
         try:
             with trio.move_on_after(self.config.handshake_timeout) as scope:
                 try:
@@ -194,12 +273,17 @@ class Server:
                 )
                 if isinstance(outcome, Refusal):
                     self.metrics.handshakes_failed_total += 1
+                    self.metrics.inc_labeled("handshakes_refused_total", f"http_{outcome.status}")
                     log.info(
                         "%s: WebSocket refused (%d %s)", remote, outcome.status, outcome.message
                     )
                     await send_response(
                         sock, conn, Response.text(outcome.status, outcome.message, outcome.headers)
                     )
+                    return
+                refusal = self._admit(request)
+                if refusal is not None:
+                    await send_response(sock, conn, refusal)
                     return
                 response = h11.InformationalResponse(status_code=101, headers=outcome.headers)
                 await send_all(sock, conn.send(response) or b"")
@@ -214,6 +298,8 @@ class Server:
                     echo=echo,
                 )
                 handed_off = True
+                self.pending_handshakes -= 1
+                pending = False
                 await connection.run()
             else:
                 response_ = await self._http(sock, conn, request)
@@ -224,15 +310,18 @@ class Server:
             # A bug must cost one connection, never the server.
             log.exception("%s: unexpected error", remote)
         finally:
+            if pending:
+                self.pending_handshakes -= 1
             if not handed_off:
                 close_socket(sock)
 
-    async def _http(self, sock: socket.socket, conn: h11.Connection, request: Any) -> Response:
+    async def _http(self, sock: socket.socket, conn: h11.Connection, request: Request) -> Response:
         path, method = request.path, request.method
         if path == "/health":
             if method not in ("GET", "HEAD"):
                 return Response.text(405, "use GET", [("allow", "GET")])
-            return Response.json(200, self.health())
+            doc = self.health()
+            return Response.json(503 if self.draining else 200, doc)
         if path == "/metrics":
             if method not in ("GET", "HEAD"):
                 return Response.text(405, "use GET", [("allow", "GET")])
@@ -240,9 +329,8 @@ class Server:
         if path == "/_broadcast":
             if method != "POST":
                 return Response.text(405, "use POST", [("allow", "POST")])
-            if not bearer_ok(
-                request.headers.get("authorization"), self.config.effective_broadcast_key
-            ):
+            authorization = request.headers.get("authorization")
+            if not bearer_ok(authorization, self.config.effective_broadcast_key):
                 return Response.text(
                     401, "missing or wrong broadcast key", [("www-authenticate", "Bearer")]
                 )
@@ -251,11 +339,14 @@ class Server:
             except BadRequest as exc:
                 return Response.text(exc.status, exc.message)
             try:
-                publications = cable.parse_publications(body)
+                items = cable.parse_publications(body)
             except InvalidCommand as exc:
                 return Response.text(400, f"bad publication: {exc.reason}")
-            for publication in publications:
-                await self.publish(publication)
+            for item in items:
+                if isinstance(item, cable.RemoteCommand):
+                    await self.broker.publish_command(item.to_dict())
+                else:
+                    await self.broker.publish(item.stream, item.data, item.exclude_socket)
             return Response(201)
         if request.is_websocket_upgrade:
             return Response.text(404, f"no WebSocket endpoint at {path[:200]}")
@@ -290,12 +381,15 @@ class Server:
             except ValueError:
                 pass
         conn.ping_interval = interval
+        conn.last_pong = trio.current_time()
         self._ping_groups.setdefault(interval, set()).add(conn)
 
     async def _ping_ticker(self) -> None:
         # One task pings every connection: per interval group, one frame per codec per tick.
+        # It also saves changed sessions (in one batch per tick) and checks pong deadlines.
         next_due: dict[float, float] = {}
         tick = min(1.0, self.config.ping_interval)
+        pong_timeout = self.config.pong_timeout
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
@@ -314,23 +408,98 @@ class Server:
                     for codec in (cable.JSON, cable.MSGPACK)
                 }
                 for conn in list(group):
-                    if conn.state is State.OPEN:
-                        conn.send_frame(frames[conn.codec])
+                    if conn.state is not State.OPEN:
+                        continue
+                    if (
+                        pong_timeout
+                        and conn.extended
+                        and now - conn.last_pong > interval + pong_timeout
+                    ):
+                        conn.close("no_pong", reconnect=True)
+                        continue
+                    conn.send_frame(frames[conn.codec])
+            for conn in [c for c in self.connections if c.session_dirty]:
+                await conn.save_session()
+
+    async def _lag_monitor(self) -> None:
+        # How late does a short timer fire?  That is how long every ready task waits for the
+        # CPU; it drives adaptive admission and the loop-lag histogram.
+        window_start = trio.current_time()
+        worst = 0.0
+        while True:
+            before = trio.current_time()
+            await trio.sleep(_LAG_PROBE)
+            now = trio.current_time()
+            lag = max(0.0, now - before - _LAG_PROBE)
+            self.metrics.observe("loop_lag_seconds", lag)
+            worst = max(worst, lag)
+            if now - window_start >= 1.0:
+                if self.config.adaptive_admission:
+                    before_decreases = self.adaptive.decreases
+                    self.adaptive.observe(worst, now)
+                    if self.adaptive.decreases != before_decreases:
+                        self.metrics.admission_decreases_total += 1
+                        log.warning(
+                            "event loop lag %.0f ms > %.0f ms: admitting %.0f handshakes/s, "
+                            "%d callbacks at once",
+                            worst * 1000,
+                            self.config.lag_target * 1000,
+                            self.handshake_bucket.rate,
+                            self.callback_limiter.total_tokens,
+                        )
+                window_start, worst = now, 0.0
+
+    def _on_command(self, command: dict[str, Any]) -> None:
+        """A node command from the broker (any node may have sent it)."""
+        if command.get("command") == "disconnect":
+            self.disconnect_local(
+                command.get("identifiers") or {}, reconnect=bool(command.get("reconnect"))
+            )
+        else:
+            log.info("ignoring unknown node command %r", str(command.get("command"))[:100])
 
     # -- public API ----------------------------------------------------------------------
 
-    async def publish(self, publication: Publication) -> None:
-        """Send a publication (``data`` as the wire's JSON string) through the broker."""
-        await self.broker.publish(publication)
-
     async def broadcast(self, stream: str, data: Any, *, exclude_socket: str | None = None) -> None:
         """Broadcast *data* (any JSON value) to every subscriber of *stream*, on every node."""
-        await self.publish(Publication(stream, json.dumps(data), exclude_socket))
+        await self.broker.publish(stream, json.dumps(data), exclude_socket)
+
+    async def remote_disconnect(
+        self, identifiers: dict[str, Any], *, reconnect: bool = False
+    ) -> None:
+        """Disconnect every connection (on every node) whose identifiers equal *identifiers*,
+        with ``reason: "remote"``."""
+        await self.broker.publish_command(
+            {"command": "disconnect", "identifiers": identifiers, "reconnect": reconnect}
+        )
+
+    def disconnect_local(self, identifiers: dict[str, Any], *, reconnect: bool = False) -> int:
+        """Disconnect this node's connections identified by *identifiers*; return how many."""
+        if not identifiers:
+            return 0
+        count = 0
+        for conn in list(self.connections):
+            if conn.identifiers == identifiers and conn.state is State.OPEN:
+                conn.close("remote", reconnect=reconnect, code=CLOSE_NORMAL)
+                count += 1
+        self.metrics.remote_disconnects_total += count
+        return count
+
+    async def drain(self, period: float | None = None) -> None:
+        """Slow-drain: refuse new connections (503 + Retry-After, ``/health`` 503), then
+        disconnect clients with ``server_restart`` and reconnect advice, spread over *period*
+        seconds (default ``--drain-period``); return when all are gone or
+        ``--shutdown-timeout`` has passed (the rest are cut)."""
+        await self.drainer.drain(period)
+
+    def drain_now(self) -> None:
+        """Make a drain in progress disconnect everybody at once (a second signal)."""
+        self.drainer.hurry()
 
     def health(self) -> dict[str, Any]:
         """The ``/health`` document."""
         return {
-            "status": "ok",
+            "status": "draining" if self.draining else "ok",
             "connections": len(self.connections),
             "streams": len(self.hub),
             "uptime": round(time.time() - self.started_at, 3),

@@ -1,0 +1,351 @@
+"""Avalanche safety over real sockets: slow drain, reconnect advice, admission control."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import trio
+
+from tests.conftest import RawClient, make_app
+from trio_cable import Config, Server
+from trio_cable.protocol import frames
+from trio_cable.server.admission import AdaptiveLimits, TokenBucket, reconnect_after_ms, retry_after
+
+
+async def _http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(request)
+    data = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split(" ")[1]), {k.lower(): v for k, v in headers.items()}, body
+
+
+async def _open_welcomed(port: int, subprotocol: str = "actioncable-v1-json") -> RawClient:
+    client, head = await RawClient.open(port, subprotocol=subprotocol)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    _opcode, payload = await client.read_frame()
+    assert json.loads(payload)["type"] == "welcome"
+    return client
+
+
+def _json_frames(got: list[tuple[int, bytes]]) -> list[dict]:
+    return [json.loads(p) for op, p in got if op == frames.OP_TEXT]
+
+
+# -- slow drain -------------------------------------------------------------------------------
+
+
+async def test_drain_spreads_500_disconnects_over_the_period(nursery, config):
+    config.drain_period = 2.0
+    config.reconnect_advice = 3.0
+    config.handshake_rate = 0  # this test opens 500 at once on purpose
+    server = await nursery.start(Server(config, make_app()).serve)
+    clients = []
+    async with trio.open_nursery() as opener:
+
+        async def open_one() -> None:
+            clients.append(await _open_welcomed(server.port))
+
+        for _ in range(500):
+            opener.start_soon(open_one)
+    assert len(server.connections) == 500
+
+    received: list[tuple[float, dict, int | None]] = []
+
+    async def watch(client: RawClient) -> None:
+        got, code = await client.read_until_close(timeout=15)
+        received.append((trio.current_time(), _json_frames(got)[-1], code))
+        await client.send_frame(frames.OP_CLOSE, (1000).to_bytes(2, "big"))
+
+    start = trio.current_time()
+    async with trio.open_nursery() as watchers:
+        for client in clients:
+            watchers.start_soon(watch, client)
+        watchers.start_soon(server.drain)
+        await trio.sleep(0.3)
+        # While draining: new handshakes get 503 + Retry-After, /health is 503.
+        status, headers, _ = await _http(
+            server.port,
+            b"GET /cable HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Protocol: actioncable-v1-json\r\n\r\n",
+        )
+        assert status == 503
+        assert 1 <= int(headers["retry-after"]) <= 4
+        status, _, body = await _http(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and json.loads(body)["status"] == "draining"
+
+    assert len(received) == 500
+    times = sorted(t - start for t, _, _ in received)
+    # Spread over the period, not all at once: the first tenth and the last tenth are more than
+    # a second apart, and nobody waited much past the period.
+    assert times[450] - times[50] > 1.2, (times[50], times[450])
+    assert times[-1] < 2.0 + 1.0
+    advice = []
+    for _, message, code in received:
+        assert code == 1001
+        assert message["type"] == "disconnect"
+        assert message["reason"] == "server_restart" and message["reconnect"] is True
+        advice.append(message["reconnect_after"])
+    # Jittered advice: spread over [0, 3000] ms, not one value for everybody.
+    assert all(0 <= a <= 3000 for a in advice)
+    assert len(set(advice)) > 400
+    assert max(advice) - min(advice) > 2000
+    with trio.fail_after(5):
+        while server.connections:
+            await trio.sleep(0.01)
+    assert server.metrics.drained_total == 500
+    assert server.metrics.labeled["disconnect_reasons_total"]["server_restart"] == 500
+    assert server.drainer.finished.is_set()
+
+
+async def test_drain_rate_caps_disconnects_per_second(nursery, config):
+    config.drain_period = 0.0
+    config.drain_rate = 40.0  # 60 connections -> about 1.5 s
+    server = await nursery.start(Server(config).serve)
+    clients = [await _open_welcomed(server.port) for _ in range(60)]
+    times: list[float] = []
+
+    async def watch(client: RawClient) -> None:
+        await client.read_until_close(timeout=10)
+        times.append(trio.current_time())
+
+    start = trio.current_time()
+    async with trio.open_nursery() as n:
+        for client in clients:
+            n.start_soon(watch, client)
+        n.start_soon(server.drain)
+    assert len(times) == 60
+    assert max(times) - start > 1.0
+
+
+async def test_drain_waits_for_the_command_in_flight(nursery, config):
+    from trio_cable import CableApp, Channel
+
+    app = CableApp()
+    started = trio.Event()
+
+    @app.channel
+    class SlowChannel(Channel):
+        async def work(self, data: dict) -> None:
+            started.set()
+            await trio.sleep(0.5)
+            self.transmit({"done": True})
+
+    config.drain_period = 0
+    server = await nursery.start(Server(config, app).serve)
+    client = await _open_welcomed(server.port)
+    ident = json.dumps({"channel": "SlowChannel"})
+    await client.send_frame(
+        frames.OP_TEXT, json.dumps({"command": "subscribe", "identifier": ident}).encode()
+    )
+    await client.read_frame()  # confirm
+    data = json.dumps({"action": "work"})
+    await client.send_frame(
+        frames.OP_TEXT,
+        json.dumps({"command": "message", "identifier": ident, "data": data}).encode(),
+    )
+    await started.wait()
+    nursery.start_soon(server.drain)
+    got, code = await client.read_until_close()
+    messages = _json_frames(got)
+    # The action's reply comes first, then the disconnect notice, then close 1001.
+    assert messages[0] == {"identifier": ident, "message": {"done": True}}
+    assert messages[1]["reason"] == "server_restart"
+    assert code == 1001
+
+
+async def test_second_request_hurries_the_drain(nursery, config):
+    config.drain_period = 30.0
+    server = await nursery.start(Server(config).serve)
+    clients = [await _open_welcomed(server.port) for _ in range(20)]
+    nursery.start_soon(server.drain)
+    await trio.sleep(0.2)
+    server.drain_now()
+    with trio.fail_after(3):
+        for client in clients:
+            _, code = await client.read_until_close()
+            assert code == 1001
+
+
+async def test_sigterm_drains_then_exits():
+    import signal
+
+    from trio_websocket import open_websocket_url
+
+    from tests.procs import running_server
+
+    args = ["serve", "--port", "0", "--drain-period", "1"]
+    with running_server(args) as (url, proc, _lines):
+        async with open_websocket_url(url, subprotocols=["actioncable-v1-json"]) as ws:
+            assert json.loads(await ws.get_message())["type"] == "welcome"
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(5):
+                while True:
+                    message = json.loads(await ws.get_message())
+                    if message["type"] == "disconnect":
+                        break
+            assert message["reason"] == "server_restart" and message["reconnect"] is True
+            assert "reconnect_after" in message
+        assert await trio.to_thread.run_sync(proc.wait, 10) == 0
+        assert proc.stderr is not None
+        log_text = proc.stderr.read()
+    assert "draining 1 connections over 1.0 s" in log_text
+    assert "drain finished" in log_text
+
+
+# -- admission control ------------------------------------------------------------------------
+
+
+async def test_handshake_rate_refuses_with_retry_after_and_recovers(nursery, config):
+    config.handshake_rate = 20.0
+    config.adaptive_admission = False
+    server = await nursery.start(Server(config).serve)
+    statuses: list[int] = []
+    retry: list[int] = []
+
+    async def attempt() -> None:
+        client, head = await RawClient.open(server.port)
+        status = int(head.split(b" ")[1])
+        statuses.append(status)
+        if status == 503:
+            assert b"retry-after:" in head.lower()
+            line = next(x for x in head.split(b"\r\n") if x.lower().startswith(b"retry-after"))
+            retry.append(int(line.split(b":")[1]))
+        await client.aclose()
+
+    async with trio.open_nursery() as n:
+        for _ in range(60):
+            n.start_soon(attempt)
+    assert statuses.count(101) <= 25  # the burst, plus what refills meanwhile
+    assert statuses.count(503) >= 30
+    assert all(r >= 1 for r in retry)
+    assert server.metrics.labeled["handshakes_refused_total"]["handshake_rate"] == statuses.count(
+        503
+    )
+    await trio.sleep(1.1)
+    _client, head = await RawClient.open(server.port)
+    assert head.startswith(b"HTTP/1.1 101")
+
+
+async def test_max_connections(nursery, config):
+    config.max_connections = 5
+    server = await nursery.start(Server(config).serve)
+    clients = [await _open_welcomed(server.port) for _ in range(5)]
+    _, head = await RawClient.open(server.port)
+    assert head.startswith(b"HTTP/1.1 503")
+    await clients[0].aclose()
+    with trio.fail_after(5):
+        while len(server.connections) > 4:
+            await trio.sleep(0.01)
+    client = await _open_welcomed(server.port)
+    assert client
+
+
+async def test_pending_handshakes_cap_answers_at_once(nursery, config):
+    config.max_pending_handshakes = 3
+    server = await nursery.start(Server(config).serve)
+    idle = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(3)]
+    with trio.fail_after(5):
+        while server.pending_handshakes < 3:
+            await trio.sleep(0.01)
+    extra = await trio.open_tcp_stream("127.0.0.1", server.port)
+    with trio.fail_after(2):
+        data = await extra.receive_some(4096)
+    assert data.startswith(b"HTTP/1.1 503")
+    assert b"retry-after" in data.lower()
+    for stream in idle:
+        await stream.aclose()
+    with trio.fail_after(5):
+        while server.pending_handshakes:
+            await trio.sleep(0.01)
+    assert await _open_welcomed(server.port)
+
+
+async def test_adaptive_admission_backs_off_under_loop_lag(nursery, config):
+    from trio_cable import CableApp, Channel
+
+    app = CableApp()
+
+    @app.channel
+    class HogChannel(Channel):
+        def hog(self, data: dict) -> None:
+            time.sleep(0.4)  # blocks the event loop, as a CPU-bound callback would
+
+    config.lag_target = 0.1
+    config.handshake_rate = 1000
+    server = await nursery.start(Server(config, app).serve)
+    client = await _open_welcomed(server.port)
+    ident = json.dumps({"channel": "HogChannel"})
+    await client.send_frame(
+        frames.OP_TEXT, json.dumps({"command": "subscribe", "identifier": ident}).encode()
+    )
+    await client.read_frame()
+    for _ in range(3):
+        data = json.dumps({"action": "hog"})
+        await client.send_frame(
+            frames.OP_TEXT,
+            json.dumps({"command": "message", "identifier": ident, "data": data}).encode(),
+        )
+        await trio.sleep(0.6)
+    assert server.metrics.admission_decreases_total >= 1
+    assert server.handshake_bucket.rate < 1000
+    assert server.callback_limiter.total_tokens < config.callback_concurrency
+    # ... and grows back when the loop is healthy again.
+    await trio.sleep(1.2)  # the window holding the last hog has been observed
+    low = server.handshake_bucket.rate
+    await trio.sleep(2.5)
+    assert server.handshake_bucket.rate > low
+
+
+def test_token_bucket():
+    bucket = TokenBucket(rate=10, burst=5, now=0.0)
+    assert [bucket.take(0.0) for _ in range(6)] == [True] * 5 + [False]
+    assert bucket.wait_time(0.0) == pytest.approx(0.1)
+    assert bucket.take(0.1)
+    assert not bucket.take(0.1)
+    assert TokenBucket(rate=0).take(0.0)  # 0 = unlimited
+
+
+def test_adaptive_limits_aimd():
+    bucket = TokenBucket(100, 100)
+    limiter = trio.CapacityLimiter(10)
+    limits = AdaptiveLimits(bucket, limiter, max_rate=100, max_callbacks=10, lag_target=0.05)
+    limits.observe(0.2, now=1.0)
+    assert bucket.rate == 50 and limiter.total_tokens == 7
+    limits.observe(0.2, now=2.0)
+    assert bucket.rate == 25
+    limits.observe(0.01, now=3.0)
+    assert bucket.rate == 35 and limiter.total_tokens == 5  # 10 -> 7 -> 4 -> +1
+    for i in range(20):
+        limits.observe(0.0, now=4.0 + i)
+    assert bucket.rate == 100 and limiter.total_tokens == 10
+
+
+def test_advice_is_jittered_and_bounded():
+    import random
+
+    rng = random.Random(1)
+    values = [retry_after(2.0, 5.0, rng) for _ in range(1000)]
+    assert min(values) >= 2 and max(values) <= 7 and len(set(values)) >= 5
+    ms = [reconnect_after_ms(0.0, 3.0, rng) for _ in range(1000)]
+    # 1000 draws of 3001 values: about 850 distinct ones are expected.
+    assert min(ms) >= 0 and max(ms) <= 3000 and len(set(ms)) > 750
+
+
+async def test_draining_server_refuses_and_health_reports(nursery):
+    server = await nursery.start(Server(Config(port=0, drain_period=0)).serve)
+    await server.drain()
+    status, _headers, body = await _http(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 503
+    assert json.loads(body)["status"] == "draining"
+    _, head = await RawClient.open(server.port)
+    assert head.startswith(b"HTTP/1.1 503")
+    assert server.metrics.labeled["handshakes_refused_total"]["draining"] == 1
