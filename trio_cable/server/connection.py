@@ -59,6 +59,8 @@ CLOSE_POLICY = 1008
 # How many reads in a row may be handled without yielding to other tasks: a client that
 # floods us must not starve everybody else.
 _READS_PER_CHECKPOINT = 16
+# Longest that live broadcasts wait after a restore for the client to ask history.
+RESTORE_HOLD = 2.0
 # Largest single send when draining a backlog (coalescing many small frames into one call).
 _COALESCE_BYTES = 256 * 1024
 
@@ -106,9 +108,14 @@ class Connection:
         self._drained = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._read_scope = trio.CancelScope()
-        # Frames sent while a history request is being fetched wait here, so that history
-        # goes out before live messages that were published after it.
-        self._held: list[bytes] | None = None
+        # Frames sent while history is pending wait here as (frame, stream, offset), so that
+        # history goes out first and live broadcasts it already covered are not sent twice.
+        # History is pending while a lookup runs, and after a restore until the client has
+        # asked history for each restored subscription (or RESTORE_HOLD seconds passed).
+        self._held: list[tuple[bytes, str | None, int | None]] | None = None
+        self._history_sent: dict[str, int] = {}  # stream -> last offset sent as history
+        self._awaiting_history: set[str] = set()
+        self.hold_until = 0.0
         # A close requested while a command is being handled waits for the command to end.
         self._busy = False
         self._pending_close: tuple[str | None, bool, int, int | None] | None = None
@@ -154,7 +161,14 @@ class Connection:
     def send_frame(self, frame: bytes) -> None:
         """Write a ready frame without blocking; queue it if the socket is backpressured."""
         if self._held is not None:
-            self._held.append(frame)
+            self._held.append((frame, None, None))
+            return
+        self._write(frame)
+
+    def send_broadcast(self, frame: bytes, stream: str, offset: int | None) -> None:
+        """Like :meth:`send_frame`, for a broadcast at *offset* of *stream* (the hub's path)."""
+        if self._held is not None:
+            self._held.append((frame, stream, offset))
             return
         self._write(frame)
 
@@ -424,6 +438,12 @@ class Connection:
             restored.append(identifier)
         server.metrics.sessions_resumed_total += 1
         self.send_message(cable.welcome(self.sid, restored_ids=restored))
+        if restored:
+            # Live broadcasts wait for the history the client is about to ask, so that it
+            # gets every message once and in order.
+            self._held = []
+            self._awaiting_history = set(restored)
+            self.hold_until = trio.current_time() + RESTORE_HOLD
         self.welcomed = True
         server.start_pinging(self)
         await self.save_session()
@@ -526,6 +546,9 @@ class Connection:
             self.close("invalid_request", reconnect=False, code=CLOSE_POLICY)
             return
         name = command.command
+        if self._awaiting_history and name != "history":
+            # The client does something else: it is not going to ask history first.
+            self.release_held()
         if not self._commands.take(trio.current_time()):
             server.metrics.rate_limited_commands_total += 1
             self._refuse_rate_limited(command)
@@ -620,7 +643,8 @@ class Connection:
             return
         positions = request.get("streams") or {}
         since = request.get("since")
-        self._held = [] if self._held is None else self._held
+        if self._held is None:
+            self._held = []
         try:
             entries: list[tuple[str, HistoryEntry]] = []
             # Only the subscription's own streams: a client cannot read others' history.
@@ -638,27 +662,41 @@ class Connection:
         except HistoryUnavailable as exc:
             log.info("%r: history for %s refused: %s", self, identifier[:200], exc)
             server.metrics.history_rejected_total += 1
-            self._release_held(cable.reject_history(identifier))
+            self._history_done(identifier, cable.reject_history(identifier))
             return
         except Exception:
             log.exception("%r: history lookup failed", self)
             server.metrics.history_rejected_total += 1
-            self._release_held(cable.reject_history(identifier))
+            self._history_done(identifier, cable.reject_history(identifier))
             return
         # Several streams: interleave by publication time; one stream stays in offset order.
         entries.sort(key=lambda item: (item[1].time, item[0], item[1].offset))
+        sent = self._history_sent
         for stream, entry in entries:
             encoder = BroadcastEncoder(
                 entry.data, stream_id=stream, epoch=entry.epoch, offset=entry.offset
             )
             self._write(build_frame(self._opcode, encoder.encode(self.codec, identifier)))
+            if entry.offset > sent.get(stream, 0):
+                sent[stream] = entry.offset
         server.metrics.history_served_total += 1
-        self._release_held(cable.confirm_history(identifier))
+        self._history_done(identifier, cable.confirm_history(identifier))
 
-    def _release_held(self, final: dict[str, Any]) -> None:
+    def _history_done(self, identifier: str, answer: dict[str, Any]) -> None:
+        self._write(build_frame(self._opcode, self.codec.encode(answer)))
+        self._awaiting_history.discard(identifier)
+        if not self._awaiting_history:
+            self.release_held()
+
+    def release_held(self) -> None:
+        """Send the frames that waited for history, minus broadcasts history already sent."""
         held, self._held = self._held or [], None
-        self._write(build_frame(self._opcode, self.codec.encode(final)))
-        for frame in held:
+        sent, self._history_sent = self._history_sent, {}
+        self._awaiting_history = set()
+        self.hold_until = 0.0
+        for frame, stream, offset in held:
+            if stream is not None and offset is not None and offset <= sent.get(stream, 0):
+                continue  # the client got it as history
             self._write(frame)
 
     def _reject(self, identifier: str) -> None:

@@ -99,7 +99,7 @@ class Hub:
                     payload = encoder.encode(conn.codec, identifier)
                     frame = build_frame(OP_BINARY if conn.codec.binary else OP_TEXT, payload)
                     frames[key] = frame
-                conn.send_frame(frame)
+                conn.send_broadcast(frame, broadcast.stream, broadcast.offset)
                 sent += 1
         self._metrics.broadcast_frames_total += sent
         return sent

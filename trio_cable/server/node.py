@@ -418,6 +418,9 @@ class Server:
                         conn.close("no_pong", reconnect=True)
                         continue
                     conn.send_frame(frames[conn.codec])
+            for conn in [c for c in self.connections if c.hold_until and now > c.hold_until]:
+                conn.hold_until = 0.0
+                conn.release_held()  # the restored client never asked history
             for conn in [c for c in self.connections if c.session_dirty]:
                 await conn.save_session()
 
