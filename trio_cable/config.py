@@ -41,6 +41,7 @@ class Config:
     channels: str | None = None
     benchmark_channel: bool = False
     broker: str = "memory"
+    redis_url: str = "redis://localhost:6379/0"
     log_level: str = "info"
     handshake_timeout: float = 10.0
     close_timeout: float = 3.0
@@ -91,8 +92,8 @@ class Config:
             raise ConfigError("ping_interval: must be > 0")
         if self.max_message_size < 125:
             raise ConfigError("max_message_size: must be at least 125 bytes")
-        if self.broker not in ("memory",):
-            raise ConfigError(f"broker: unknown broker {self.broker!r} (known: memory)")
+        if self.broker not in ("memory", "redis"):
+            raise ConfigError(f"broker: unknown broker {self.broker!r} (known: memory, redis)")
         if self.enforce_jwt and not self.effective_jwt_secret:
             raise ConfigError("enforce_jwt needs --jwt-secret (or --secret)")
         for name in (
@@ -162,7 +163,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_message_size", "largest client message in bytes (close 1009 beyond)"),
     Setting("channels", "module:attribute naming the application's channels"),
     Setting("benchmark_channel", "enable the built-in BenchmarkChannel"),
-    Setting("broker", "broker for broadcasts: memory"),
+    Setting("broker", "broker for broadcasts, history and sessions: memory or redis"),
+    Setting("redis_url", "Redis server for --broker redis", secret=True),
     Setting("log_level", "debug, info, warning, error"),
     Setting("handshake_timeout", "seconds a client has to finish its HTTP request"),
     Setting("close_timeout", "seconds to wait for the client's close frame"),

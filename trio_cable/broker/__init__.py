@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import trio
+
 
 @dataclass(frozen=True, slots=True)
 class Broadcast:
@@ -49,6 +51,10 @@ CommandHandler = Callable[[dict[str, Any]], object]
 
 class Broker(Protocol):
     """What a server node needs from a broker."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect and serve (background reading, reconnecting) until cancelled; call
+        ``task_status.started()`` once usable.  Nodes sharing a broker may each call it."""
 
     def bind(self, deliver: Deliver, on_command: CommandHandler) -> None:
         """Attach a node: it receives every broadcast and node command from now on."""

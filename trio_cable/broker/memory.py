@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from trio_cable.broker import (
     Broadcast,
     CommandHandler,
@@ -62,6 +64,11 @@ class MemoryBroker:
         self.streams: dict[str, int] = {}  # stream -> nodes with local subscribers
 
     # -- nodes ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Nothing to connect to: ready at once."""
+        task_status.started()
+        await trio.sleep_forever()
 
     def bind(self, deliver: Deliver, on_command: CommandHandler) -> None:
         self._nodes[deliver] = on_command

@@ -25,7 +25,7 @@ import h11
 import trio
 
 from trio_cable.broker import Broker
-from trio_cable.broker.memory import MemoryBroker
+from trio_cable.broker.factory import create_broker
 from trio_cable.channels import BUILTIN_CHANNELS, BenchmarkChannel, CableApp, Channel
 from trio_cable.config import Config
 from trio_cable.identity import JWTIdentifier
@@ -88,9 +88,7 @@ class Server:
         self.config = config = (config or Config()).validate()
         self.app = app or CableApp()
         self.metrics = Metrics()
-        self.broker: Broker = broker or MemoryBroker(
-            history_limit=config.history_limit, history_ttl=config.history_ttl
-        )
+        self.broker: Broker = broker or create_broker(config)
         self.hub = Hub(
             self.metrics, on_first=self.broker.subscribe, on_last=self.broker.unsubscribe
         )
@@ -165,9 +163,10 @@ class Server:
         if not self.max_connections:
             # Leave room for the listener, logs, broker connections and HTTP requests.
             self.max_connections = max(16, _raise_open_file_limit() - 128)
-        self.broker.bind(self.hub.deliver, self._on_command)
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.broker.run)
+                self.broker.bind(self.hub.deliver, self._on_command)
                 nursery.start_soon(self._ping_ticker)
                 nursery.start_soon(self._lag_monitor)
                 log.info("trio_cable listening on %s", self.url)

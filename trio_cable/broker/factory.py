@@ -1,0 +1,27 @@
+"""Build the broker a configuration asks for."""
+
+from __future__ import annotations
+
+from trio_cable.broker import Broker
+from trio_cable.config import Config, ConfigError
+
+
+def create_broker(config: Config) -> Broker:
+    """``--broker memory`` (embedded, the default) or ``--broker redis`` (``--redis-url``)."""
+    if config.broker == "memory":
+        from trio_cable.broker.memory import MemoryBroker
+
+        return MemoryBroker(history_limit=config.history_limit, history_ttl=config.history_ttl)
+    if config.broker == "redis":
+        try:
+            from trio_cable.broker.redis import RedisBroker
+        except ImportError as exc:
+            raise ConfigError(
+                f"broker redis: {exc}; install it with: pip install 'trio-cable[redis]'"
+            ) from None
+        return RedisBroker(
+            config.redis_url,
+            history_limit=config.history_limit,
+            history_ttl=config.history_ttl,
+        )
+    raise ConfigError(f"broker: unknown broker {config.broker!r}")
