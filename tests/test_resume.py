@@ -266,3 +266,39 @@ async def test_two_nodes_share_one_memory_broker(nursery, config, connect):
         )
         assert json.loads(await ws.get_message())["message"] == "missed"
         assert json.loads(await ws.get_message())["type"] == "confirm_history"
+
+
+async def test_session_ended_without_reconnect_is_not_resumable(server, connect):
+    async with connect("actioncable-v1-ext-json", query="user=eve") as client:
+        sid = client.welcome["sid"]
+        await client.subscribe(identifier())
+        await server.remote_disconnect({"user": "eve"})
+        assert (await client.recv())["reason"] == "remote"
+    with trio.fail_after(5):
+        while server.connections:
+            await trio.sleep(0.01)
+    async with connect("actioncable-v1-ext-json", query=f"sid={sid}") as client:
+        assert "restored" not in client.welcome
+
+
+async def test_restore_with_a_token_of_another_identity_is_refused(nursery, config):
+    import json
+
+    from trio_websocket import open_websocket_url
+
+    from trio_cable.identity import issue_token
+
+    server = await nursery.start(Server(config).serve)
+    url = f"ws://127.0.0.1:{server.port}/cable"
+    proto = ["actioncable-v1-ext-json"]
+    alice = issue_token(config.secret, {"user": "alice"}, ttl=60)
+    mallory = issue_token(config.secret, {"user": "mallory"}, ttl=60)
+    async with open_websocket_url(f"{url}?jid={alice}", subprotocols=proto) as ws:
+        sid = json.loads(await ws.get_message())["sid"]
+    # Mallory learned the sid, but her token names another identity: no restore.
+    async with open_websocket_url(f"{url}?jid={mallory}&sid={sid}", subprotocols=proto) as ws:
+        assert "restored" not in json.loads(await ws.get_message())
+    async with open_websocket_url(f"{url}?jid={alice}", subprotocols=proto) as ws:
+        sid = json.loads(await ws.get_message())["sid"]
+    async with open_websocket_url(f"{url}?jid={alice}&sid={sid}", subprotocols=proto) as ws:
+        assert json.loads(await ws.get_message())["restored"] is True

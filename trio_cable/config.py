@@ -64,6 +64,20 @@ class Config:
     sessions_ttl: float = 300.0
     history_limit: int = 100
     history_ttl: float = 300.0
+    # Hardening.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_connections_per_address: int = 0
+
+    def __repr__(self) -> str:
+        # Secrets never reach a log line, even when a whole Config is logged.
+        parts = []
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if setting.secret and value:
+                value = "***"
+            parts.append(f"{setting.name}={value!r}")
+        return f"Config({', '.join(parts)})"
 
     # Derived secrets: the specific secret wins, the shared --secret is the fallback.
     @property
@@ -112,6 +126,10 @@ class Config:
         for name in ("max_connections", "max_subscriptions", "history_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.max_connections_per_address < 0:
+            raise ConfigError("max_connections_per_address: must be >= 0")
         if self.max_pending_handshakes < 1:
             raise ConfigError("max_pending_handshakes: must be >= 1")
         if self.lag_target <= 0:
@@ -186,6 +204,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sessions_ttl", "seconds a disconnected session stays resumable"),
     Setting("history_limit", "messages kept per stream (0: no history)"),
     Setting("history_ttl", "seconds a stream's messages are kept"),
+    Setting("tls_cert", "PEM certificate chain: serve wss:// and https://"),
+    Setting("tls_key", "PEM private key for --tls-cert"),
+    Setting("max_connections_per_address", "open connections per client IP (0: no cap)"),
 )
 
 _KINDS: dict[str, str] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections import deque
 from enum import Enum
@@ -44,7 +45,7 @@ from trio_cable.protocol.frames import (
 )
 from trio_cable.protocol.handshake import Request
 from trio_cable.server.admission import TokenBucket
-from trio_cable.server.sockio import close_socket
+from trio_cable.server.sockio import WOULD_BLOCK, WOULD_BLOCK_READ, close_socket
 
 if TYPE_CHECKING:
     from trio_cable.server.node import Server
@@ -84,8 +85,10 @@ class Connection:
         initial_data: bytes = b"",
         *,
         echo: bool = False,
+        ip: str = "",
     ) -> None:
         self.server = server
+        self.ip = ip
         self.sock = sock
         self.request = request
         self.subprotocol = subprotocol
@@ -94,6 +97,7 @@ class Connection:
         self._opcode = OP_BINARY if self.codec.binary else OP_TEXT
         self.sid = sid
         self.echo = echo
+        self.tls = isinstance(sock, ssl.SSLSocket)
         #: Extended protocol: resume, history, stream positions on broadcasts, pong commands.
         self.extended = bool(subprotocol and subprotocol.extended)
         self.identifiers: dict[str, Any] = {}
@@ -127,6 +131,9 @@ class Connection:
         self.session_dirty = False
         #: The client got its welcome (it was identified).
         self.welcomed = False
+        #: False once the server ended the connection with ``reconnect: false``
+        #: (unauthorized, remote, ...): such a session must not come back by resuming.
+        self.resumable = True
 
     def __repr__(self) -> str:
         return f"<Connection sid={self.sid} {self.request.remote} {self.state.value}>"
@@ -183,7 +190,7 @@ class Connection:
             return
         try:
             sent = self.sock.send(frame)
-        except BlockingIOError:
+        except WOULD_BLOCK:
             sent = 0
         except OSError:
             self._lost()
@@ -206,16 +213,17 @@ class Connection:
         try:
             while queue:
                 await trio.lowlevel.wait_writable(self.sock)
-                # Coalesce: one syscall for as many queued frames as fit in the batch.
+                # Coalesce: one syscall for as many queued frames as fit in the batch.  Not
+                # under TLS: OpenSSL wants a write it refused retried with the same bytes.
                 chunk = [queue.popleft()]
                 size = len(chunk[0])
-                while queue and size < _COALESCE_BYTES:
+                while queue and size < _COALESCE_BYTES and not self.tls:
                     size += len(queue[0])
                     chunk.append(queue.popleft())
                 data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
                 try:
                     sent = self.sock.send(data)
-                except BlockingIOError:
+                except WOULD_BLOCK:
                     sent = 0
                 except OSError:
                     self._lost()
@@ -290,6 +298,8 @@ class Connection:
                 self._pending_close = (reason, reconnect, code, reconnect_after_ms)
             return
         self._held = None
+        if not reconnect:
+            self.resumable = False
         if reason is not None and not self.echo:
             self.server.metrics.inc_labeled("disconnect_reasons_total", reason)
             self._write(
@@ -325,7 +335,10 @@ class Connection:
                 # Saved before the socket closes: a client that reconnects at once must
                 # find its session.
                 if self.welcomed and self.extended:
-                    await self.save_session()
+                    if self.resumable:
+                        await self.save_session()
+                    else:
+                        await self._forget_session()
                 close_socket(self.sock)
                 await self._drop_subscriptions()
 
@@ -334,19 +347,22 @@ class Connection:
         server = self.server
         config = server.config
         req = self.request
-        if self.extended:
-            restore_sid = req.query.get("sid") or req.headers.get("x-anycable-restore-sid")
-            if restore_sid and await self._restore(restore_sid):
-                return
         token = token_from_request(req.headers, req.subprotocols, req.query, param=config.jwt_param)
+        token_identifiers: dict[str, Any] | None = None
         if token is not None and server.jwt is not None:
             try:
-                self.identifiers = server.jwt.verify(token)
+                token_identifiers = server.jwt.verify(token)
             except TokenError as exc:
                 server.metrics.unauthorized_total += 1
                 log.info("%r: JWT refused: %s", self, exc.reason)
                 self.close(exc.reason, reconnect=False)
                 return
+        if self.extended:
+            restore_sid = req.query.get("sid") or req.headers.get("x-anycable-restore-sid")
+            if restore_sid and await self._restore(restore_sid, token_identifiers):
+                return
+        if token_identifiers is not None:
+            self.identifiers = token_identifiers
         elif config.enforce_jwt:
             server.metrics.unauthorized_total += 1
             self.close("unauthorized", reconnect=False)
@@ -410,8 +426,17 @@ class Connection:
         except Exception:
             log.exception("%r: could not save the session", self)
 
-    async def _restore(self, old_sid: str) -> bool:
-        """Restore identifiers and subscriptions of *old_sid* without any callback."""
+    async def _forget_session(self) -> None:
+        try:
+            await self.server.broker.take_session(self.sid)
+        except Exception:
+            log.exception("%r: could not drop the session", self)
+
+    async def _restore(self, old_sid: str, token_identifiers: dict[str, Any] | None) -> bool:
+        """Restore identifiers and subscriptions of *old_sid* without any callback.
+
+        A client that also presents a JWT must present the session's own identity: a stolen
+        sid is not a way to become somebody else."""
         server = self.server
         try:
             data = await server.broker.take_session(old_sid)
@@ -421,7 +446,12 @@ class Connection:
         if not isinstance(data, dict):
             server.metrics.sessions_not_found_total += 1
             return False
-        self.identifiers = dict(data.get("identifiers") or {})
+        identifiers = dict(data.get("identifiers") or {})
+        if token_identifiers is not None and token_identifiers != identifiers:
+            log.warning("%r: session %s belongs to another identity", self, old_sid[:8])
+            server.metrics.sessions_not_found_total += 1
+            return False
+        self.identifiers = identifiers
         restored: list[str] = []
         for item in data.get("subscriptions") or []:
             cls = server.lookup_channel(item.get("channel", ""))
@@ -463,9 +493,12 @@ class Connection:
         while True:
             try:
                 n = sock.recv_into(buf)
-            except BlockingIOError:
+            except WOULD_BLOCK_READ:
                 reads = 0
                 await trio.lowlevel.wait_readable(sock)
+                continue
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(sock)
                 continue
             except OSError:
                 self.state = State.CLOSED
@@ -518,7 +551,8 @@ class Connection:
                     self._pending_close = None
                     self.close(reason, reconnect=reconnect, code=code, reconnect_after_ms=after)
             elif opcode == OP_PING:
-                if self.state is State.OPEN:
+                # Pings share the command budget: a ping flood gets no pongs, not our CPU.
+                if self.state is State.OPEN and self._commands.take(trio.current_time()):
                     self._write(build_frame(OP_PONG, payload))
             elif opcode == OP_CLOSE:
                 if self.state is State.OPEN:

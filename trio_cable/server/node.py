@@ -18,6 +18,7 @@ import logging
 import resource
 import secrets
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ import trio
 from trio_cable.broker import Broker
 from trio_cable.broker.factory import create_broker
 from trio_cable.channels import BUILTIN_CHANNELS, BenchmarkChannel, CableApp, Channel
-from trio_cable.config import Config
+from trio_cable.config import Config, ConfigError
 from trio_cable.identity import JWTIdentifier
 from trio_cable.metrics import Metrics, prometheus_text
 from trio_cable.protocol import cable
@@ -47,13 +48,19 @@ from trio_cable.server.http import (
     send_response,
 )
 from trio_cable.server.hub import Hub
-from trio_cable.server.sockio import close_socket, send_all
+from trio_cable.server.sockio import close_socket, send_all, tls_handshake
 
 log = logging.getLogger("trio_cable")
 
 _ACCEPT_BATCH = 64
 _RECV_BUFFER = 256 * 1024
 _LAG_PROBE = 0.05  # seconds between event-loop lag probes
+# Half-open detection: probe after 60 s of silence, every 10 s, give up after 3 misses (about
+# 90 s); and give up on data nobody acknowledges for 60 s.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = 60_000
 _speedups_notice_given = False
 
 
@@ -117,6 +124,8 @@ class Server:
         )
         self.max_connections = config.max_connections
         self.pending_handshakes = 0
+        self.connections_by_address: dict[str, int] = {}
+        self.tls_context = _tls_context(config)
         self.drainer = Drainer(self)
         m = self.metrics
         m.gauges["connections"] = lambda: float(len(self.connections))
@@ -138,11 +147,12 @@ class Server:
 
     @property
     def url(self) -> str:
-        """``ws://host:port/path`` of the first endpoint."""
+        """``ws://host:port/path`` (``wss://`` with TLS) of the first endpoint."""
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}{self.config.path[0]}"
+        scheme = "wss" if self.tls_context else "ws"
+        return f"{scheme}://{host}:{self.port}{self.config.path[0]}"
 
     @property
     def draining(self) -> bool:
@@ -209,17 +219,19 @@ class Server:
                     await trio.sleep(0.1)
                     break
                 sock.setblocking(False)
-                with contextlib.suppress(OSError):  # not every socket family has it
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _tune_socket(sock)
                 if self.pending_handshakes >= self.config.max_pending_handshakes:
                     # Fast refusal, not an unbounded queue: answer without reading.
                     nursery.start_soon(self._refuse_early, sock, "pending_handshakes")
                     continue
-                nursery.start_soon(self._handle_socket, sock, _format_addr(addr))
+                nursery.start_soon(self._handle_socket, sock, addr)
 
     async def _refuse_early(self, sock: socket.socket, reason: str) -> None:
         try:
-            await send_response(sock, None, self._overloaded(reason))
+            if self.tls_context is None:  # under TLS there is no cheap way to answer
+                await send_response(sock, None, self._overloaded(reason))
+            else:
+                self._overloaded(reason)
         finally:
             close_socket(sock)
 
@@ -231,25 +243,40 @@ class Server:
         message = "server is draining" if reason == "draining" else f"server busy ({reason})"
         return Response.text(503, message, [("retry-after", str(seconds))])
 
-    def _admit(self, request: Request) -> Response | None:
+    def _admit(self, request: Request, ip: str) -> Response | None:
         """Admission control for a WebSocket handshake: None to admit, else the refusal."""
         if self.draining:
             return self._overloaded("draining")
         if len(self.connections) >= self.max_connections:
             return self._overloaded("max_connections")
+        per_address = self.config.max_connections_per_address
+        if per_address and self.connections_by_address.get(ip, 0) >= per_address:
+            return self._overloaded("per_address")
         now = trio.current_time()
         if not self.handshake_bucket.take(now):
             return self._overloaded("handshake_rate", self.handshake_bucket.wait_time(now))
         return None
 
-    async def _handle_socket(self, sock: socket.socket, remote: str) -> None:
+    async def _handle_socket(self, sock: socket.socket, addr: Any) -> None:
         """Read one HTTP request and route it: a WebSocket, an HTTP endpoint, or an error."""
+        remote = _format_addr(addr)
+        ip = str(addr[0]) if isinstance(addr, tuple) else remote
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         handed_off = False
         self.pending_handshakes += 1
         pending = True
         try:
             with trio.move_on_after(self.config.handshake_timeout) as scope:
+                if self.tls_context is not None:
+                    try:
+                        sock = self.tls_context.wrap_socket(
+                            sock, server_side=True, do_handshake_on_connect=False
+                        )
+                        await tls_handshake(sock)
+                    except (ssl.SSLError, OSError) as exc:
+                        self.metrics.handshakes_failed_total += 1
+                        log.info("%s: TLS handshake failed: %s", remote, exc)
+                        return
                 try:
                     event = await read_request(sock, conn)
                 except BadRequest as exc:
@@ -280,7 +307,7 @@ class Server:
                         sock, conn, Response.text(outcome.status, outcome.message, outcome.headers)
                     )
                     return
-                refusal = self._admit(request)
+                refusal = self._admit(request, ip)
                 if refusal is not None:
                     await send_response(sock, conn, refusal)
                     return
@@ -295,6 +322,7 @@ class Server:
                     new_sid(),
                     bytes(trailing),
                     echo=echo,
+                    ip=ip,
                 )
                 handed_off = True
                 self.pending_handshakes -= 1
@@ -356,10 +384,20 @@ class Server:
     def register(self, conn: Connection) -> None:
         self.connections.add(conn)
         self.metrics.connections_total += 1
+        by_address = self.connections_by_address
+        by_address[conn.ip] = by_address.get(conn.ip, 0) + 1
 
     def unregister(self, conn: Connection) -> None:
+        if conn not in self.connections:
+            return
         self.connections.discard(conn)
         self.metrics.disconnects_total += 1
+        by_address = self.connections_by_address
+        left = by_address.get(conn.ip, 1) - 1
+        if left > 0:
+            by_address[conn.ip] = left
+        else:
+            by_address.pop(conn.ip, None)
         group = self._ping_groups.get(conn.ping_interval)
         if group is not None:
             group.discard(conn)
@@ -507,6 +545,33 @@ class Server:
             "uptime": round(time.time() - self.started_at, 3),
             "speedups": SPEEDUPS,
         }
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context, or None without ``--tls-cert``."""
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_cert/tls_key: cannot load: {exc}") from None
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _tune_socket(sock: socket.socket) -> None:
+    """Per-connection TCP options: no Nagle delay for small frames, and keepalive plus a user
+    timeout so that half-open connections (a client that vanished without a FIN) are found
+    and closed by the kernel instead of holding their memory for ever."""
+    with contextlib.suppress(OSError, AttributeError):  # not every platform has each one
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
 def _format_addr(addr: Any) -> str:
