@@ -1,0 +1,716 @@
+"""The Redis broker: several nodes share broadcasts, stream history and sessions.
+
+Built on coredis 6.9 (pinned: its Trio support comes through anyio, and the behaviours
+below were verified against exactly that version).
+
+Layout in Redis (``prefix`` defaults to ``trio_cable``):
+
+``<prefix>:m:<stream>``  hash ``e`` (epoch), ``n`` (last offset); lives ``max(history_ttl,
+                         1 day)`` after the last publication, so offsets keep counting
+                         across quiet periods like the in-memory broker's do.
+``<prefix>:h:<stream>``  Redis Stream of the last messages: fields ``o`` (offset) and ``d``
+                         (the data as JSON); ``XADD MAXLEN ~ history_limit`` plus
+                         ``PEXPIRE history_ttl``.  The entry id's milliseconds are the
+                         publication time (Redis' clock).
+``<prefix>:s:<sid>``     a resumable session (JSON), ``SET PX ttl``, taken with ``GETDEL``.
+``<prefix>:pubsub``      the one channel every node subscribes to: broadcasts (with their
+                         stream position) and node commands, in publication order.
+``<prefix>:ping:<node>`` per-node channel for heartbeats and read barriers.
+``__anycable__``         publications of anycable-rails apps (``PUBLISH __anycable__``).
+
+Why one channel for every broadcast rather than a channel per stream: every node receives
+every broadcast and the hub drops streams with no local subscriber.  That costs some
+bandwidth per node, but a reconnect avalanche causes no ``SUBSCRIBE`` storm, there is no
+window between "subscribed in Redis" and "subscribed in the hub", and a single connection
+delivers all messages in the order Redis executed them.  ``subscribe``/``unsubscribe`` only
+track which streams this node watches (for the read barrier below).
+
+Publishing runs one Lua script: create the stream's epoch when it has none (history lost:
+a restart without persistence, expiry, eviction), count the offset up, append to the
+history, publish.  Redis runs scripts one at a time, so every node sees each stream's
+offsets in order.  The script is shielded from cancellation (a cancelled write may still
+be applied) and never retried (an append is not idempotent); it is bounded by a timeout.
+
+Read barrier: a history read can see messages whose pub/sub copy has not reached this node
+yet; the connection would then get them twice (as history, then live).  When a read returns
+offsets this node has not delivered yet, the broker publishes a marker to its own ping
+channel and waits (bounded) until the marker comes back: pub/sub keeps order, so every
+earlier broadcast has been delivered by then and the connection's de-duplication applies.
+
+``__anycable__`` publications are delivered by every node to its local clients without a
+stream position and are not stored (AnyCable's fan-out ``redis`` broadcaster semantics: each
+node receives every message, so storing it would store it once per node).  Node commands
+(remote disconnect) reach every node.
+
+Faults: Redis unreachable at start raises :class:`RedisUnavailable` (a
+:class:`~trio_cable.config.ConfigError`).  Lost while running: the node keeps serving its
+local connections, broadcasts made meanwhile reach this node's clients only (without
+position), the pub/sub link reconnects with jittered exponential backoff and resubscribes;
+a heartbeat through Redis detects links that died silently.  Counters are in
+:attr:`RedisBroker.stats`.
+
+coredis 6.9 behaviours handled here (see tests/test_redis_broker.py, which reproduces them):
+
+- A connection released to the pool while unusable (cancelled blocking command, Redis
+  restart while a command was in flight) is dropped without giving its slot back; after
+  ``max_connections`` of them every command waits for a slot forever.  :class:`_Pool`
+  gives the slot back, and a pool timeout is always set.
+- The pub/sub helper reconnects and resubscribes by itself by default, silently losing
+  what was published meanwhile (and ``async for`` over it may stop silently): the broker
+  runs it with ``NoRetryPolicy``, reads with ``get_message(timeout=...)`` and does its own
+  reconnecting (so it knows, logs and counts every gap), plus the heartbeat.
+- No timeouts by default: connect, stream (reply) and pool timeouts are always set.
+- The default retry policy re-sends a command after a timeout, which could apply an append
+  twice: the client uses ``NoRetryPolicy``; only idempotent reads are retried, by the
+  broker, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import coredis
+import trio
+from coredis.exceptions import NoScriptError
+from coredis.pool import ConnectionPool
+from coredis.retry import NoRetryPolicy
+
+from trio_cable.broker import (
+    Broadcast,
+    CommandHandler,
+    Deliver,
+    HistoryEntry,
+    HistoryUnavailable,
+)
+from trio_cable.config import ConfigError
+from trio_cable.protocol import cable
+
+log = logging.getLogger("trio_cable.broker.redis")
+
+#: Channel anycable-rails publishes to.
+ANYCABLE_CHANNEL = "__anycable__"
+_META_MIN_TTL = 86400.0  # offsets survive at least a day without publications
+_BACKOFF_MAX = 5.0
+
+# KEYS: history, meta.  ARGV: candidate epoch, history limit, history ttl ms, meta ttl ms,
+# channel, header JSON ([stream, exclude]), data JSON.  Returns {epoch, offset}.
+_PUBLISH = """
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 'n', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 'n', 1)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local limit = tonumber(ARGV[2])
+if limit > 0 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', limit, '*', 'o', offset, 'd', ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+local nl = '\\n'
+redis.call('PUBLISH', ARGV[5], 'B' .. epoch .. nl .. offset .. nl .. ARGV[6] .. nl .. ARGV[7])
+return {epoch, offset}
+"""
+
+# KEYS: history, meta.  ARGV: history limit.  Returns {epoch|nil, last|nil, secs, usecs,
+# entries newest first}: one consistent snapshot.
+_HISTORY = """
+local meta = redis.call('HMGET', KEYS[2], 'e', 'n')
+local now = redis.call('TIME')
+local entries = {}
+if tonumber(ARGV[1]) > 0 then
+  entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
+end
+return {meta[1], meta[2], now[1], now[2], entries}
+"""
+
+
+class RedisUnavailable(ConfigError):
+    """Redis cannot be reached (at start) or is not usable (too old, wrong URL)."""
+
+
+class _Pool(ConnectionPool[Any]):
+    """coredis' pool, minus the slot leak: an unusable connection gives its slot back."""
+
+    def release(self, connection: Any) -> None:
+        usable = connection.usable
+        super().release(connection)
+        if not usable:
+            # coredis 6.9 drops it without returning the slot (its queue holds a ``None``
+            # placeholder per slot that may open a new connection).
+            with contextlib.suppress(Exception):
+                self._available_connections.append_nowait(None)
+
+
+class _LinkLost(Exception):
+    """The pub/sub link stopped delivering (error, or heartbeat not seen in time)."""
+
+
+def redact_url(url: str) -> str:
+    """*url* without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    user = parts.username or ""
+    netloc = f"{user}:***@{netloc}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (nested) exception groups; *exc* itself otherwise."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+@contextlib.contextmanager
+def _quiet_teardown() -> Iterator[None]:
+    """When cancelled, let only the cancellation out: coredis 6.9's pub/sub teardown
+    raises ``ClosedResourceError`` (it unsubscribes on a connection already closed)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        cancelled, rest = group.split(trio.Cancelled)
+        if cancelled is None or rest is None:
+            raise
+        log.debug("ignoring coredis teardown errors while cancelled: %s", _describe(rest))
+        raise cancelled from None
+
+
+def _describe(exc: BaseException) -> str:
+    return "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc)) or type(exc).__name__
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBroker:
+    """Broadcasts, history and sessions shared through Redis by any number of nodes.
+
+    ``history_limit`` messages per stream are kept for ``history_ttl`` seconds.  Every
+    Redis operation is bounded by ``command_timeout`` (connecting by ``connect_timeout``);
+    ``heartbeat`` seconds between liveness checks of the pub/sub link.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        history_limit: int = 100,
+        history_ttl: float = 300.0,
+        prefix: str = "trio_cable",
+        connect_timeout: float = 2.0,
+        command_timeout: float = 2.0,
+        heartbeat: float = 1.0,
+        max_connections: int = 32,
+        barrier_timeout: float = 1.0,
+    ) -> None:
+        self.url = url
+        self.history_limit = history_limit
+        self.history_ttl = history_ttl
+        self.prefix = prefix
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.heartbeat = heartbeat
+        self.max_connections = max_connections
+        self.barrier_timeout = barrier_timeout
+        self.node_id = secrets.token_hex(6)
+        self.channel = f"{prefix}:pubsub"
+        self.ping_channel = f"{prefix}:ping:{self.node_id}"
+        #: True while the pub/sub link is up (this node receives other nodes' broadcasts).
+        self.connected = False
+        #: Counters an operator would watch (until they move to the node's metrics).
+        self.stats: dict[str, int] = dict.fromkeys(
+            (
+                "redis_disconnects",
+                "redis_reconnects",
+                "publish_failures",
+                "publish_unknown",
+                "local_fallback_broadcasts",
+                "anycable_publications",
+                "anycable_invalid",
+                "stream_gaps",
+                "barrier_timeouts",
+            ),
+            0,
+        )
+        self.streams: dict[str, int] = {}  # stream -> nodes with local subscribers
+        self._nodes: dict[Deliver, CommandHandler] = {}
+        self._client: coredis.Redis[bytes] | None = None
+        self._running = False
+        self._ready = trio.Event()
+        self._scripts: dict[str, str] = {}  # script text -> sha1
+        self._delivered: dict[str, tuple[str, int]] = {}  # watched stream -> (epoch, offset)
+        self._marker_sent = 0
+        self._marker_seen = 0
+        self._marker_event = trio.Event()
+        self._last_seen = 0.0
+        self._lost_at = 0.0
+        self._pubsub_started = False
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def history_key(self, stream: str) -> str:
+        """The Redis Stream holding *stream*'s history."""
+        return f"{self.prefix}:h:{stream}"
+
+    def meta_key(self, stream: str) -> str:
+        """The hash holding *stream*'s epoch and last offset."""
+        return f"{self.prefix}:m:{stream}"
+
+    def session_key(self, sid: str) -> str:
+        """The key of session *sid*."""
+        return f"{self.prefix}:s:{sid}"
+
+    # -- running -------------------------------------------------------------------------
+
+    def _new_client(self) -> coredis.Redis[bytes]:
+        pool = _Pool.from_url(
+            self.url,
+            connect_timeout=self.connect_timeout,
+            stream_timeout=self.command_timeout,
+            timeout=self.command_timeout,  # waiting for a pool slot
+            max_connections=self.max_connections,
+        )
+        return coredis.Redis(
+            connection_pool=pool,
+            retry_policy=NoRetryPolicy(),
+            verify_version=False,
+        )
+
+    @property
+    def client(self) -> coredis.Redis[bytes]:
+        """The command client (only while :meth:`run` runs)."""
+        if self._client is None:
+            raise ConnectionError("the Redis broker is not running")
+        return self._client
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (or raise :class:`RedisUnavailable`), subscribe, and serve until cancelled:
+        read pub/sub, send heartbeats, reconnect after losses.  When several nodes share
+        this broker, the first ``run`` does the work and must outlive the others."""
+        if self._running:
+            await self._ready.wait()
+            task_status.started()
+            await trio.sleep_forever()
+        self._running = True
+        started = False
+        where = redact_url(self.url)
+        try:
+            client = self._new_client()
+            with _quiet_teardown():
+                async with client:
+                    self._client = client
+                    await self._check_server(client, where)
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(self._pubsub_loop)
+                        nursery.start_soon(self._heartbeat_loop)
+                        self._ready.set()
+                        started = True
+                        log.info("redis broker connected to %s (node %s)", where, self.node_id)
+                        task_status.started()
+        except RedisUnavailable:
+            raise
+        except BaseException as exc:
+            leaves = list(_leaves(exc))
+            if started or any(isinstance(e, trio.Cancelled) for e in leaves):
+                raise
+            unavailable = [e for e in leaves if isinstance(e, RedisUnavailable)]
+            if unavailable:
+                raise unavailable[0] from None
+            raise RedisUnavailable(
+                f"broker redis: cannot connect to {where}: {_describe(exc)}"
+            ) from None
+        finally:
+            self._client = None
+            self._running = False
+            self.connected = False
+            self._ready = trio.Event()
+            self._pubsub_started = False
+
+    async def _check_server(self, client: coredis.Redis[bytes], where: str) -> None:
+        try:
+            with trio.fail_after(self.connect_timeout + self.command_timeout):
+                info = await client.info("server")
+        except BaseException as exc:
+            if any(isinstance(e, trio.Cancelled) for e in _leaves(exc)):
+                raise
+            raise RedisUnavailable(
+                f"broker redis: cannot connect to {where}: {_describe(exc)}"
+            ) from None
+        version = str(info.get("redis_version", "0"))
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if parts < (6, 2):
+            raise RedisUnavailable(f"broker redis: {where} runs Redis {version}; 6.2+ is needed")
+
+    async def _pubsub_loop(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Keep one pub/sub link up, reconnecting with jittered exponential backoff; the
+        first connection must succeed (else :class:`RedisUnavailable`)."""
+        first = True
+        delay = 0.1
+        while True:
+            try:
+                await self._pubsub_session(task_status if first else None)
+            except BaseException as exc:
+                if any(isinstance(e, trio.Cancelled) for e in _leaves(exc)):
+                    raise
+                if not self._pubsub_started:
+                    raise RedisUnavailable(
+                        f"broker redis: cannot subscribe on {redact_url(self.url)}: "
+                        f"{_describe(exc)}"
+                    ) from None
+                if self.connected:
+                    self.connected = False
+                    self._lost_at = time.monotonic()
+                    self.stats["redis_disconnects"] += 1
+                    self._wake_barriers()
+                    delay = 0.1
+                    log.warning(
+                        "redis link lost (%s): serving local connections only, reconnecting",
+                        _describe(exc),
+                    )
+                else:
+                    log.debug("redis reconnect failed: %s", _describe(exc))
+            first = False
+            await trio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _pubsub_session(self, task_status: trio.TaskStatus[None] | None) -> None:
+        """One pub/sub connection: subscribe, read until the link fails."""
+        client = self._new_client()
+        with _quiet_teardown():
+            async with client:
+                pubsub = client.pubsub(
+                    channels=[self.channel, self.ping_channel, ANYCABLE_CHANNEL],
+                    retry_policy=NoRetryPolicy(),
+                    ignore_subscribe_messages=True,
+                    subscription_timeout=self.connect_timeout + self.command_timeout,
+                    max_idle_seconds=max(1.0, self.heartbeat),
+                )
+                async with pubsub:
+                    was_lost = not self.connected and task_status is None
+                    self.connected = True
+                    self._last_seen = trio.current_time()
+                    if task_status is not None:
+                        self._pubsub_started = True
+                        task_status.started()
+                    elif was_lost:
+                        self.stats["redis_reconnects"] += 1
+                        log.warning(
+                            "redis link back after %.1f s: resubscribed (broadcasts published "
+                            "meanwhile did not reach this node)",
+                            time.monotonic() - self._lost_at,
+                        )
+                        self._wake_barriers()
+                    liveness = 3 * self.heartbeat + self.command_timeout
+                    while True:
+                        message = await pubsub.get_message(timeout=self.heartbeat)
+                        now = trio.current_time()
+                        if message is None:
+                            if now - self._last_seen > liveness:
+                                raise _LinkLost(f"no heartbeat for {now - self._last_seen:.1f} s")
+                            continue
+                        self._last_seen = now
+                        if message.get("type") not in ("message", "pmessage"):
+                            continue
+                        self._dispatch(_text(message["channel"]), message["data"])
+
+    async def _heartbeat_loop(self) -> None:
+        """Publish to our own ping channel so that a silently dead link is noticed."""
+        while True:
+            await trio.sleep(self.heartbeat)
+            if self._client is None:
+                continue
+            with contextlib.suppress(Exception), trio.move_on_after(self.command_timeout):
+                await self._client.publish(self.ping_channel, b"H")
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def _dispatch(self, channel: str, data: Any) -> None:
+        raw = data if isinstance(data, bytes) else str(data).encode()
+        try:
+            if channel == self.channel:
+                self._on_internal(raw)
+            elif channel == self.ping_channel:
+                if raw[:1] == b"M":
+                    self._marker_seen = max(self._marker_seen, int(raw[1:]))
+                    self._wake_barriers()
+            elif channel == ANYCABLE_CHANNEL:
+                self._on_anycable(raw)
+        except Exception:
+            # A bad message must cost that message, never the link.
+            log.exception("bad message on %s: %r", channel, raw[:200])
+
+    def _on_internal(self, raw: bytes) -> None:
+        kind = raw[:1]
+        if kind == b"B":
+            epoch_b, offset_b, header_b, data_b = raw[1:].split(b"\n", 3)
+            stream, exclude = json.loads(header_b)
+            epoch, offset = epoch_b.decode(), int(offset_b)
+            if stream in self.streams:
+                last = self._delivered.get(stream)
+                if last is not None and last[0] == epoch and offset > last[1] + 1:
+                    self.stats["stream_gaps"] += 1
+                    log.warning(
+                        "stream %r: offsets %d..%d never arrived over pub/sub",
+                        stream[:200],
+                        last[1] + 1,
+                        offset - 1,
+                    )
+                self._delivered[stream] = (epoch, offset)
+            self._deliver(Broadcast(stream, json.loads(data_b), epoch, offset, exclude))
+        elif kind == b"C":
+            command = json.loads(raw[1:])
+            for on_command in list(self._nodes.values()):
+                on_command(command)
+        else:
+            log.info("ignoring unknown broker message %r", raw[:50])
+
+    def _on_anycable(self, raw: bytes) -> None:
+        try:
+            items = cable.parse_publications(raw)
+        except cable.InvalidCommand as exc:
+            self.stats["anycable_invalid"] += 1
+            log.warning("bad publication on %s: %s", ANYCABLE_CHANNEL, exc.reason)
+            return
+        self.stats["anycable_publications"] += len(items)
+        for item in items:
+            if isinstance(item, cable.RemoteCommand):
+                command = item.to_dict()
+                for on_command in list(self._nodes.values()):
+                    on_command(command)
+            else:
+                self._deliver(Broadcast(item.stream, item.data, None, None, item.exclude_socket))
+
+    def _deliver(self, broadcast: Broadcast) -> None:
+        for deliver in list(self._nodes):
+            try:
+                deliver(broadcast)
+            except Exception:
+                log.exception("delivering a broadcast on %r failed", broadcast.stream[:200])
+
+    # -- nodes ---------------------------------------------------------------------------
+
+    def bind(self, deliver: Deliver, on_command: CommandHandler) -> None:
+        """Attach a node's hub and command handler."""
+        self._nodes[deliver] = on_command
+
+    def unbind(self, deliver: Deliver) -> None:
+        """Detach a node."""
+        self._nodes.pop(deliver, None)
+
+    def subscribe(self, stream: str) -> None:
+        """A node here watches *stream* (pub/sub carries every stream anyway)."""
+        self.streams[stream] = self.streams.get(stream, 0) + 1
+
+    def unsubscribe(self, stream: str) -> None:
+        """A node here stopped watching *stream*."""
+        count = self.streams.get(stream, 0) - 1
+        if count > 0:
+            self.streams[stream] = count
+        else:
+            self.streams.pop(stream, None)
+            self._delivered.pop(stream, None)
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, or EVAL when Redis does not know the script (NOSCRIPT: nothing ran)."""
+        client = self.client
+        sha = self._scripts.get(script)
+        if sha is not None:
+            try:
+                return await client.evalsha(sha, keys, args)
+            except NoScriptError:
+                pass  # Redis restarted: its script cache is empty
+        result = await client.eval(script, keys, args)
+        if sha is None:
+            self._scripts[script] = hashlib.sha1(script.encode()).hexdigest()
+        return result
+
+    async def publish(self, stream: str, data: Any, exclude_socket: str | None = None) -> None:
+        """Append to *stream*'s history and publish to every node, in one script.
+
+        Shielded from cancellation and never retried.  When Redis cannot be reached and our
+        own pub/sub link is down too, the broadcast goes to this node's clients only
+        (without a position) so that local service continues."""
+        data_json = json.dumps(data)
+        header = json.dumps([stream, exclude_socket])
+        ttl_ms = max(1, int(self.history_ttl * 1000))
+        meta_ms = max(ttl_ms, int(_META_MIN_TTL * 1000))
+        args: list[Any] = [
+            secrets.token_hex(4),
+            self.history_limit,
+            ttl_ms,
+            meta_ms,
+            self.channel,
+            header,
+            data_json,
+        ]
+        keys = [self.history_key(stream), self.meta_key(stream)]
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(self.command_timeout + self.connect_timeout):
+                    await self._script(_PUBLISH, keys, args)
+                return
+            except Exception as exc:
+                failure = exc
+        if self.connected:
+            # It may have been applied (a reply lost, a timeout): then pub/sub delivers it.
+            # Retrying could append it twice.
+            self.stats["publish_unknown"] += 1
+            log.warning(
+                "publish to %r: outcome unknown (%s); not retried", stream[:200], _describe(failure)
+            )
+            return
+        self.stats["publish_failures"] += 1
+        self.stats["local_fallback_broadcasts"] += 1
+        log.warning(
+            "publish to %r failed (%s): delivered to this node's clients only",
+            stream[:200],
+            _describe(failure),
+        )
+        self._deliver(Broadcast(stream, data, None, None, exclude_socket))
+
+    async def publish_command(self, command: dict[str, Any]) -> None:
+        """Send a node command (remote disconnect) to every node; this node alone when
+        Redis is unreachable."""
+        payload = b"C" + json.dumps(command).encode()
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(self.command_timeout + self.connect_timeout):
+                    await self.client.publish(self.channel, payload)
+                return
+            except Exception as exc:
+                failure = exc
+        if self.connected:
+            log.warning("node command: outcome unknown (%s); not retried", _describe(failure))
+            return
+        log.warning("node command failed (%s): applied on this node only", _describe(failure))
+        for on_command in list(self._nodes.values()):
+            on_command(command)
+
+    # -- history -------------------------------------------------------------------------
+
+    async def _read(self, stream: str) -> tuple[str | None, int, float, list[HistoryEntry]]:
+        """(epoch, last offset, Redis time now, kept entries oldest first) of *stream*."""
+        keys = [self.history_key(stream), self.meta_key(stream)]
+        result: Any = None
+        for attempt in (1, 2):  # a read is idempotent: one retry
+            try:
+                with trio.fail_after(self.command_timeout + self.connect_timeout):
+                    result = await self._script(_HISTORY, keys, [self.history_limit])
+                break
+            except Exception:
+                if attempt == 2:
+                    raise
+        epoch_raw, last_raw, secs, usecs, raw_entries = result
+        epoch = _text(epoch_raw) if epoch_raw is not None else None
+        last = int(last_raw) if last_raw is not None else 0
+        now = int(secs) + int(usecs) / 1e6
+        horizon = now - self.history_ttl
+        entries: list[HistoryEntry] = []
+        for entry_id, fields in reversed(raw_entries or []):
+            if isinstance(fields, dict):
+                values = {_text(k): v for k, v in fields.items()}
+            else:
+                values = {_text(k): v for k, v in zip(fields[::2], fields[1::2], strict=True)}
+            stamp = int(_text(entry_id).split("-", 1)[0]) / 1000
+            offset = int(values["o"])
+            if stamp < horizon or offset <= last - self.history_limit:
+                continue  # older than the TTL, or beyond the limit (MAXLEN ~ keeps more)
+            entries.append(HistoryEntry(offset, stamp, json.loads(values["d"]), epoch or ""))
+        return epoch, last, now, entries
+
+    async def history_since_offset(
+        self, stream: str, epoch: str, offset: int
+    ) -> list[HistoryEntry]:
+        """Entries after *offset* of *epoch*: all of them or :class:`HistoryUnavailable`."""
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise HistoryUnavailable(f"offset {offset!r} is not a position")
+        current, last, _now, entries = await self._read(stream)
+        if current is None:
+            raise HistoryUnavailable(f"stream has no history (epoch {epoch!r} is gone)")
+        if epoch != current:
+            raise HistoryUnavailable(f"epoch {epoch!r} is gone (now {current!r})")
+        if offset > last:
+            raise HistoryUnavailable(f"offset {offset} is ahead of the stream ({last})")
+        if offset == last:
+            return []
+        if not entries or entries[0].offset > offset + 1:
+            raise HistoryUnavailable(f"offset {offset} is out of the history window")
+        found = [entry for entry in entries if entry.offset > offset]
+        await self._barrier(stream, current, found)
+        return found
+
+    async def history_since_time(self, stream: str, since: float) -> list[HistoryEntry]:
+        """Entries published at or after unix time *since* that are still kept."""
+        current, _last, _now, entries = await self._read(stream)
+        found = [entry for entry in entries if entry.time >= since]
+        if current is not None:
+            await self._barrier(stream, current, found)
+        return found
+
+    async def _barrier(self, stream: str, epoch: str, found: list[HistoryEntry]) -> None:
+        """Wait until pub/sub has delivered every entry of *found* to this node (bounded),
+        so that a connection never gets a message both as history and live."""
+        if not found or not self.connected or stream not in self.streams:
+            return
+        delivered = self._delivered.get(stream)
+        if delivered is not None and delivered[0] == epoch and delivered[1] >= found[-1].offset:
+            return
+        self._marker_sent += 1
+        token = self._marker_sent
+        try:
+            with trio.fail_after(self.barrier_timeout):
+                await self.client.publish(self.ping_channel, b"M%d" % token)
+                while self._marker_seen < token and self.connected:
+                    await self._marker_event.wait()
+        except (trio.TooSlowError, Exception) as exc:
+            self.stats["barrier_timeouts"] += 1
+            log.info("read barrier on %r gave up: %s", stream[:200], _describe(exc))
+
+    def _wake_barriers(self) -> None:
+        self._marker_event.set()
+        self._marker_event = trio.Event()
+
+    # -- sessions ------------------------------------------------------------------------
+
+    async def save_session(self, sid: str, data: dict[str, Any], ttl: float) -> None:
+        """``SET`` the session with a TTL (idempotent)."""
+        with trio.fail_after(self.command_timeout + self.connect_timeout):
+            await self.client.set(
+                self.session_key(sid), json.dumps(data), px=max(1, int(ttl * 1000))
+            )
+
+    async def take_session(self, sid: str) -> dict[str, Any] | None:
+        """``GETDEL``: a session restores at most once, on whichever node."""
+        with trio.fail_after(self.command_timeout + self.connect_timeout):
+            raw = await self.client.getdel(self.session_key(sid))
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return data if isinstance(data, dict) else None
+
+    # -- for tests and tools ------------------------------------------------------------
+
+    async def stream_position(self, stream: str) -> tuple[str | None, int]:
+        """(epoch, last offset) of *stream*; epoch ``None`` when it has none."""
+        epoch, last, _now, _entries = await self._read(stream)
+        return epoch, last
