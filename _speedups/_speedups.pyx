@@ -565,7 +565,9 @@ cdef class FrameParser:
         # What is left is at most a partial header or a partial control frame (data payloads
         # are consumed as they arrive), so moving it to the front is cheap.
         cdef size_t live = self._end - self._start
-        if live == 0 and self._cap > _KEEP_CAPACITY:
+        if live == 0:
+            # Nothing pending: an idle connection holds no receive buffer at all (a server
+            # holds thousands of idle ones; one malloc per read is cheaper than that memory).
             free(self._buf)
             self._buf = NULL
             self._cap = 0

@@ -89,14 +89,28 @@ class Channel:
     #: False for built-ins that run no application code: they skip the callback limiter.
     app_callbacks: ClassVar[bool] = True
 
+    # Slots keep the built-in channels small (a server holds one per subscription); an
+    # application's subclass gets a __dict__ as usual unless it declares slots itself.
+    __slots__ = ("_state", "host", "identifier", "params", "rejected", "streams")
+
     def __init__(self, host: ChannelHost, identifier: str, params: dict[str, Any]) -> None:
         self.host = host
         self.identifier = identifier
         self.params = params
         self.streams: list[str] = []
         self.rejected = False
-        #: Free-form, JSON-serializable per-subscription state (kept on session resume).
-        self.state: dict[str, Any] = {}
+        self._state: dict[str, Any] | None = None
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Free-form, JSON-serializable per-subscription state (kept on session resume)."""
+        if self._state is None:
+            self._state = {}
+        return self._state
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        self._state = value
 
     @classmethod
     def name(cls) -> str:
@@ -193,6 +207,7 @@ async def maybe_await(value: Any) -> Any:
 class PubSubChannel(Channel):
     """``$pubsub``: subscribe to a signed stream (or a public one when enabled), no app code."""
 
+    __slots__ = ()
     channel_name = "$pubsub"
     app_callbacks = False
 
@@ -217,6 +232,7 @@ class PubSubChannel(Channel):
 class TurboStreamsChannel(PubSubChannel):
     """``Turbo::StreamsChannel``: Turbo Streams' signed stream subscriptions."""
 
+    __slots__ = ()
     channel_name = "Turbo::StreamsChannel"
 
     def subscribed(self) -> None:
@@ -232,6 +248,7 @@ class TurboStreamsChannel(PubSubChannel):
 class BenchmarkChannel(Channel):
     """The channel websocket-bench style tools expect (enabled by ``--benchmark-channel``)."""
 
+    __slots__ = ()
     app_callbacks = False
 
     def _stream(self) -> str:

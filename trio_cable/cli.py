@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--secret", help="streams secret [env TRIO_CABLE_STREAMS_SECRET or TRIO_CABLE_SECRET]"
     )
 
+    sub.add_parser(
+        "bench",
+        help="benchmarks and avalanche simulations (see bench/README.md)",
+        add_help=False,
+    )
+
     token = sub.add_parser("token", help="issue a JWT identifying a connection")
     token.add_argument(
         "identifiers", help="connection identifiers as JSON, e.g. '{\"user_id\": 42}'"
@@ -144,12 +150,28 @@ def _secret(flag: str | None, *names: str) -> str:
     return value
 
 
+def _bench(argv: list[str]) -> int:
+    # The benchmark suite lives in the repository's bench/ package (installed with the
+    # project); its dependencies are the `bench` extra.
+    try:
+        import bench
+    except ImportError as exc:
+        print(
+            f"trio-cable bench: {exc}; install with: pip install 'trio-cable[bench]'",
+            file=sys.stderr,
+        )
+        return 2
+    return bench.main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``trio-cable`` and ``python -m trio_cable``."""
     parser = build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help")):
         args_list.insert(0, "serve")
+    if args_list[0] == "bench":
+        return _bench(args_list[1:])
     args = parser.parse_args(args_list)
     try:
         if args.command == "sign":
@@ -177,7 +199,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         app = load_app(config.channels)
-        trio.run(run_server, config, app)
+        try:
+            trio.run(run_server, config, app)
+        except BaseExceptionGroup as group:
+            # A broker that cannot start (e.g. Redis unreachable) fails inside the nursery:
+            # report it like any other configuration error, in one line.
+            config_errors, _rest = group.split(ConfigError)
+            if config_errors is None:
+                raise
+            first: BaseException = config_errors
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         return 0
     except ConfigError as exc:
         print(f"trio-cable: {exc}", file=sys.stderr)

@@ -138,6 +138,8 @@ class Metrics:
         self.labeled: dict[str, dict[str, int]] = {name: {} for name in LABELED_COUNTERS}
         self.histograms: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
         self.gauges: dict[str, Callable[[], float]] = {}
+        #: Counters kept elsewhere (e.g. a broker's own statistics): name -> reader.
+        self.external_counters: dict[str, Callable[[], float]] = {}
 
     def inc(self, name: str, amount: int = 1) -> None:
         """Add *amount* to a counter (a convenience for code that is not on the hot path)."""
@@ -165,6 +167,7 @@ class Metrics:
             for label, count in series.items():
                 out[f"{name}{{{label}}}"] = float(count)
         out.update({name: fn() for name, fn in self.gauges.items()})
+        out.update({name: fn() for name, fn in self.external_counters.items()})
         return out
 
 
@@ -189,6 +192,10 @@ class _Collector(Collector):
             for value, count in sorted(m.labeled[name].items()):
                 family.add_metric([value], count)
             yield family
+        for name, read in sorted(m.external_counters.items()):
+            yield CounterMetricFamily(
+                f"trio_cable_{name.removesuffix('_total')}", f"{name} (broker)", value=read()
+            )
         for name, help_text in GAUGES.items():
             fn = m.gauges.get(name)
             if fn is not None:

@@ -19,7 +19,7 @@ from wsproto.utilities import generate_accept_token
 from trio_cable.protocol.cable import UNSUPPORTED, Subprotocol, select_subprotocol
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """An HTTP request head, with headers lower-cased.  Repeated headers are joined by ", "
     (which is how RFC 9110 says lists combine)."""

@@ -73,7 +73,47 @@ class State(Enum):
 
 
 class Connection:
-    """A client's WebSocket, from the end of the HTTP handshake to the closed socket."""
+    """A client's WebSocket, from the end of the HTTP handshake to the closed socket.
+
+    Thousands of these live at once, so the idle state is kept small: slots, and the send
+    queue, its event and the history bookkeeping exist only while they are in use.
+    """
+
+    __slots__ = (
+        "_awaiting_history",
+        "_busy",
+        "_commands",
+        "_drained",
+        "_held",
+        "_history_sent",
+        "_initial",
+        "_nursery",
+        "_opcode",
+        "_parser",
+        "_pending_close",
+        "_queue",
+        "_queued_bytes",
+        "_writer_running",
+        "codec",
+        "echo",
+        "extended",
+        "hold_until",
+        "identifiers",
+        "ip",
+        "last_pong",
+        "ping_interval",
+        "request",
+        "resumable",
+        "server",
+        "session_dirty",
+        "sid",
+        "sock",
+        "state",
+        "subprotocol",
+        "subscriptions",
+        "tls",
+        "welcomed",
+    )
 
     def __init__(
         self,
@@ -106,19 +146,18 @@ class Connection:
         self.ping_interval: float = server.config.ping_interval
         self._parser = FrameParser(server.config.max_message_size)
         self._initial = initial_data
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes] | None = None  # only while the socket is backpressured
         self._queued_bytes = 0
         self._writer_running = False
-        self._drained = trio.Event()
+        self._drained: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
-        self._read_scope = trio.CancelScope()
         # Frames sent while history is pending wait here as (frame, stream, offset), so that
         # history goes out first and live broadcasts it already covered are not sent twice.
         # History is pending while a lookup runs, and after a restore until the client has
         # asked history for each restored subscription (or RESTORE_HOLD seconds passed).
         self._held: list[tuple[bytes, str | None, int | None]] | None = None
-        self._history_sent: dict[str, int] = {}  # stream -> last offset sent as history
-        self._awaiting_history: set[str] = set()
+        self._history_sent: dict[str, int] | None = None  # stream -> last offset as history
+        self._awaiting_history: set[str] | None = None
         self.hold_until = 0.0
         # A close requested while a command is being handled waits for the command to end.
         self._busy = False
@@ -182,8 +221,9 @@ class Connection:
     def _write(self, frame: bytes) -> None:
         if self.state is not State.OPEN:
             return  # nothing may follow our close frame (RFC 6455 5.5.1)
-        if self._queue:
-            self._queue.append(frame)
+        queue = self._queue
+        if queue:
+            queue.append(frame)
             self._queued_bytes += len(frame)
             if self._queued_bytes > self.server.config.max_send_queue:
                 self._too_slow()
@@ -197,7 +237,9 @@ class Connection:
             return
         if sent < len(frame):
             rest = frame[sent:]
-            self._queue.append(rest)
+            if queue is None:
+                queue = self._queue = deque()
+            queue.append(rest)
             self._queued_bytes += len(rest)
             self._start_writer()
 
@@ -210,6 +252,7 @@ class Connection:
 
     async def _write_backlog(self) -> None:
         queue = self._queue
+        assert queue is not None
         try:
             while queue:
                 await trio.lowlevel.wait_writable(self.sock)
@@ -235,18 +278,21 @@ class Connection:
             return
         finally:
             self._writer_running = False
-            self._drained.set()
+            if self._drained is not None:
+                self._drained.set()
+            if not queue and self._queue is queue:
+                self._queue = None  # back to the small idle state
 
     async def _flush(self) -> None:
         """Wait until the queue is written, at most ``close_timeout``."""
-        if self._queue and self.state is not State.CLOSED:
+        if self._queue and self._drained is not None and self.state is not State.CLOSED:
             with trio.move_on_after(self.server.config.close_timeout):
                 await self._drained.wait()
 
     def _too_slow(self) -> None:
         log.info("%r: send queue over %d bytes: too_slow", self, self.server.config.max_send_queue)
         self.server.metrics.too_slow_total += 1
-        self._queue.clear()
+        self._queue = None
         self._queued_bytes = 0
         # Best effort: the socket is full, so the notice may not fit; the client then sees
         # the TCP connection end and reconnects anyway.
@@ -272,7 +318,8 @@ class Connection:
     def _lost(self) -> None:
         """The socket is unusable: stop everything this connection does."""
         self.state = State.CLOSED
-        self._queue.clear()
+        if self._queue:
+            self._queue.clear()
         self._queued_bytes = 0
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -310,7 +357,11 @@ class Connection:
             )
         self._write(build_close(code))
         self.state = State.CLOSING
-        self._read_scope.deadline = trio.current_time() + self.server.config.close_timeout
+        # The whole connection gets close_timeout to finish the close handshake.
+        if self._nursery is not None:
+            self._nursery.cancel_scope.deadline = (
+                trio.current_time() + self.server.config.close_timeout
+            )
 
     # -- the connection's life -----------------------------------------------------------
 
@@ -323,8 +374,7 @@ class Connection:
                 self._nursery = nursery
                 if not self.echo:
                     await self._welcome()
-                with self._read_scope:
-                    await self._read_loop()
+                await self._read_loop()
                 await self._flush()
                 nursery.cancel_scope.cancel()
         finally:
@@ -391,10 +441,16 @@ class Connection:
                 return
             self.identifiers = dict(result or {})
         self.send_message(cable.welcome(self.sid))
-        self.welcomed = True
+        self._welcomed()
         server.start_pinging(self)
         if self.extended:
             await self.save_session()
+
+    def _welcomed(self) -> None:
+        self.welcomed = True
+        # The headers served identification; a long-lived connection need not keep them
+        # (a few hundred bytes each, times every idle connection).
+        self.request.headers = {}
 
     # -- sessions (ext protocols) --------------------------------------------------------
 
@@ -408,7 +464,7 @@ class Connection:
                     "channel": type(channel).name(),
                     "params": channel.params,
                     "streams": list(channel.streams),
-                    "state": channel.state,
+                    "state": channel._state or {},
                 }
                 for identifier, channel in self.subscriptions.items()
             ],
@@ -473,8 +529,9 @@ class Connection:
             # gets every message once and in order.
             self._held = []
             self._awaiting_history = set(restored)
+            self._history_sent = {}
             self.hold_until = trio.current_time() + RESTORE_HOLD
-        self.welcomed = True
+        self._welcomed()
         server.start_pinging(self)
         await self.save_session()
         return True
@@ -483,7 +540,7 @@ class Connection:
         sock = self.sock
         parser = self._parser
         buf = self.server.recv_buffer
-        view = memoryview(buf)
+        view = self.server.recv_view
         if self._initial:
             parser.feed(self._initial)
             self._initial = b""
@@ -705,6 +762,8 @@ class Connection:
             return
         # Several streams: interleave by publication time; one stream stays in offset order.
         entries.sort(key=lambda item: (item[1].time, item[0], item[1].offset))
+        if self._history_sent is None:
+            self._history_sent = {}
         sent = self._history_sent
         for stream, entry in entries:
             encoder = BroadcastEncoder(
@@ -718,15 +777,16 @@ class Connection:
 
     def _history_done(self, identifier: str, answer: dict[str, Any]) -> None:
         self._write(build_frame(self._opcode, self.codec.encode(answer)))
-        self._awaiting_history.discard(identifier)
+        if self._awaiting_history:
+            self._awaiting_history.discard(identifier)
         if not self._awaiting_history:
             self.release_held()
 
     def release_held(self) -> None:
         """Send the frames that waited for history, minus broadcasts history already sent."""
         held, self._held = self._held or [], None
-        sent, self._history_sent = self._history_sent, {}
-        self._awaiting_history = set()
+        sent, self._history_sent = self._history_sent or {}, None
+        self._awaiting_history = None
         self.hold_until = 0.0
         for frame, stream, offset in held:
             if stream is not None and offset is not None and offset <= sent.get(stream, 0):

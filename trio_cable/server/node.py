@@ -20,6 +20,7 @@ import secrets
 import socket
 import ssl
 import time
+from functools import partial
 from typing import Any
 
 import h11
@@ -106,6 +107,7 @@ class Server:
         # One receive buffer for every connection: reads copy into the frame parser before
         # any await, so sharing it is safe and saves 256 KiB per connection.
         self.recv_buffer = bytearray(_RECV_BUFFER)
+        self.recv_view = memoryview(self.recv_buffer)
         self._channels: dict[str, type[Channel]] = {c.name(): c for c in BUILTIN_CHANNELS}
         if config.benchmark_channel:
             self._channels[BenchmarkChannel.name()] = BenchmarkChannel
@@ -134,6 +136,11 @@ class Server:
         m.gauges["pending_handshakes"] = lambda: float(self.pending_handshakes)
         m.gauges["handshake_rate_limit"] = lambda: float(self.handshake_bucket.rate)
         m.gauges["callback_concurrency_limit"] = lambda: float(self.callback_limiter.total_tokens)
+        broker_stats = getattr(self.broker, "stats", None)
+        if isinstance(broker_stats, dict):
+            # e.g. the Redis broker's disconnects, reconnects, publish failures ...
+            for key in broker_stats:
+                m.external_counters[f"broker_{key}_total"] = partial(_read_stat, broker_stats, key)
         m.gauges["send_queue_bytes"] = lambda: float(sum(c.queued_bytes for c in self.connections))
 
     # -- addresses -----------------------------------------------------------------------
@@ -224,7 +231,7 @@ class Server:
                     # Fast refusal, not an unbounded queue: answer without reading.
                     nursery.start_soon(self._refuse_early, sock, "pending_handshakes")
                     continue
-                nursery.start_soon(self._handle_socket, sock, addr)
+                nursery.start_soon(self._handle_socket, sock, addr, nursery)
 
     async def _refuse_early(self, sock: socket.socket, reason: str) -> None:
         try:
@@ -257,8 +264,11 @@ class Server:
             return self._overloaded("handshake_rate", self.handshake_bucket.wait_time(now))
         return None
 
-    async def _handle_socket(self, sock: socket.socket, addr: Any) -> None:
-        """Read one HTTP request and route it: a WebSocket, an HTTP endpoint, or an error."""
+    async def _handle_socket(self, sock: socket.socket, addr: Any, nursery: trio.Nursery) -> None:
+        """Read one HTTP request and route it: a WebSocket, an HTTP endpoint, or an error.
+
+        An accepted WebSocket continues in a task of its own, so that nothing the handshake
+        needed (h11 state, this frame) stays alive for the connection's lifetime."""
         remote = _format_addr(addr)
         ip = str(addr[0]) if isinstance(addr, tuple) else remote
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -327,7 +337,7 @@ class Server:
                 handed_off = True
                 self.pending_handshakes -= 1
                 pending = False
-                await connection.run()
+                nursery.start_soon(self._run_connection, connection)
             else:
                 response_ = await self._http(sock, conn, request)
                 await send_response(sock, conn, response_)
@@ -341,6 +351,14 @@ class Server:
                 self.pending_handshakes -= 1
             if not handed_off:
                 close_socket(sock)
+
+    async def _run_connection(self, connection: Connection) -> None:
+        try:
+            await connection.run()
+        except OSError as exc:
+            log.debug("%r: socket error: %s", connection, exc)
+        except Exception:
+            log.exception("%r: unexpected error", connection)
 
     async def _http(self, sock: socket.socket, conn: h11.Connection, request: Request) -> Response:
         path, method = request.path, request.method
@@ -545,6 +563,10 @@ class Server:
             "uptime": round(time.time() - self.started_at, 3),
             "speedups": SPEEDUPS,
         }
+
+
+def _read_stat(stats: dict[str, Any], key: str) -> float:
+    return float(stats.get(key, 0))
 
 
 def _tls_context(config: Config) -> ssl.SSLContext | None:
