@@ -1,0 +1,88 @@
+"""Broadcast fan-out: a trigger connection asks the server to broadcast; every client times it.
+
+Raw peers broadcast a text message that starts with ``!b``; trio_cable is asked through
+BenchmarkChannel's ``broadcast`` action, exactly what websocket-bench does.  The message
+carries the trigger's ``perf_counter_ns`` so every recipient measures its own latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.loadgen.client import Client, cable_action
+
+_T = re.compile(rb'"t":(\d+)')
+_RAW_SIZE = 98
+
+
+def trigger_message(dialect: str, t: int) -> bytes:
+    """The message that makes the server broadcast a payload stamped with *t*."""
+    if dialect == "cable":
+        return cable_action("broadcast", t=t)
+    head = b'!b"t":%d,' % t
+    return head + b"x" * max(0, _RAW_SIZE - len(head))
+
+
+@dataclass
+class Fanout:
+    """Tracks broadcasts in flight and every recipient's latency."""
+
+    dialect: str
+    latencies_ns: list[int] = field(default_factory=list)
+    pending: dict[int, int] = field(default_factory=dict)
+    done: dict[int, asyncio.Event] = field(default_factory=dict)
+    frame_bytes: int = 0
+
+    def on_data(self, _client: Client, payload: bytes) -> None:
+        now = time.perf_counter_ns()
+        if self.dialect == "cable" and b"broadcastResult" in payload:
+            return
+        m = _T.search(payload)
+        if m is None:
+            return
+        t = int(m.group(1))
+        left = self.pending.get(t)
+        if left is None:
+            return  # timed out already
+        self.latencies_ns.append(now - t)
+        self.frame_bytes = len(payload)
+        if left <= 1:
+            del self.pending[t]
+            self.done.pop(t).set()
+        else:
+            self.pending[t] = left - 1
+
+    async def broadcast(self, trigger: Client, recipients: int, timeout: float) -> int:
+        """Send one broadcast and wait for every recipient; return how many did not get it."""
+        t = time.perf_counter_ns()
+        while t in self.pending:
+            t += 1
+        event = asyncio.Event()
+        self.pending[t], self.done[t] = recipients, event
+        trigger.send_text(trigger_message(self.dialect, t))
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            self.done.pop(t, None)
+            return self.pending.pop(t, 0)
+        return 0
+
+
+def latency_summary(latencies_ns: list[int]) -> dict[str, Any]:
+    """p50 / p95 / p99 / max in milliseconds."""
+    from bench.stats import percentile
+
+    ordered = sorted(latencies_ns)
+    ms = [v / 1e6 for v in ordered]
+    return {
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": ms[-1] if ms else None,
+        "samples": len(ms),
+    }

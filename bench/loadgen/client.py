@@ -1,0 +1,133 @@
+"""picows client connections for both dialects and a bounded-concurrency connector."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Callable
+
+from picows import (
+    WSFrame,
+    WSInvalidStatusError,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    ws_connect,
+)
+
+CABLE_SUBPROTOCOL = "actioncable-v1-json"
+CHANNEL_ID = "1"
+IDENTIFIER = json.dumps({"channel": "BenchmarkChannel", "id": CHANNEL_ID})
+_CONNECT_TIMEOUT = 30.0
+
+DataHandler = Callable[["Client", bytes], None]
+
+
+def _ignore(_client: Client, _payload: bytes) -> None:
+    pass
+
+
+class Client(WSListener):  # type: ignore[misc]
+    """One connection.  Data frames go to ``on_data`` unless a pending ``expect`` takes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport: WSTransport | None = None
+        self.on_data: DataHandler = _ignore
+        self.closed = False
+        self._want: bytes | None = None
+        self._waiter: asyncio.Future[bytes] | None = None
+
+    def expect(self, marker: bytes) -> asyncio.Future[bytes]:
+        """A future for the next data frame containing *marker*."""
+        self._want = marker
+        self._waiter = asyncio.get_running_loop().create_future()
+        return self._waiter
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.closed = True
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind == WSMsgType.TEXT or kind == WSMsgType.BINARY:
+            payload = frame.get_payload_as_bytes()
+            waiter = self._waiter
+            if waiter is not None and self._want is not None and self._want in payload:
+                self._waiter = None
+                if not waiter.done():
+                    waiter.set_result(payload)
+                return
+            self.on_data(self, payload)
+        elif kind == WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+        elif kind == WSMsgType.CLOSE:
+            transport.disconnect()
+
+    def send_text(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.send(WSMsgType.TEXT, data)
+
+    def send(self, binary: bool, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.send(WSMsgType.BINARY if binary else WSMsgType.TEXT, data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.disconnect()
+
+
+def cable_command(command: str, **fields: object) -> bytes:
+    """An Action Cable command for the benchmark identifier."""
+    return json.dumps({"command": command, "identifier": IDENTIFIER, **fields}).encode()
+
+
+def cable_action(action: str, **data: object) -> bytes:
+    """A ``message`` command performing *action* on BenchmarkChannel."""
+    return cable_command("message", data=json.dumps({"action": action, **data}))
+
+
+_RETRIES = 20
+
+
+async def connect_one(url: str, dialect: str) -> Client:
+    """Open one connection, retrying a refused handshake (503/429) with jittered backoff."""
+    for attempt in range(_RETRIES):
+        try:
+            return await _connect_once(url, dialect)
+        except WSInvalidStatusError:
+            if attempt == _RETRIES - 1:
+                raise
+            await asyncio.sleep(random.uniform(0.05, 0.2) * min(attempt + 1, 5))
+    raise AssertionError("unreachable")
+
+
+async def _connect_once(url: str, dialect: str) -> Client:
+    """Open one connection; in the cable dialect also wait for welcome and subscribe."""
+    if dialect == "cable":
+        client = Client()
+        welcome = client.expect(b'"welcome"')
+        headers = {"Sec-WebSocket-Protocol": CABLE_SUBPROTOCOL}
+        await ws_connect(lambda: client, url, extra_headers=headers)
+        await welcome
+        confirmed = client.expect(b'"confirm_subscription"')
+        client.send_text(cable_command("subscribe"))
+        await confirmed
+        return client
+    _t, made = await ws_connect(Client, url)
+    return made  # type: ignore[no-any-return]
+
+
+async def connect_many(url: str, dialect: str, count: int, concurrency: int = 200) -> list[Client]:
+    """Open *count* connections, at most *concurrency* handshakes at a time."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> Client:
+        async with gate:
+            return await connect_one(url, dialect)
+
+    async with asyncio.timeout(_CONNECT_TIMEOUT + count / 200):
+        return list(await asyncio.gather(*(one() for _ in range(count))))

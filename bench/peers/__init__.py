@@ -1,0 +1,72 @@
+"""The servers under test and how to start them.
+
+Every peer is a tiny server of its own module here that speaks one *raw* dialect: it echoes
+each text or binary message back, and a text message starting with ``!b`` is broadcast as is
+to every connected client (the sender included).  trio_cable runs as itself
+(``python -m trio_cable serve``): its raw echo endpoint ``/echo`` and its Action Cable
+endpoint ``/cable`` with ``BenchmarkChannel``.
+
+A *target* is what a benchmark talks to: a server, a dialect (``raw`` or ``cable``) and a path.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+# Long enough that pings do not weigh on per-message CPU figures; wsbench uses the default.
+BENCH_PING_INTERVAL = 30.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server, the dialect its clients speak and the WebSocket path."""
+
+    name: str
+    server: str
+    dialect: str  # "raw" or "cable"
+    path: str
+    label: str
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("picows", "picows", "raw", "/echo", "picows (uvloop)"),
+        Target("aiohttp", "aiohttp", "raw", "/echo", "aiohttp (uvloop)"),
+        Target("websockets", "websockets", "raw", "/echo", "websockets (asyncio+uvloop)"),
+        Target("trio-raw", "trio-raw", "raw", "/echo", "minimal Trio loop"),
+        Target("trio-websocket", "trio-websocket", "raw", "/echo", "trio-websocket"),
+        Target("trio_cable", "trio_cable", "raw", "/echo", "trio_cable raw /echo"),
+        Target("trio_cable-cable", "trio_cable", "cable", "/cable", "trio_cable Action Cable"),
+    )
+}
+
+_MODULES = {
+    "picows": "bench.peers.picows_server",
+    "aiohttp": "bench.peers.aiohttp_server",
+    "websockets": "bench.peers.websockets_server",
+    "trio-raw": "bench.peers.trio_raw_server",
+    "trio-websocket": "bench.peers.trio_websocket_server",
+}
+
+
+def server_command(
+    server: str, host: str, port: int, *, ping_interval: float | None = None
+) -> list[str]:
+    """The command line that starts *server* listening on ``host:port``."""
+    if server == "trio_cable":
+        interval = BENCH_PING_INTERVAL if ping_interval is None else ping_interval
+        return [
+            sys.executable, "-m", "trio_cable", "serve",
+            "--host", host, "--port", str(port),
+            "--benchmark-channel", "--echo-path", "/echo",
+            "--ping-interval", str(interval), "--log-level", "warning",
+            # No handshake rate limit: the peers have none, and the benches measure steady state.
+            "--handshake-rate", "0", "--no-adaptive-admission", "--command-rate", "0",
+        ]  # fmt: skip
+    try:
+        module = _MODULES[server]
+    except KeyError:
+        raise ValueError(f"unknown server {server!r}") from None
+    return [sys.executable, "-m", module, "--host", host, "--port", str(port)]

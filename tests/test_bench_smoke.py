@@ -1,0 +1,98 @@
+"""Smoke test of the bench/ suite: every benchmark runs in a tiny configuration and writes
+well-formed results with sane numbers.  No timing assertions: this machine's speed is not
+under test here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("picows")
+pytest.importorskip("uvloop")
+pytest.importorskip("psutil")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_bench(*args: str, results: Path, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "bench", *args, "--quick", "--json", "--quiet",
+           "--results-dir", str(results)]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_all_benches_quick(tmp_path: Path) -> None:
+    summary = _run_bench(
+        "all", "--targets", "picows,trio_cable,trio_cable-cable", results=tmp_path, timeout=50
+    )
+    assert set(summary) == {"micro", "echo", "broadcast", "wsbench", "memory"}
+
+    micro = summary["micro"]["rows"]
+    assert {r["impl"] for r in micro} >= {"pure", "websockets.speedups"}
+    assert all(r["gbps"] > 0 for r in micro)
+
+    echo = summary["echo"]["rows"]
+    assert {r["target"] for r in echo} == {"picows", "trio_cable", "trio_cable-cable"}
+    for row in echo:
+        assert row["rps"] > 0 and row["cpu_us"] > 0 and row["bad_replies"] == 0
+    picows = next(r for r in echo if r["target"] == "picows" and r["conns"] == 100)
+    assert picows["vs_picows"] == pytest.approx(1.0)
+
+    for row in summary["broadcast"]["rows"]:
+        assert row["missed"] == 0 and row["cpu_us"] > 0 and row["delivered_per_s"] > 0
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+
+    ws = summary["wsbench"]
+    assert ws["clients_reached"] > 0 and ws["rows"]
+    assert all(0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in ws["rows"])
+
+    for row in summary["memory"]["rows"]:
+        assert 0 < row["bytes_per_conn"] < 10 * 2**20
+
+    text = (tmp_path / "RESULTS.md").read_text()
+    for heading in ("## 1. Micro", "## 2. Echo", "## 3. Broadcast", "## 4. websocket-bench",
+                    "## 5. Memory", "## Targets of issue 3"):  # fmt: skip
+        assert heading in text
+    for name in ("micro", "echo", "broadcast", "wsbench", "memory"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert json.loads((tmp_path / f"{name}.json").read_text())["bench"] == name
+
+
+def test_profile_summary_parses_py_spy_raw_format() -> None:
+    from bench.profile import summarize_collapsed
+
+    raw = (
+        'process 1:"python";thread (0x1);run (trio/_core/_run.py:2400);'
+        "_read_loop (trio_cable/server/connection.py:300) 6\n"
+        'process 1:"python";thread (0x1);run (trio/_core/_run.py:2400) 4\n'
+    )
+    result = summarize_collapsed(raw)
+    assert result["samples"] == 10
+    assert result["self"][0] == ("trio_cable/server/connection.py:_read_loop", 60.0)
+    assert ("trio/_core/_run.py:run", 100.0) in result["inclusive"]
+
+
+def test_stats_helpers() -> None:
+    from bench.stats import percentile, ratio, summarize
+
+    assert summarize([3, 1, 2]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert summarize([]) == {"median": None, "min": None, "max": None, "n": 0}
+    values = sorted(float(v) for v in range(1, 101))
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert ratio(1.0, 0.0) is None and ratio(2.0, 4.0) == 0.5
+
+
+def test_main_is_importable() -> None:
+    import bench
+
+    assert callable(bench.main)
