@@ -193,6 +193,17 @@ class Channel:
         await maybe_await(getattr(self, action)(data))
         return True
 
+    def sync_action(self, action: str) -> Callable[[dict[str, Any]], Any] | None:
+        """The action as a plain (non-``async``) method the server may call without
+        awaiting, or None (then it goes through :meth:`perform`)."""
+        cls = type(self)
+        if cls.perform is not Channel.perform or action not in cls.action_names():
+            return None
+        if inspect.iscoroutinefunction(getattr(cls, action)):
+            return None
+        method: Callable[[dict[str, Any]], Any] = getattr(self, action)
+        return method
+
 
 async def maybe_await(value: Any) -> Any:
     """Await *value* if it is awaitable: callbacks may be sync or async."""
@@ -263,6 +274,9 @@ class BenchmarkChannel(Channel):
     async def broadcast_action(self, data: dict[str, Any]) -> None:
         await self.broadcast(self._stream(), data)
         self.transmit({**data, "action": "broadcastResult"})
+
+    def sync_action(self, action: str) -> Callable[[dict[str, Any]], Any] | None:
+        return self.echo if action == "echo" else None
 
     async def perform(self, action: str, data: dict[str, Any]) -> bool:
         # "broadcast" is both an action name and Channel.broadcast: route it explicitly.

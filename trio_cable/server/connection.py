@@ -10,11 +10,13 @@ bounded in bytes; a client that lets it overflow is disconnected as ``too_slow``
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Awaitable
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -86,10 +88,13 @@ class Connection:
         "_drained",
         "_held",
         "_history_sent",
+        "_in_reactor",
         "_initial",
         "_nursery",
         "_opcode",
+        "_parked_task",
         "_parser",
+        "_pending",
         "_pending_close",
         "_queue",
         "_queued_bytes",
@@ -151,6 +156,11 @@ class Connection:
         self._writer_running = False
         self._drained: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
+        # The read fast path (see reactor.py): the parked task, if any, and the work the
+        # reactor could not finish synchronously, handed to the task.
+        self._in_reactor = False
+        self._parked_task: trio.lowlevel.Task | None = None
+        self._pending: tuple[Any, ...] | None = None
         # Frames sent while history is pending wait here as (frame, stream, offset), so that
         # history goes out first and live broadcasts it already covered are not sent twice.
         # History is pending while a lookup runs, and after a restore until the client has
@@ -384,6 +394,8 @@ class Connection:
                 scope.deadline = trio.current_time() + server.config.close_timeout
                 # Saved before the socket closes: a client that reconnects at once must
                 # find its session.
+                if self._in_reactor and server.reactor is not None:
+                    server.reactor.unregister(self)
                 if self.welcomed and self.extended:
                     if self.resumable:
                         await self.save_session()
@@ -547,12 +559,21 @@ class Connection:
             if await self._drain_parser():
                 return
         reads = 0
+        parkable = self.server.reactor is not None and not self.tls
         while True:
             try:
                 n = sock.recv_into(buf)
             except WOULD_BLOCK_READ:
                 reads = 0
-                await trio.lowlevel.wait_readable(sock)
+                if not parkable:
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                await self._park()
+                # Woken: finish what the reactor handed over, then what it left parsed.
+                if self._pending is not None and await self._resume_pending():
+                    return
+                if await self._drain_parser():
+                    return
                 continue
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(sock)
@@ -589,35 +610,200 @@ class Connection:
                 return True
             if message is None:
                 return False
-            opcode, payload = message
-            if opcode in (OP_TEXT, OP_BINARY):
-                if self.state is not State.OPEN:
-                    continue  # after we sent close, data is discarded (RFC 6455 1.4)
-                if self.echo:
-                    self.send_frame(build_frame(opcode, payload))
-                    continue
-                self._busy = True
-                started = time.perf_counter()
-                try:
-                    await self._handle_command(payload)
-                finally:
-                    self._busy = False
-                    self.server.metrics.observe("command_seconds", time.perf_counter() - started)
-                if self._pending_close is not None:
-                    reason, reconnect, code, after = self._pending_close
-                    self._pending_close = None
-                    self.close(reason, reconnect=reconnect, code=code, reconnect_after_ms=after)
-            elif opcode == OP_PING:
-                # Pings share the command budget: a ping flood gets no pongs, not our CPU.
-                if self.state is State.OPEN and self._commands.take(trio.current_time()):
-                    self._write(build_frame(OP_PONG, payload))
-            elif opcode == OP_CLOSE:
-                if self.state is State.OPEN:
-                    client_code, _reason = close_code_and_reason(payload)
-                    self._write(build_close(client_code))
-                    self.state = State.CLOSING
+            if await self._handle_frame(*message):
                 return True
-            # OP_PONG: nothing to do; liveness of ext clients is tracked by command pongs.
+
+    async def _handle_frame(self, opcode: int, payload: bytes) -> bool:
+        """Handle one message or control frame; True when the connection is done."""
+        if opcode in (OP_TEXT, OP_BINARY):
+            if self.state is not State.OPEN:
+                return False  # after we sent close, data is discarded (RFC 6455 1.4)
+            if self.echo:
+                self.send_frame(build_frame(opcode, payload))
+                return False
+            await self._run_command(self._handle_command(payload))
+        elif opcode == OP_PING:
+            # Pings share the command budget: a ping flood gets no pongs, not our CPU.
+            if self.state is State.OPEN and self._commands.take(trio.current_time()):
+                self._write(build_frame(OP_PONG, payload))
+        elif opcode == OP_CLOSE:
+            if self.state is State.OPEN:
+                client_code, _reason = close_code_and_reason(payload)
+                self._write(build_close(client_code))
+                self.state = State.CLOSING
+            return True
+        # OP_PONG: nothing to do; liveness of ext clients is tracked by command pongs.
+        return False
+
+    async def _run_command(self, work: Awaitable[None]) -> None:
+        """Await one command's handling as the connection's busy work (a close requested
+        meanwhile waits for it), and time it."""
+        self._busy = True
+        started = time.perf_counter()
+        try:
+            await work
+        finally:
+            self._busy = False
+            self.server.metrics.observe("command_seconds", time.perf_counter() - started)
+        if self._pending_close is not None:
+            reason, reconnect, code, after = self._pending_close
+            self._pending_close = None
+            self.close(reason, reconnect=reconnect, code=code, reconnect_after_ms=after)
+
+    # -- the read fast path (reactor) ------------------------------------------------------
+
+    async def _park(self) -> None:
+        """Wait, with the socket in the reactor, until the reactor hands work back."""
+        if not self._in_reactor:
+            assert self.server.reactor is not None
+            self.server.reactor.register(self)
+            self._in_reactor = True
+        self._parked_task = trio.lowlevel.current_task()
+
+        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+            self._parked_task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _unpark(self) -> None:
+        task, self._parked_task = self._parked_task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def on_readable(self) -> None:
+        """Called by the reactor: read and handle what arrived, synchronously, while that is
+        possible; otherwise wake the connection's task with the rest."""
+        if self._parked_task is None:
+            return  # the task is busy and will read until the socket is empty
+        sock = self.sock
+        parser = self._parser
+        buf = self.server.recv_buffer
+        view = self.server.recv_view
+        for _ in range(_READS_PER_CHECKPOINT):
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                return  # stay parked: all handled
+            except OSError:
+                break  # the task finds the error again and ends
+            if n == 0:
+                break
+            parser.feed(view[:n])
+            while True:
+                try:
+                    message = parser.next_message()
+                except FrameError:
+                    self._unpark()  # the dead parser raises it again for the task
+                    return
+                if message is None:
+                    break
+                if not self._handle_sync(*message):
+                    self._unpark()
+                    return
+        # End of stream, an error, or the read budget is spent: the task takes over (edge-
+        # triggered epoll will not tell us again about data already waiting).
+        self._unpark()
+
+    def _handle_sync(self, opcode: int, payload: bytes) -> bool:
+        """Handle a frame without awaiting if possible; False hands it to the task (as
+        ``_pending``)."""
+        if opcode in (OP_TEXT, OP_BINARY):
+            if self.state is not State.OPEN:
+                return True  # discarded, as in _handle_frame
+            if self.echo:
+                self._write(build_frame(opcode, payload))
+                return True
+            return self._command_sync(payload)
+        if opcode == OP_PING:
+            if self.state is State.OPEN and self._commands.take(trio.current_time()):
+                self._write(build_frame(OP_PONG, payload))
+            return True
+        if opcode == OP_PONG:
+            return True
+        self._pending = ("frame", opcode, payload)
+        return False
+
+    def _command_sync(self, payload: bytes) -> bool:
+        """The synchronous twin of :meth:`_handle_command` for the commands that need no
+        await: pings, pongs, and actions that are plain functions."""
+        server = self.server
+        started = time.perf_counter()
+        try:
+            command = cable.decode_command(self.codec, payload)
+        except InvalidCommand:
+            self._pending = ("frame", OP_TEXT, payload)  # the task reports it
+            return False
+        server.metrics.commands_total += 1
+        name = command.command
+        if name == "message" and not self._awaiting_history:
+            channel = self.subscriptions.get(command.identifier or "")
+            if channel is None:
+                self._pending = ("command", command)
+                return False
+            try:
+                action, data = cable.parse_action(command.data)
+            except InvalidCommand:
+                self._pending = ("command", command)
+                return False
+            method = channel.sync_action(action)
+            if method is None:
+                self._pending = ("command", command)
+                return False
+            token = None
+            if channel.app_callbacks:
+                token = object()
+                try:
+                    server.callback_limiter.acquire_on_behalf_of_nowait(token)
+                except trio.WouldBlock:
+                    self._pending = ("command", command)
+                    return False
+            if not self._commands.take(trio.current_time()):
+                server.metrics.rate_limited_commands_total += 1
+                self._refuse_rate_limited(command)
+            else:
+                try:
+                    result = method(data)
+                except Exception:
+                    log.exception("%r: %s.%s raised", self, type(channel).__name__, action)
+                    server.metrics.callback_errors_total += 1
+                    result = None
+                if result is not None and inspect.isawaitable(result):
+                    # A plain function that returned a coroutine: the task awaits it.
+                    self._pending = ("await", result)
+                    if token is not None:
+                        server.callback_limiter.release_on_behalf_of(token)
+                    return False
+            if token is not None:
+                server.callback_limiter.release_on_behalf_of(token)
+            server.metrics.observe("command_seconds", time.perf_counter() - started)
+            return True
+        if name in ("ping", "pong") and not self._awaiting_history:
+            if not self._commands.take(trio.current_time()):
+                server.metrics.rate_limited_commands_total += 1
+                self._refuse_rate_limited(command)
+            elif name == "ping":
+                self.send_message(cable.pong())
+            else:
+                self.last_pong = trio.current_time()
+            return True
+        self._pending = ("command", command)
+        return False
+
+    async def _resume_pending(self) -> bool:
+        """Finish the work the reactor handed over; True when the connection is done."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        if pending[0] == "await":
+            await self._run_command(_awaited(pending[1], self))
+            return False
+        if pending[0] == "command":
+            if self.state is State.OPEN:
+                await self._run_command(self._dispatch(pending[1]))
+            return False
+        _kind, opcode, payload = pending
+        return await self._handle_frame(opcode, payload)
 
     # -- Action Cable commands -----------------------------------------------------------
 
@@ -636,6 +822,10 @@ class Connection:
             log.info("%r: invalid request: %s", self, exc.reason)
             self.close("invalid_request", reconnect=False, code=CLOSE_POLICY)
             return
+        await self._dispatch(command)
+
+    async def _dispatch(self, command: Command) -> None:
+        server = self.server
         name = command.command
         if self._awaiting_history and name != "history":
             # The client does something else: it is not going to ask history first.
@@ -847,3 +1037,11 @@ class Connection:
         while self.subscriptions:
             _, channel = self.subscriptions.popitem()
             await self._end_subscription(channel)
+
+
+async def _awaited(awaitable: Awaitable[Any], conn: Connection) -> None:
+    try:
+        await awaitable
+    except Exception:
+        log.exception("%r: an action's awaitable raised", conn)
+        conn.server.metrics.callback_errors_total += 1

@@ -49,6 +49,7 @@ from trio_cable.server.http import (
     send_response,
 )
 from trio_cable.server.hub import Hub
+from trio_cable.server.reactor import Reactor
 from trio_cable.server.sockio import close_socket, send_all, tls_handshake
 
 log = logging.getLogger("trio_cable")
@@ -129,6 +130,7 @@ class Server:
         self.connections_by_address: dict[str, int] = {}
         self.tls_context = _tls_context(config)
         self.drainer = Drainer(self)
+        self.reactor: Reactor | None = Reactor()
         m = self.metrics
         m.gauges["connections"] = lambda: float(len(self.connections))
         m.gauges["streams"] = lambda: float(len(self.hub))
@@ -183,6 +185,8 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.broker.run)
+                if self.reactor is not None:
+                    nursery.start_soon(self.reactor.run)
                 self.broker.bind(self.hub.deliver, self._on_command)
                 nursery.start_soon(self._ping_ticker)
                 nursery.start_soon(self._lag_monitor)
