@@ -1,0 +1,189 @@
+"""From a trial's raw data to the figures of one table row."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+_TIMEOUT_ERRORS = ("TooSlowError",)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by nearest rank; ``nan`` for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[rank]
+
+
+def _rate_peak(samples: list[dict[str, float]], key: str, since: float, until: float) -> float:
+    """Highest per-second rate of a cumulative counter between two samples in the window."""
+    peak = 0.0
+    for a, b in itertools.pairwise(samples):
+        if b["t"] < since or a["t"] > until:
+            continue
+        dt = b["t"] - a["t"]
+        if dt > 0:
+            peak = max(peak, (b[key] - a[key]) / dt)
+    return peak
+
+
+def client_recovery(client: dict[str, Any], since: float) -> tuple[float | None, float, float]:
+    """(time the client was last back to ready after ``since`` or None if it never was,
+    when it first stopped being ready after ``since`` or nan, total unready seconds)."""
+    down_at: float | None = None
+    first_down = math.nan
+    back: float | None = None
+    downtime = 0.0
+    ready = False
+    for kind, t, _extra in client["events"]:
+        if kind not in ("R", "U"):
+            continue
+        if t < since:
+            ready = kind == "R"
+            continue
+        if kind == "U" and ready:
+            ready = False
+            down_at = t
+            if math.isnan(first_down):
+                first_down = t
+        elif kind == "R" and not ready:
+            ready = True
+            back = t
+            if down_at is not None:
+                downtime += t - down_at
+                down_at = None
+    if not ready:
+        return None, first_down, math.inf
+    return back, first_down, downtime
+
+
+def message_loss(clients: list[dict[str, Any]], start: dict[str, int] | None,
+                 final: dict[str, int]) -> tuple[int, int, int]:  # fmt: skip
+    """(messages expected, lost, duplicated) over every subscription.
+
+    Expected are the messages published on each subscribed stream after ``start`` (the
+    stream positions at the restart) up to the end; without ``start``, after the first
+    message the subscription received.
+    """
+    expected = lost = dups = 0
+    for client in clients:
+        dups += client.get("duplicates", 0)
+        for stream, seen in client["seen"].items():
+            name = f"room-{stream}"
+            last = final.get(name, 0)
+            if start is not None:
+                first = start.get(name, 0) + 1
+            elif seen:
+                first = seen[0]
+            else:
+                continue
+            wanted = max(0, last - first + 1)
+            got = sum(1 for s in seen if first <= s <= last)
+            expected += wanted
+            lost += wanted - got
+    return expected, lost, dups
+
+
+def summarize(raw: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one row (times in seconds from the restart, or from the start)."""
+    clients = raw["clients"]
+    n = raw["spec"]["clients"]
+    since = raw["t_restart"] if raw["t_restart"] is not None else raw["t0"]
+    samples = raw["server"].get("samples", [])
+    until = raw["t_recovered"]
+    backs: list[float] = []
+    downs: list[float] = []
+    attempts = failed = refused = timeouts = stale = 0
+    max_inflight = 0
+    gave_up = 0
+    for client in clients:
+        back, _first_down, downtime = client_recovery(client, since)
+        if raw["t_restart"] is None:
+            # No restart: when did the client first become ready?
+            firsts = [t for kind, t, _ in client["events"] if kind == "R"]
+            back = firsts[0] if firsts else None
+            downtime = (back - since) if back is not None else math.inf
+        backs.append(math.inf if back is None else back - since)
+        downs.append(downtime)
+        max_inflight = max(max_inflight, client["max_inflight"])
+        gave_up += client["gave_up"]
+        for kind, t, extra in client["events"]:
+            if t < since:
+                continue
+            if kind == "c":
+                attempts += 1
+            elif kind == "f":
+                failed += 1
+                if extra == 503:
+                    refused += 1
+                elif extra in _TIMEOUT_ERRORS:
+                    timeouts += 1
+            elif kind == "t":
+                timeouts += 1
+            elif kind == "s":
+                stale += 1
+    missing = n - len(clients)
+    backs.extend([math.inf] * missing)
+    expected, lost, dups = message_loss(clients, raw.get("restart_seqs"), raw["final_seqs"])
+    lags = [lag for t, lag in raw["server"].get("lags", []) if since <= t <= until]
+    disrupted = sum(1 for c in clients if any(k == "U" and t >= since for k, t, _ in c["events"]))
+    return {
+        "clients": n,
+        "back_99": percentile(backs, 0.99),
+        "back_100": max(backs) if backs else math.nan,
+        "back_50": percentile(backs, 0.50),
+        "downtime_p50": percentile(downs, 0.50),
+        "downtime_p99": percentile(downs, 0.99),
+        "never_back": sum(1 for b in backs if math.isinf(b)),
+        "peak_handshakes_s": _rate_peak(samples, "handshakes", since, until),
+        "peak_commands_s": _rate_peak(samples, "commands", since, until),
+        "lag_p99_ms": 1000 * percentile(lags, 0.99) if lags else math.nan,
+        "lag_max_ms": 1000 * max(lags) if lags else math.nan,
+        "db_queue_peak": max(
+            (s["db_waiting_peak"] for s in samples if since <= s["t"] <= until), default=0.0
+        ),
+        "db_calls": (samples[-1]["db_calls"] - _at(samples, since, "db_calls")) if samples else 0,
+        "attempts": attempts,
+        "retries": max(0, attempts - (disrupted if raw["t_restart"] is not None else n)),
+        "failed": failed,
+        "refused": refused,
+        "timeouts": timeouts + stale,
+        "gave_up": gave_up,
+        "max_inflight": max_inflight,
+        "expected": expected,
+        "lost": lost,
+        "duplicated": dups,
+        "recovered": raw["recovered"],
+    }
+
+
+def _at(samples: list[dict[str, float]], t: float, key: str) -> float:
+    """A cumulative counter's value at the last sample before ``t``."""
+    value = samples[0][key] if samples else 0.0
+    for s in samples:
+        if s["t"] > t:
+            break
+        value = s[key]
+    return value
+
+
+def series(raw: dict[str, Any]) -> dict[str, list[float]]:
+    """Time series for the plots, time relative to the restart (or the start)."""
+    since = raw["t_restart"] if raw["t_restart"] is not None else raw["t0"]
+    samples = raw["server"].get("samples", [])
+    t, conns, hs, lag = [], [], [], []
+    for a, b in itertools.pairwise(samples):
+        dt = b["t"] - a["t"]
+        if dt <= 0:
+            continue
+        t.append(b["t"] - since)
+        conns.append(b["connections"])
+        hs.append((b["handshakes"] - a["handshakes"]) / dt)
+        lag.append(1000 * b["lag_max"])
+    ready_t = [p[0] - since for p in raw["timeline"]]
+    ready = [float(p[1]) for p in raw["timeline"]]
+    return {"t": t, "connections": conns, "handshakes": hs, "lag_ms": lag,
+            "ready_t": ready_t, "ready": ready}  # fmt: skip

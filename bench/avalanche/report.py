@@ -1,0 +1,149 @@
+"""Markdown tables and PNG plots (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if math.isinf(value):
+            return "never"
+        if value.is_integer() and abs(value) >= 100:
+            return f"{int(value):,}"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+RESTART_COLUMNS = [
+    ("row", "name"),
+    ("99% back (s)", "back_99"),
+    ("100% back (s)", "back_100"),
+    ("downtime p99 (s)", "downtime_p99"),
+    ("peak handshakes/s", "peak_handshakes_s"),
+    ("peak commands/s", "peak_commands_s"),
+    ("lag p99 (ms)", "lag_p99_ms"),
+    ("DB queue peak", "db_queue_peak"),
+    ("DB queries", "db_calls"),
+    ("timeouts", "timeouts"),
+    ("retries", "retries"),
+    ("refused (503)", "refused"),
+    ("lost", "lost"),
+    ("dup", "duplicated"),
+]
+
+CELEBRITY_COLUMNS = [
+    ("row", "name"),
+    ("50% ready (s)", "back_50"),
+    ("99% ready (s)", "back_99"),
+    ("100% ready (s)", "back_100"),
+    ("peak handshakes/s", "peak_handshakes_s"),
+    ("lag p99 (ms)", "lag_p99_ms"),
+    ("lag max (ms)", "lag_max_ms"),
+    ("DB queue peak", "db_queue_peak"),
+    ("timeouts", "timeouts"),
+    ("retries", "retries"),
+    ("refused (503)", "refused"),
+]
+
+SUBSCRIBE_COLUMNS = [
+    ("mode", "mode"),
+    ("clients", "clients"),
+    ("init p50 (s)", "init_p50"),
+    ("init p99 (s)", "init_p99"),
+    ("all ready (s)", "back_100"),
+    ("subscribes in flight (max)", "max_inflight"),
+    ("timeouts", "timeouts"),
+    ("lag p99 (ms)", "lag_p99_ms"),
+]
+
+
+def rows_table(columns: list[tuple[str, str]], summaries: list[dict[str, Any]]) -> str:
+    return table([c[0] for c in columns], [[s.get(key) for _, key in columns] for s in summaries])
+
+
+def plot_timeseries(path: Path, title: str, xlabel: str,
+                    series: dict[str, dict[str, list[float]]]) -> None:  # fmt: skip
+    """Three stacked panels, one line per strategy: connections, handshakes/s, loop lag."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 1, figsize=(10, 12), sharex=True)
+    panels = [
+        ("connections", "t", "open connections (server)"),
+        ("ready", "ready_t", "clients ready (all subscriptions)"),
+        ("handshakes", "t", "handshake attempts / s"),
+        ("lag_ms", "t", "event-loop lag (ms, max per 0.25 s)"),
+    ]
+    for ax, (key, tkey, label) in zip(axes, panels, strict=True):
+        for name, s in series.items():
+            ax.plot(s[tkey], s[key], label=name, linewidth=1.2)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title)
+    axes[0].legend(fontsize=8, ncol=2)
+    axes[-1].set_xlabel(xlabel)
+    axes[-1].set_yscale("symlog", linthresh=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_subscribe(path: Path, summaries: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode in ("concurrent", "linearized"):
+        pts = sorted((s["clients"], s["back_100"]) for s in summaries if s["mode"] == mode)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+    ax.set_xlabel("clients joining within 1 s")
+    ax.set_ylabel("time until all subscribed (s)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_backoff(path: Path, results: dict[str, dict[str, list[Any]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for strategy, points in results["brooker"].items():
+        xs = [p.clients for p in points]
+        ax1.plot(xs, [p.calls for p in points], marker=".", label=strategy)
+        ax2.plot(xs, [p.time_ms / 1000 for p in points], marker=".", label=strategy)
+    ax1.set_title("work: write calls (mean)")
+    ax2.set_title("completion time (s, mean)")
+    ax2.set_yscale("log")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("contending clients")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

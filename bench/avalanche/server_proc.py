@@ -1,0 +1,284 @@
+"""The server side of an avalanche run: one process, pinned to the server core.
+
+It holds what survives a restart in production — the broker (Redis in production: here one
+:class:`MemoryBroker` for stream history and the session cache) and the application that
+publishes (a ticker broadcasting sequence-numbered messages on every stream) — and runs the
+cable *nodes*: ``Server`` instances that come and go.  A **restart** replaces the node:
+
+- ``hard``: the node dies at once (its tasks are cancelled: every socket closes without a
+  close frame or a ``disconnect``, like a killed process); after ``boot_gap`` seconds a new
+  node listens on the same port.
+- ``drain``: a new node starts on the same port first (``SO_REUSEPORT``), the old one is taken
+  out of rotation (its listening socket stops accepting, as a load balancer does once
+  ``/health`` turns 503), then drains slowly (``server.drain()``: disconnects with
+  ``reconnect_after`` advice) and stops.
+
+Driven by the orchestrator over stdin (``restart hard|drain``, ``stop_publish``, ``quit``);
+reports JSON lines on stdout.  Usage: ``python -m bench.avalanche.server_proc SPEC.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from bench.avalanche import app as demo
+from trio_cable.broker.memory import MemoryBroker
+from trio_cable.config import Config
+from trio_cable.server import Server
+
+SAMPLE_INTERVAL = 0.25
+LAG_PROBE = 0.01
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON line for the orchestrator."""
+    sys.stdout.write(json.dumps({"event": event, "t": time.monotonic(), **fields}) + "\n")
+    sys.stdout.flush()
+
+
+class _DropAcceptErrors(logging.Filter):
+    """A node taken out of rotation keeps polling its shut-down listener (``accept`` fails
+    with EINVAL ten times a second until the node stops); those errors are expected here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("accept failed")
+
+
+def listen_socket(port: int) -> socket.socket:
+    """A listening socket that a second node may share during a handoff (``SO_REUSEPORT``)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass(eq=False)
+class Node:
+    """A running server node and the cancel scope that stops it."""
+
+    server: Server
+    scope: trio.CancelScope
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
+class Cluster:
+    """The broker, the current node, and every node ever started (for cumulative metrics)."""
+
+    spec: dict[str, Any]
+    broker: MemoryBroker
+    nursery: trio.Nursery
+    current: Node | None = None
+    nodes: list[Node] = field(default_factory=list)
+    live: set[Node] = field(default_factory=set)
+
+    async def start_node(self) -> Node:
+        """Start a node on the run's port; returns once it listens."""
+        config = Config(**{**self.spec["config"], "port": self.spec["port"]})
+        server = Server(config, demo.app, broker=self.broker)
+        # A pre-bound SO_REUSEPORT socket, so that old and new node can overlap in a handoff
+        # (Server.bind() uses the socket it already has).
+        server._listen_socket = listen_socket(self.spec["port"])
+        node = Node(server, trio.CancelScope())
+
+        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with node.scope:
+                    await server.serve(task_status=task_status)
+            finally:
+                self.live.discard(node)
+                node.done.set()
+
+        await self.nursery.start(run)
+        self.nodes.append(node)
+        self.live.add(node)
+        self.current = node
+        return node
+
+    async def restart(self, mode: str) -> None:
+        """Replace the current node (see the module docstring)."""
+        old = self.current
+        assert old is not None
+        if mode == "hard":
+            old.scope.cancel()
+            await old.done.wait()
+            await trio.sleep(self.spec.get("boot_gap", 1.0))
+            await self.start_node()
+        elif mode == "drain":
+            await self.start_node()
+            sock = old.server._listen_socket
+            if sock is not None:
+                # Out of rotation: the listener leaves the SO_REUSEPORT group, new
+                # connections all go to the new node.
+                sock.shutdown(socket.SHUT_RD)
+            await old.server.drain()
+            old.scope.cancel()
+            await old.done.wait()
+        else:
+            raise ValueError(f"unknown restart mode {mode!r}")
+
+
+@dataclass
+class Recorder:
+    """Time series sampled in the server process (one event loop for every node)."""
+
+    cluster: Cluster
+    samples: list[dict[str, float]] = field(default_factory=list)
+    lags: list[tuple[float, float]] = field(default_factory=list)
+    _window_lag: float = 0.0
+
+    def totals(self) -> dict[str, float]:
+        handshakes = refused = commands = 0.0
+        for node in self.cluster.nodes:
+            m = node.server.metrics
+            handshakes += m.connections_total + m.handshakes_failed_total
+            refused += sum(m.labeled["handshakes_refused_total"].values())
+            commands += m.commands_total
+        live = list(self.cluster.live)
+        return {
+            "connections": float(sum(len(n.server.connections) for n in live)),
+            "handshakes": handshakes,
+            "refused": refused,
+            "commands": commands,
+            "callbacks": float(sum(n.server.callback_limiter.borrowed_tokens for n in live)),
+            "callback_limit": float(sum(n.server.callback_limiter.total_tokens for n in live)),
+        }
+
+    async def lag_probe(self) -> None:
+        """How late a 10 ms timer fires: the time every ready task waits for the CPU."""
+        while True:
+            before = time.monotonic()
+            await trio.sleep(LAG_PROBE)
+            now = time.monotonic()
+            lag = max(0.0, now - before - LAG_PROBE)
+            self.lags.append((now, lag))
+            self._window_lag = max(self._window_lag, lag)
+
+    async def sampler(self) -> None:
+        while True:
+            sample = {"t": time.monotonic(), **self.totals()}
+            sample["lag_max"] = self._window_lag
+            sample["db_waiting_peak"] = float(demo.stats.waiting_peak)
+            sample["db_busy"] = float(demo.stats.busy())
+            sample["db_calls"] = float(demo.stats.calls)
+            self._window_lag = 0.0
+            demo.stats.waiting_peak = demo.stats.waiting()
+            self.samples.append(sample)
+            await trio.sleep(SAMPLE_INTERVAL)
+
+
+async def publisher(broker: MemoryBroker, spec: dict[str, Any], seqs: dict[str, int],
+                    stop: trio.Event) -> None:  # fmt: skip
+    """Broadcast ``{"seq": n}`` on every stream, each every ``msg_interval`` seconds, spread
+    evenly in 0.1 s ticks (round robin over the streams)."""
+    streams = [f"room-{k}" for k in range(spec["streams"])]
+    per_tick = len(streams) * 0.1 / spec["msg_interval"]
+    owed = 0.0
+    index = 0
+    while not stop.is_set():
+        owed += per_tick
+        for _ in range(int(owed)):
+            stream = streams[index % len(streams)]
+            index += 1
+            seqs[stream] = seqs.get(stream, 0) + 1
+            await broker.publish(stream, json.dumps({"seq": seqs[stream]}))
+        owed -= int(owed)
+        await trio.sleep(0.1)
+
+
+async def control(cluster: Cluster, recorder: Recorder, seqs: dict[str, int],
+                  stop_publishing: trio.Event) -> None:  # fmt: skip
+    """Read commands from stdin until ``quit``."""
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buffer = b""
+    async with trio.open_nursery() as nursery:
+        while True:
+            chunk = await stdin.receive_some(4096)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                words = line.decode().split()
+                if not words:
+                    continue
+                if words[0] == "restart":
+
+                    async def do_restart(mode: str = words[1]) -> None:
+                        emit("restart_begin", mode=mode, seqs=dict(seqs))
+                        await cluster.restart(mode)
+                        emit("restart_done", mode=mode)
+
+                    nursery.start_soon(do_restart)
+                elif words[0] == "stop_publish":
+                    stop_publishing.set()
+                    await trio.sleep(0.15)  # the ticker's last batch
+                    emit("final", seqs=seqs)
+                elif words[0] == "quit":
+                    with open(cluster.spec["samples_out"], "w") as f:
+                        json.dump(
+                            {
+                                "samples": recorder.samples,
+                                "lags": recorder.lags,
+                                "metrics": [n.server.metrics.snapshot() for n in cluster.nodes],
+                            },
+                            f,
+                        )
+                    emit("bye")
+                    nursery.cancel_scope.cancel()
+                    return
+
+
+async def amain(spec: dict[str, Any]) -> None:
+    cost = spec.get("cost", {})
+    demo.cost.cpu_ms = cost.get("cpu_ms", demo.cost.cpu_ms)
+    demo.cost.db_pool = cost.get("db_pool", demo.cost.db_pool)
+    demo.cost.db_ms = cost.get("db_ms", demo.cost.db_ms)
+    config = spec["config"]
+    broker = MemoryBroker(
+        history_limit=config.get("history_limit", 100), history_ttl=config.get("history_ttl", 300)
+    )
+    seqs: dict[str, int] = {}
+    stop_publishing = trio.Event()
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(spec, broker, nursery)
+        recorder = Recorder(cluster)
+        await cluster.start_node()
+        nursery.start_soon(recorder.lag_probe)
+        nursery.start_soon(recorder.sampler)
+        nursery.start_soon(publisher, broker, spec, seqs, stop_publishing)
+        emit("ready", port=spec["port"])
+        await control(cluster, recorder, seqs, stop_publishing)
+        nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    core = spec.get("core")
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    logging.basicConfig(
+        level=spec.get("log_level", "WARNING"),
+        format="%(asctime)s server %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropAcceptErrors())
+    trio.run(amain, spec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""One trial: a server process, load-generator processes, an optional restart, the raw data.
+
+The orchestrator (this process) pins itself to the client core with the load generators;
+the server process gets a core of its own.  Every wait is bounded (``max_wait``), and the
+child processes are killed on the way out whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "avalanche-bench-secret-0123456789abcdef"  # loopback-only benchmark secret
+_BOOT = 1.5  # seconds for a child process to import trio_cable and start
+
+
+@dataclass
+class ClientOpts:
+    """How the clients of a row behave (trio_cable.client.open_cable arguments)."""
+
+    subprotocol: str = "actioncable-v1-ext-json"
+    strategy: str = "full_jitter"
+    base: float = 0.5
+    cap: float = 30.0
+    linearized: bool = True
+    resume: bool = True
+    jwt: bool = False
+    signed: bool = False
+    subscribe_timeout: float = 5.0
+    connect_timeout: float = 10.0
+    ping_interval: float = 10.0
+
+
+@dataclass
+class TrialSpec:
+    """Everything one trial needs."""
+
+    name: str
+    clients: int
+    subs: int = 5
+    streams: int = 100
+    msg_interval: float = 2.0  # seconds between two messages on one stream
+    server: dict[str, Any] = field(default_factory=dict)  # Config overrides
+    cost: dict[str, float] = field(default_factory=dict)  # demo app cost
+    client: ClientOpts = field(default_factory=ClientOpts)
+    restart: str | None = None  # None, "hard" or "drain"
+    ramp: float = 2.0  # seconds over which the clients start
+    steady: float = 2.0  # seconds all-ready before the restart
+    loadgens: int = 2
+    max_wait: float = 60.0  # bound on each waiting phase
+    settle: float = 2.0  # after recovery, before the publisher stops
+    boot_gap: float = 1.0  # hard restart: seconds without a listener
+
+
+# The cores this process may use before the orchestrator pins itself to the client core.
+_AVAILABLE = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def cores() -> tuple[int | None, int | None]:
+    """(server core, client core): the first and last available core, if two or more."""
+    available = _AVAILABLE
+    if len(available) < 2:
+        return None, None
+    return available[0], available[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Child:
+    """A child process speaking JSON lines on stdout and reading commands on stdin."""
+
+    def __init__(self, process: trio.Process, name: str) -> None:
+        self.process = process
+        self.name = name
+        self.events: dict[str, dict[str, Any]] = {}
+        self.last_status: dict[str, Any] = {}
+        self.changed = trio.Event()
+
+    async def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(line.encode() + b"\n")
+
+    async def lines(self) -> AsyncIterator[dict[str, Any]]:
+        assert self.process.stdout is not None
+        buffer = b""
+        while True:
+            chunk = await self.process.stdout.receive_some(1 << 16)
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if line.strip():
+                    yield json.loads(line)
+
+    async def pump(self, on_line: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Read lines until EOF, remembering the last of each event kind."""
+        async for item in self.lines():
+            if item.get("event") == "status":
+                self.last_status = item
+            else:
+                self.events[item["event"]] = item
+            if on_line is not None:
+                on_line(item)
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def wait_event(self, name: str, timeout: float) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while name not in self.events:
+                await self.changed.wait()
+        return self.events[name]
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL)
+
+
+async def _spawn(module: str, spec_path: Path, name: str, log: Path) -> Child:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", module, str(spec_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log.open("ab"),
+        cwd=str(ROOT),
+        env=env,
+    )
+    return Child(process, name)
+
+
+def _split(total: int, parts: int) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for k in range(parts):
+        count = total // parts + (1 if k < total % parts else 0)
+        if count:
+            out.append((start, count))
+        start += count
+    return out
+
+
+async def run_trial(
+    spec: TrialSpec, workdir: Path, on_progress: Callable[[str, int, int], None] | None = None
+) -> dict[str, Any]:
+    """Run one trial; returns the raw data (client records, server samples, timings)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    server_core, client_core = cores()
+    port = free_port()
+    tag = spec.name.replace(" ", "_").replace("+", "p").replace("/", "_")
+    server_spec = {
+        "port": port,
+        "config": {"log_level": "warning", **spec.server},
+        "cost": spec.cost,
+        "streams": spec.streams,
+        "msg_interval": spec.msg_interval,
+        "boot_gap": spec.boot_gap,
+        "samples_out": str(workdir / f"{tag}.server.json"),
+        "core": server_core,
+    }
+    server_path = workdir / f"{tag}.server_spec.json"
+    server_path.write_text(json.dumps(server_spec))
+    log = workdir / f"{tag}.log"
+    log.write_text("")
+    children: list[Child] = []
+    timeline: list[tuple[float, int, int]] = []  # (t, ready, connected), all load generators
+    progress = on_progress or (lambda phase, done, total: None)
+    try:
+        async with trio.open_nursery() as nursery:
+            server = await _spawn("bench.avalanche.server_proc", server_path, "server", log)
+            children.append(server)
+            nursery.start_soon(server.pump)
+            await server.wait_event("ready", 30)
+            start_at = time.monotonic() + _BOOT
+            gens: list[Child] = []
+            for k, (first, count) in enumerate(_split(spec.clients, spec.loadgens)):
+                gen_spec = {
+                    "url": f"ws://127.0.0.1:{port}/cable",
+                    "clients": [first, count],
+                    "subs": spec.subs,
+                    "streams": spec.streams,
+                    "client": {**asdict(spec.client), "secret": SECRET},
+                    "start_at": start_at,
+                    "ramp": spec.ramp,
+                    "core": client_core,
+                    "result_out": str(workdir / f"{tag}.clients{k}.json"),
+                    "seed": 7,
+                }
+                path = workdir / f"{tag}.loadgen{k}.json"
+                path.write_text(json.dumps(gen_spec))
+                gen = await _spawn("bench.avalanche.loadgen", path, f"loadgen{k}", log)
+                gens.append(gen)
+                children.append(gen)
+
+            def totals() -> tuple[int, int]:
+                return (
+                    sum(g.last_status.get("ready", 0) for g in gens),
+                    sum(g.last_status.get("connected", 0) for g in gens),
+                )
+
+            changed = trio.Event()
+
+            def on_status(item: dict[str, Any]) -> None:
+                nonlocal changed
+                if item.get("event") == "status":
+                    ready, connected = totals()
+                    timeline.append((time.monotonic(), ready, connected))
+                    changed.set()
+                    changed = trio.Event()
+
+            for gen in gens:
+                nursery.start_soon(gen.pump, on_status)
+
+            async def until(condition: Callable[[], bool], phase: str, timeout: float) -> bool:
+                with trio.move_on_after(timeout):
+                    while not condition():
+                        progress(phase, totals()[0], spec.clients)
+                        await changed.wait()
+                    progress(phase, totals()[0], spec.clients)
+                    return True
+                return False
+
+            t0 = start_at
+            initial_ok = await until(
+                lambda: totals()[0] >= spec.clients,
+                "connecting",
+                spec.ramp + _BOOT + spec.max_wait,
+            )
+            t_initial = time.monotonic()
+            t_restart = None
+            recovered = initial_ok
+            if spec.restart and initial_ok:
+                await trio.sleep(spec.steady)
+                t_restart = time.monotonic()
+                await server.send(f"restart {spec.restart}")
+                recovered = await until(
+                    lambda: "restart_done" in server.events and totals()[0] >= spec.clients,
+                    "recovering",
+                    spec.max_wait,
+                )
+            t_recovered = time.monotonic()
+            await trio.sleep(spec.settle)
+            await server.send("stop_publish")
+            final = await server.wait_event("final", 10)
+            await trio.sleep(1.5)  # the last messages reach the clients
+            for gen in gens:
+                await gen.send("finish")
+            with trio.move_on_after(60):
+                for gen in gens:
+                    await gen.wait_event("done", 60)
+            await server.send("quit")
+            with trio.move_on_after(30):
+                await server.wait_event("bye", 30)
+            nursery.cancel_scope.cancel()
+    finally:
+        for child in children:
+            child.kill()
+    clients: list[dict[str, Any]] = []
+    for k in range(len(_split(spec.clients, spec.loadgens))):
+        path = workdir / f"{tag}.clients{k}.json"
+        if path.exists():
+            clients.extend(json.loads(path.read_text()))
+    server_data_path = workdir / f"{tag}.server.json"
+    server_data = json.loads(server_data_path.read_text()) if server_data_path.exists() else {}
+    return {
+        "spec": asdict(spec),
+        "t0": t0,
+        "t_initial": t_initial,
+        "initial_ok": initial_ok,
+        "t_restart": t_restart,
+        "restart_begin": server.events.get("restart_begin"),
+        "restart_done": server.events.get("restart_done"),
+        "t_recovered": t_recovered,
+        "recovered": recovered,
+        "final_seqs": final.get("seqs", {}),
+        "restart_seqs": (server.events.get("restart_begin") or {}).get("seqs"),
+        "timeline": timeline,
+        "clients": clients,
+        "server": server_data,
+    }
