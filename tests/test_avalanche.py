@@ -349,3 +349,25 @@ async def test_draining_server_refuses_and_health_reports(nursery):
     _, head = await RawClient.open(server.port)
     assert head.startswith(b"HTTP/1.1 503")
     assert server.metrics.labeled["handshakes_refused_total"]["draining"] == 1
+
+
+async def test_handing_the_port_to_a_replacement_node(nursery, config, connect):
+    """A node stops accepting (keeping its clients) and a new node takes over the port; a
+    pre-bound listening socket can be handed to a Server."""
+    import socket as socketlib
+
+    listener = socketlib.create_server(("127.0.0.1", 0))
+    old = await nursery.start(Server(config, make_app(), listen_socket=listener).serve)
+    port = old.port
+    async with connect(to=old) as client:
+        await client.subscribe(json.dumps({"channel": "EchoChannel"}))
+        old.stop_accepting()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
+        config.port = port
+        new = await nursery.start(Server(config, make_app()).serve)
+        assert new.port == port
+        assert await _open_welcomed(port)
+        # The old node still serves the client it has.
+        await client.perform(json.dumps({"channel": "EchoChannel"}), "echo", still=1)
+        assert (await client.recv())["message"] == {"action": "echo", "still": 1}

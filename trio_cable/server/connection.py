@@ -226,7 +226,19 @@ class Connection:
         if self._held is not None:
             self._held.append((frame, stream, offset))
             return
-        self._write(frame)
+        if self._queue or self.state is not State.OPEN:
+            self._write(frame)
+            return
+        # The common case, inlined: one non-blocking send straight to the kernel.
+        try:
+            sent = self.sock.send(frame)
+        except WOULD_BLOCK:
+            sent = 0
+        except OSError:
+            self._lost()
+            return
+        if sent < len(frame):
+            self._queue_rest(frame[sent:])
 
     def _write(self, frame: bytes) -> None:
         if self.state is not State.OPEN:
@@ -246,12 +258,16 @@ class Connection:
             self._lost()
             return
         if sent < len(frame):
-            rest = frame[sent:]
-            if queue is None:
-                queue = self._queue = deque()
-            queue.append(rest)
-            self._queued_bytes += len(rest)
-            self._start_writer()
+            self._queue_rest(frame[sent:])
+
+    def _queue_rest(self, rest: bytes) -> None:
+        """The socket took part of a frame: queue the rest and start the writer."""
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        queue.append(rest)
+        self._queued_bytes += len(rest)
+        self._start_writer()
 
     def _start_writer(self) -> None:
         if self._writer_running or self._nursery is None:

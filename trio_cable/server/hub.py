@@ -28,7 +28,10 @@ class Hub:
         on_first: Callable[[str], None] = lambda stream: None,
         on_last: Callable[[str], None] = lambda stream: None,
     ) -> None:
-        self._streams: dict[str, dict[str, set[Connection]]] = {}
+        # stream -> identifier -> (codec, extended) -> connections.  Grouping by the wire
+        # format at subscribe time leaves the broadcast loop nothing to do per recipient but
+        # hand over the shared frame.
+        self._streams: dict[str, dict[str, dict[tuple[Codec, bool], set[Connection]]]] = {}
         self._metrics = metrics
         # Tell the broker when this node starts / stops caring about a stream.
         self._on_first = on_first
@@ -43,26 +46,39 @@ class Hub:
         if groups is None:
             groups = self._streams[stream] = {}
             self._on_first(stream)
-        groups.setdefault(identifier, set()).add(conn)
+        kinds = groups.get(identifier)
+        if kinds is None:
+            kinds = groups[identifier] = {}
+        kinds.setdefault((conn.codec, conn.extended), set()).add(conn)
 
     def remove(self, stream: str, identifier: str, conn: Connection) -> None:
         """Undo :meth:`add`; unknown entries are ignored."""
         groups = self._streams.get(stream)
         if groups is None:
             return
-        conns = groups.get(identifier)
+        kinds = groups.get(identifier)
+        if kinds is None:
+            return
+        key = (conn.codec, conn.extended)
+        conns = kinds.get(key)
         if conns is None:
             return
         conns.discard(conn)
         if not conns:
-            del groups[identifier]
-            if not groups:
-                del self._streams[stream]
-                self._on_last(stream)
+            del kinds[key]
+            if not kinds:
+                del groups[identifier]
+                if not groups:
+                    del self._streams[stream]
+                    self._on_last(stream)
 
     def subscribers(self, stream: str) -> int:
         """Number of (connection, identifier) pairs on *stream*."""
-        return sum(len(c) for c in self._streams.get(stream, {}).values())
+        return sum(
+            len(conns)
+            for kinds in self._streams.get(stream, {}).values()
+            for conns in kinds.values()
+        )
 
     def deliver(self, broadcast: Broadcast) -> int:
         """Fan *broadcast* out to local subscribers; return the number of frames written.
@@ -70,36 +86,37 @@ class Hub:
         Clients of the extended protocols get the stream position (``stream_id``, ``epoch``,
         ``offset``) with each stored message; plain Action Cable clients get none, exactly as
         Rails would send it."""
-        groups = self._streams.get(broadcast.stream)
+        stream = broadcast.stream
+        groups = self._streams.get(stream)
         self._metrics.broadcasts_total += 1
         if not groups:
             return 0
+        offset = broadcast.offset
         plain = BroadcastEncoder(broadcast.data)
         stored = plain
-        if broadcast.offset is not None:
+        if offset is not None:
             stored = BroadcastEncoder(
-                plain.message,
-                stream_id=broadcast.stream,
-                epoch=broadcast.epoch,
-                offset=broadcast.offset,
-                decode=False,
+                plain.message, stream_id=stream, epoch=broadcast.epoch, offset=offset, decode=False
             )
         exclude = broadcast.exclude_socket
         sent = 0
-        # Snapshot: a write may fail and close a connection, which mutates these sets.
-        for identifier, conns in list(groups.items()):
-            frames: dict[tuple[Codec, bool], bytes] = {}
-            for conn in list(conns):
-                if exclude is not None and conn.sid == exclude:
-                    continue
-                key = (conn.codec, conn.extended)
-                frame = frames.get(key)
-                if frame is None:
-                    encoder = stored if conn.extended else plain
-                    payload = encoder.encode(conn.codec, identifier)
-                    frame = build_frame(OP_BINARY if conn.codec.binary else OP_TEXT, payload)
-                    frames[key] = frame
-                conn.send_broadcast(frame, broadcast.stream, broadcast.offset)
-                sent += 1
+        # Snapshots of the dicts: a send never subscribes or unsubscribes synchronously (a
+        # failed connection leaves the hub later, from its own task), but a channel callback
+        # triggered elsewhere might, and iteration must not see that.
+        for identifier, kinds in list(groups.items()):
+            for (codec, extended), conns in list(kinds.items()):
+                encoder = stored if extended else plain
+                frame = build_frame(
+                    OP_BINARY if codec.binary else OP_TEXT, encoder.encode(codec, identifier)
+                )
+                if exclude is None:
+                    for conn in list(conns):
+                        conn.send_broadcast(frame, stream, offset)
+                    sent += len(conns)
+                else:
+                    for conn in list(conns):
+                        if conn.sid != exclude:
+                            conn.send_broadcast(frame, stream, offset)
+                            sent += 1
         self._metrics.broadcast_frames_total += sent
         return sent

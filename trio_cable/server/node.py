@@ -13,6 +13,7 @@ Embedding::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import resource
@@ -93,7 +94,10 @@ class Server:
         app: CableApp | None = None,
         *,
         broker: Broker | None = None,
+        listen_socket: socket.socket | None = None,
     ) -> None:
+        """*listen_socket*, when given, is an already bound and listening socket to serve on
+        (a supervisor's, or one handed over by a node being replaced)."""
         self.config = config = (config or Config()).validate()
         self.app = app or CableApp()
         self.metrics = Metrics()
@@ -115,6 +119,11 @@ class Server:
         self._channels.update(self.app.channels)
         self._ping_groups: dict[float, set[Connection]] = {}
         self._listen_socket: socket.socket | None = None
+        self._port: int | None = None
+        if listen_socket is not None:
+            listen_socket.setblocking(False)
+            self._listen_socket = listen_socket
+            self._port = int(listen_socket.getsockname()[1])
         self.started_at = time.time()
         # Admission control.
         self.handshake_bucket = TokenBucket(config.handshake_rate, config.handshake_rate)
@@ -150,9 +159,9 @@ class Server:
     @property
     def port(self) -> int:
         """The bound TCP port (useful with ``port=0``)."""
-        if self._listen_socket is None:
+        if self._port is None:
             raise RuntimeError("server is not listening yet")
-        return int(self._listen_socket.getsockname()[1])
+        return self._port
 
     @property
     def url(self) -> str:
@@ -193,6 +202,8 @@ class Server:
                 log.info("trio_cable listening on %s", self.url)
                 task_status.started(self)
                 await self._accept_loop(sock, nursery)
+                # Not accepting any more (stop_accepting): serve the connections we have.
+                await trio.sleep_forever()
         finally:
             self.broker.unbind(self.hub.deliver)
             close_socket(sock)
@@ -214,17 +225,33 @@ class Server:
             ) from exc
         sock.setblocking(False)
         self._listen_socket = sock
+        self._port = int(sock.getsockname()[1])
         return sock
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket: no new connections reach this node (the existing ones
+        are served on).  For handing the port to a replacement node; a drain alone keeps
+        answering new clients with 503 and advice instead."""
+        sock = self._listen_socket
+        if sock is not None and sock.fileno() != -1:
+            close_socket(sock)
 
     async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
         while True:
-            await trio.lowlevel.wait_readable(listener)
+            try:
+                await trio.lowlevel.wait_readable(listener)
+            except trio.ClosedResourceError:
+                return  # stop_accepting()
             for _ in range(_ACCEPT_BATCH):
+                if listener.fileno() == -1:
+                    return
                 try:
                     sock, addr = listener.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
+                    if exc.errno in (errno.EBADF, errno.EINVAL):
+                        return  # the listening socket was closed or shut down
                     # EMFILE and friends: back off instead of spinning on a readable socket.
                     log.error("accept failed: %s", exc)
                     await trio.sleep(0.1)
