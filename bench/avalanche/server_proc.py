@@ -87,10 +87,10 @@ class Cluster:
     async def start_node(self) -> Node:
         """Start a node on the run's port; returns once it listens."""
         config = Config(**{**self.spec["config"], "port": self.spec["port"]})
-        server = Server(config, demo.app, broker=self.broker)
-        # A pre-bound SO_REUSEPORT socket, so that old and new node can overlap in a handoff
-        # (Server.bind() uses the socket it already has).
-        server._listen_socket = listen_socket(self.spec["port"])
+        # A pre-bound SO_REUSEPORT socket, so that old and new node can overlap in a handoff.
+        server = Server(
+            config, demo.app, broker=self.broker, listen_socket=listen_socket(self.spec["port"])
+        )
         node = Node(server, trio.CancelScope())
 
         async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -118,11 +118,9 @@ class Cluster:
             await self.start_node()
         elif mode == "drain":
             await self.start_node()
-            sock = old.server._listen_socket
-            if sock is not None:
-                # Out of rotation: the listener leaves the SO_REUSEPORT group, new
-                # connections all go to the new node.
-                sock.shutdown(socket.SHUT_RD)
+            # Out of rotation: the old listener leaves the SO_REUSEPORT group, so new
+            # connections all go to the new node; the old one keeps its clients to drain.
+            old.server.stop_accepting()
             await old.server.drain()
             old.scope.cancel()
             await old.done.wait()
