@@ -302,3 +302,47 @@ async def test_restore_with_a_token_of_another_identity_is_refused(nursery, conf
         sid = json.loads(await ws.get_message())["sid"]
     async with open_websocket_url(f"{url}?jid={alice}&sid={sid}", subprotocols=proto) as ws:
         assert json.loads(await ws.get_message())["restored"] is True
+
+
+async def test_subscribe_with_history_while_subscribed_awaits(nursery, config):
+    """Broadcasts published while an async subscribed() runs come after the history, once."""
+    import json
+
+    from trio_websocket import open_websocket_url
+
+    from trio_cable import CableApp, Channel
+
+    app = CableApp()
+    entered = trio.Event()
+    proceed = trio.Event()
+
+    @app.channel
+    class SlowStart(Channel):
+        async def subscribed(self) -> None:
+            self.stream_from("slow")
+            self.transmit({"hello": True})
+            entered.set()
+            await proceed.wait()
+
+    server = await nursery.start(Server(config, app).serve)
+    for n in range(3):
+        await server.broadcast("slow", n)
+    ident = json.dumps({"channel": "SlowStart"})
+    url = f"ws://127.0.0.1:{server.port}/cable"
+    async with open_websocket_url(url, subprotocols=["actioncable-v1-ext-json"]) as ws:
+        await ws.get_message()
+        command = {"command": "subscribe", "identifier": ident, "history": {"since": 0}}
+        await ws.send_message(json.dumps(command))
+        await entered.wait()
+        for n in range(3, 6):
+            await server.broadcast("slow", n)  # live, while subscribed() awaits
+        proceed.set()
+        got = [json.loads(await ws.get_message()) for _ in range(9)]
+        with trio.move_on_after(0.5):
+            while True:  # nothing else, in particular no second copy of 3, 4, 5
+                extra = json.loads(await ws.get_message())
+                assert extra["type"] == "ping", extra
+    assert got[0]["message"] == {"hello": True}
+    assert got[1]["type"] == "confirm_subscription"
+    assert [m["message"] for m in got[2:8]] == [0, 1, 2, 3, 4, 5]
+    assert got[8]["type"] == "confirm_history"

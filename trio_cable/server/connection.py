@@ -908,6 +908,11 @@ class Connection:
         # Registered before subscribed() runs so that transmit() and stream_from() work
         # inside it; a duplicate subscribe arriving meanwhile is ignored by the check above.
         self.subscriptions[identifier] = channel
+        held_here = command.history is not None and self.extended and self._held is None
+        if held_here:
+            # Broadcasts that arrive while subscribed() awaits must not overtake the history
+            # the client asked for: they wait, and those the history covers are dropped.
+            self._held = []
         try:
             if cls.app_callbacks:
                 async with server.callback_limiter:
@@ -922,6 +927,8 @@ class Connection:
             channel.stop_all_streams()
             self.subscriptions.pop(identifier, None)
             self._reject(identifier)
+            if held_here:
+                self.release_held()
             return
         server.metrics.subscriptions_total += 1
         self.send_message(cable.confirm_subscription(identifier))
@@ -936,12 +943,22 @@ class Connection:
         channel = self.subscriptions.get(identifier)
         if channel is None or not self.extended:
             server.metrics.history_rejected_total += 1
-            self.send_message(cable.reject_history(identifier))
+            self._history_done(identifier, cable.reject_history(identifier))
             return
         positions = request.get("streams") or {}
         since = request.get("since")
         if self._held is None:
             self._held = []
+        else:
+            # What waits that is not a broadcast (transmissions, confirm_subscription, pings)
+            # goes out now, before the history; only broadcasts keep waiting.
+            keep = []
+            for item in self._held:
+                if item[1] is None:
+                    self._write(item[0])
+                else:
+                    keep.append(item)
+            self._held = keep
         try:
             entries: list[tuple[str, HistoryEntry]] = []
             # Only the subscription's own streams: a client cannot read others' history.
