@@ -95,9 +95,11 @@ class InvalidCommand(Exception):
 # (or worse, a stack overflow on small thread stacks) on something like "[" * 100_000, so the depth
 # is measured before decoding, without recursion.
 
-# A JSON string literal (in the unrolled form, which the regex engine runs without backtracking
-# blowup), an opening bracket (group 1) or a closing bracket (group 2).
-_DEPTH_TOKENS_STR = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|([\[{])|([\]}])', re.DOTALL)
+# One token per match (an escape pair, a quote or a bracket) and no alternation that can
+# backtrack: linear on any input.  A pattern matching whole string literals is quadratic on an
+# unterminated string of escaped quotes (each quote restarts a scan to the end), which one
+# client could use to stall the event loop for minutes.
+_DEPTH_TOKENS_STR = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
 
 
 def _json_depth_ok(text: str, max_depth: int) -> bool:
@@ -111,12 +113,18 @@ def _json_depth_ok(text: str, max_depth: int) -> bool:
     if text.count("[") + text.count("{") <= max_depth:
         return True
     depth = 0
+    in_string = False
     for match in _DEPTH_TOKENS_STR.finditer(text):
-        if match.lastindex == 1:
+        token = match.group()
+        if token == '"':
+            in_string = not in_string
+        elif in_string or token[0] == "\\":
+            continue  # brackets inside strings, and escapes, do not nest
+        elif token in "[{":
             depth += 1
             if depth > max_depth:
                 return False
-        elif match.lastindex == 2:
+        else:
             depth -= 1
     return True
 
