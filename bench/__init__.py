@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark command line; returns the exit status.
 
     ``avalanche|celebrity|subscribe|backoff`` go to :mod:`bench.avalanche` (issue 6),
-    ``rollout`` to :mod:`bench.rollout` (issue 7), everything else to :mod:`bench.cli`.
+    ``rollout`` to :mod:`bench.rollout` (issue 7), ``fuzz`` and ``soak`` to :mod:`bench.fuzz`
+    and :mod:`bench.soak` (issue 8), everything else to :mod:`bench.cli`.
     """
     import sys
 
@@ -27,6 +28,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.rollout import main as rollout_main
 
         return rollout_main(args[1:])
+    if args and args[0] == "fuzz":
+        from bench.fuzz import main as fuzz_main
+
+        return fuzz_main(args[1:])
+    if args and args[0] == "soak":
+        from bench.soak import main as soak_main
+
+        return soak_main(args[1:])
     from bench.cli import main as cli_main
 
     return cli_main(args)

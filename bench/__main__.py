@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from bench.cli import main
+from bench import main
 
 sys.exit(main())
