@@ -346,3 +346,20 @@ async def test_subscribe_with_history_while_subscribed_awaits(nursery, config):
     assert got[1]["type"] == "confirm_subscription"
     assert [m["message"] for m in got[2:8]] == [0, 1, 2, 3, 4, 5]
     assert got[8]["type"] == "confirm_history"
+
+
+async def test_memory_broker_forgets_idle_streams_and_renews_their_epoch():
+    now = [0.0]
+    broker = MemoryBroker(history_limit=10, history_ttl=10, clock=lambda: now[0])
+    first = broker.store("old", 1)
+    for i in range(3000):  # ever-new stream names must not grow memory for ever
+        broker.store(f"s{i}", i)
+        now[0] += 0.01
+    now[0] += 20
+    for i in range(2048):  # enough writes to run the periodic sweep
+        broker.store("hot", i)
+    assert len(broker._histories) < 100
+    again = broker.store("old", 2)
+    assert again.epoch != first.epoch and again.offset == 1
+    with pytest.raises(HistoryUnavailable):
+        await broker.history_since_offset("old", first.epoch, first.offset)

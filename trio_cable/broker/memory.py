@@ -34,8 +34,10 @@ _SWEEP_EVERY = 1024
 
 @dataclass
 class _StreamHistory:
+    epoch: str
     next_offset: int = 1
     entries: deque[HistoryEntry] = field(default_factory=deque)
+    last_time: float = 0.0
 
 
 class MemoryBroker:
@@ -61,6 +63,10 @@ class MemoryBroker:
         self._histories: dict[str, _StreamHistory] = {}
         self._sessions: dict[str, tuple[float, dict[str, Any]]] = {}
         self._writes = 0
+        # Idle streams are forgotten (memory stays bounded however many stream names are
+        # used); a stream that comes back after that gets a new epoch, so that positions
+        # from its first life are refused instead of pointing into the new one.
+        self._generation = 0
         self.streams: dict[str, int] = {}  # stream -> nodes with local subscribers
 
     # -- nodes ---------------------------------------------------------------------------
@@ -98,17 +104,19 @@ class MemoryBroker:
         now = self.clock()
         history = self._histories.get(stream)
         if history is None:
-            history = self._histories[stream] = _StreamHistory()
+            epoch = self.epoch if not self._generation else f"{self.epoch}-{self._generation}"
+            history = self._histories[stream] = _StreamHistory(epoch)
         offset = history.next_offset
         history.next_offset += 1
+        history.last_time = now
         if self.history_limit > 0:
             entries = history.entries
-            entries.append(HistoryEntry(offset, now, data, self.epoch))
+            entries.append(HistoryEntry(offset, now, data, history.epoch))
             while len(entries) > self.history_limit:
                 entries.popleft()
             self._trim(history, now)
         self._count_write(now)
-        return Broadcast(stream, data, self.epoch, offset, exclude_socket)
+        return Broadcast(stream, data, history.epoch, offset, exclude_socket)
 
     async def publish_command(self, command: dict[str, Any]) -> None:
         for on_command in list(self._nodes.values()):
@@ -125,9 +133,10 @@ class MemoryBroker:
     async def history_since_offset(
         self, stream: str, epoch: str, offset: int
     ) -> list[HistoryEntry]:
-        if epoch != self.epoch:
-            raise HistoryUnavailable(f"epoch {epoch!r} is gone (now {self.epoch!r})")
         history = self._histories.get(stream)
+        current = history.epoch if history is not None else self.epoch
+        if epoch != current:
+            raise HistoryUnavailable(f"epoch {epoch!r} is gone (now {current!r})")
         last = history.next_offset - 1 if history else 0
         if offset > last:
             raise HistoryUnavailable(f"offset {offset} is ahead of the stream ({last})")
@@ -171,6 +180,8 @@ class MemoryBroker:
         for sid in [s for s, (expires, _) in self._sessions.items() if expires <= now]:
             del self._sessions[sid]
         horizon = now - self.history_ttl
-        for history in self._histories.values():
-            if history.entries and history.entries[-1].time < horizon:
-                history.entries.clear()
+        idle = [s for s, h in self._histories.items() if h.last_time < horizon]
+        for stream in idle:
+            del self._histories[stream]
+        if idle:
+            self._generation += 1
