@@ -293,5 +293,17 @@ def write(
             if png is not None:
                 lines += ["", f"![{name}](plots/{png.name})"]
             lines.append("")
+    # Suites with their own runners and write-ups (issues 6, 7 and 8).
+    rollout = results_dir / "rollout.md"
+    if rollout.exists():
+        lines += [rollout.read_text().replace("](../plots/", "](plots/"), ""]
+    lines += [
+        "## Other results",
+        "",
+        "- Avalanche experiments (restart matrix, celebrity, subscribe, backoff simulation): "
+        "[avalanche/RESULTS.md](avalanche/RESULTS.md)",
+        "- Fuzz campaign and soak: [RESULTS-hardening.md](RESULTS-hardening.md)",
+        "",
+    ]
     out.write_text("\n".join(lines))
     return out
