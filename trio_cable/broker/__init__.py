@@ -49,6 +49,35 @@ Deliver = Callable[[Broadcast], object]
 CommandHandler = Callable[[dict[str, Any]], object]
 
 
+class LocalNodes:
+    """The bookkeeping every broker shares: which nodes of this process are attached, and
+    how many of them have local subscribers per stream."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[Deliver, CommandHandler] = {}
+        self.streams: dict[str, int] = {}  # stream -> nodes with local subscribers
+
+    def bind(self, deliver: Deliver, on_command: CommandHandler) -> None:
+        """Attach a node: it receives every broadcast and node command from now on."""
+        self._nodes[deliver] = on_command
+
+    def unbind(self, deliver: Deliver) -> None:
+        """Detach a node (when it stops)."""
+        self._nodes.pop(deliver, None)
+
+    def subscribe(self, stream: str) -> None:
+        """A node here now has local subscribers of *stream*."""
+        self.streams[stream] = self.streams.get(stream, 0) + 1
+
+    def unsubscribe(self, stream: str) -> None:
+        """A node here no longer has local subscribers of *stream*."""
+        count = self.streams.get(stream, 0) - 1
+        if count > 0:
+            self.streams[stream] = count
+        else:
+            self.streams.pop(stream, None)
+
+
 class Broker(Protocol):
     """What a server node needs from a broker."""
 

@@ -21,10 +21,9 @@ import trio
 
 from trio_cable.broker import (
     Broadcast,
-    CommandHandler,
-    Deliver,
     HistoryEntry,
     HistoryUnavailable,
+    LocalNodes,
 )
 
 # Sweep expired sessions and idle histories every this many writes, so memory stays bounded
@@ -40,7 +39,7 @@ class _StreamHistory:
     last_time: float = 0.0
 
 
-class MemoryBroker:
+class MemoryBroker(LocalNodes):
     """Broadcast fan-out, stream history and sessions inside this process.
 
     ``history_limit`` messages per stream are kept for ``history_ttl`` seconds.  ``clock``
@@ -54,12 +53,12 @@ class MemoryBroker:
         history_ttl: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__()
         self.history_limit = history_limit
         self.history_ttl = history_ttl
         self.clock = clock
         #: Changes whenever history is lost; a new broker is a new epoch.
         self.epoch = secrets.token_hex(4)
-        self._nodes: dict[Deliver, CommandHandler] = {}
         self._histories: dict[str, _StreamHistory] = {}
         self._sessions: dict[str, tuple[float, dict[str, Any]]] = {}
         self._writes = 0
@@ -67,7 +66,6 @@ class MemoryBroker:
         # used); a stream that comes back after that gets a new epoch, so that positions
         # from its first life are refused instead of pointing into the new one.
         self._generation = 0
-        self.streams: dict[str, int] = {}  # stream -> nodes with local subscribers
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -75,22 +73,6 @@ class MemoryBroker:
         """Nothing to connect to: ready at once."""
         task_status.started()
         await trio.sleep_forever()
-
-    def bind(self, deliver: Deliver, on_command: CommandHandler) -> None:
-        self._nodes[deliver] = on_command
-
-    def unbind(self, deliver: Deliver) -> None:
-        self._nodes.pop(deliver, None)
-
-    def subscribe(self, stream: str) -> None:
-        self.streams[stream] = self.streams.get(stream, 0) + 1
-
-    def unsubscribe(self, stream: str) -> None:
-        count = self.streams.get(stream, 0) - 1
-        if count > 0:
-            self.streams[stream] = count
-        else:
-            self.streams.pop(stream, None)
 
     # -- publishing ----------------------------------------------------------------------
 

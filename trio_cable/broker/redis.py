@@ -86,10 +86,9 @@ from coredis.retry import NoRetryPolicy
 
 from trio_cable.broker import (
     Broadcast,
-    CommandHandler,
-    Deliver,
     HistoryEntry,
     HistoryUnavailable,
+    LocalNodes,
 )
 from trio_cable.config import ConfigError
 from trio_cable.protocol import cable
@@ -200,7 +199,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisBroker:
+class RedisBroker(LocalNodes):
     """Broadcasts, history and sessions shared through Redis by any number of nodes.
 
     ``history_limit`` messages per stream are kept for ``history_ttl`` seconds.  Every
@@ -221,6 +220,7 @@ class RedisBroker:
         max_connections: int = 32,
         barrier_timeout: float = 1.0,
     ) -> None:
+        super().__init__()
         self.url = url
         self.history_limit = history_limit
         self.history_ttl = history_ttl
@@ -250,8 +250,6 @@ class RedisBroker:
             ),
             0,
         )
-        self.streams: dict[str, int] = {}  # stream -> nodes with local subscribers
-        self._nodes: dict[Deliver, CommandHandler] = {}
         self._client: coredis.Redis[bytes] | None = None
         self._running = False
         self._ready = trio.Event()
@@ -507,25 +505,10 @@ class RedisBroker:
 
     # -- nodes ---------------------------------------------------------------------------
 
-    def bind(self, deliver: Deliver, on_command: CommandHandler) -> None:
-        """Attach a node's hub and command handler."""
-        self._nodes[deliver] = on_command
-
-    def unbind(self, deliver: Deliver) -> None:
-        """Detach a node."""
-        self._nodes.pop(deliver, None)
-
-    def subscribe(self, stream: str) -> None:
-        """A node here watches *stream* (pub/sub carries every stream anyway)."""
-        self.streams[stream] = self.streams.get(stream, 0) + 1
-
     def unsubscribe(self, stream: str) -> None:
-        """A node here stopped watching *stream*."""
-        count = self.streams.get(stream, 0) - 1
-        if count > 0:
-            self.streams[stream] = count
-        else:
-            self.streams.pop(stream, None)
+        """A node here stopped watching *stream* (pub/sub carries every stream anyway)."""
+        super().unsubscribe(stream)
+        if stream not in self.streams:
             self._delivered.pop(stream, None)
 
     # -- commands ------------------------------------------------------------------------

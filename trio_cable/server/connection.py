@@ -226,19 +226,7 @@ class Connection:
         if self._held is not None:
             self._held.append((frame, stream, offset))
             return
-        if self._queue or self.state is not State.OPEN:
-            self._write(frame)
-            return
-        # The common case, inlined: one non-blocking send straight to the kernel.
-        try:
-            sent = self.sock.send(frame)
-        except WOULD_BLOCK:
-            sent = 0
-        except OSError:
-            self._lost()
-            return
-        if sent < len(frame):
-            self._queue_rest(frame[sent:])
+        self._write(frame)
 
     def _write(self, frame: bytes) -> None:
         if self.state is not State.OPEN:
