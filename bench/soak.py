@@ -143,7 +143,9 @@ async def _serve(spec: dict[str, Any]) -> None:
             scope = trio.CancelScope()
             done = trio.Event()
 
-            async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async def run(
+                *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+            ) -> None:
                 try:
                     with scope:
                         await server.serve(task_status=task_status)

@@ -105,7 +105,7 @@ def restart_rows(scale: Scale) -> list[Row]:
         cap=30.0,
         linearized=False,
         resume=False,
-        **scale.client_timeouts,
+        **scale.client_timeouts,  # type: ignore[arg-type]  # two float fields
     )
     off = {**base_server, **ADMISSION_OFF}
     jitter = replace(naive_client, strategy="full_jitter", base=0.5)
@@ -165,7 +165,7 @@ def restart_specs(scale: Scale, clients: int, only: list[str] | None = None) -> 
 
 def celebrity_specs(scale: Scale, clients: int) -> list[TrialSpec]:
     """Everybody joins within one second, no restart: admission control off, then on."""
-    client = ClientOpts(**scale.client_timeouts)
+    client = ClientOpts(**scale.client_timeouts)  # type: ignore[arg-type]
     base = {"secret": SECRET, **scale.drain}
     return [
         _spec(scale, "admission off", clients, {**base, **ADMISSION_OFF}, client, None, 1.0),
@@ -179,7 +179,7 @@ def subscribe_specs(scale: Scale, loads: tuple[int, ...]) -> list[TrialSpec]:
     base = {"secret": SECRET, **scale.drain}
     for n in loads:
         for linearized in (False, True):
-            client = ClientOpts(linearized=linearized, **scale.client_timeouts)
+            client = ClientOpts(linearized=linearized, **scale.client_timeouts)  # type: ignore[arg-type]
             name = f"{'linearized' if linearized else 'concurrent'} {n}"
             out.append(_spec(scale, name, n, base, client, None, 1.0))
     return out
