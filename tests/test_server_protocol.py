@@ -511,3 +511,75 @@ async def test_many_clients_and_broadcast(server: Server, connect):
             await server.broadcast("many", {"n": n})
     assert len(results) == 50
     assert all(r == list(range(20)) for r in results)
+
+
+async def test_broadcasts_of_one_tick_share_a_send_and_keep_their_order(server: Server, connect):
+    """Broadcasts fanned out in one scheduler tick are coalesced: every client still gets each
+    exactly once, each publisher's messages in order, and fewer sends than frames."""
+    clients_n, publishers, per_publisher = 20, 5, 6
+    async with trio.open_nursery() as nursery:
+        results: list[list[tuple[int, int]]] = []
+        ready_all = [trio.Event() for _ in range(clients_n)]
+
+        async def one(i: int) -> None:
+            async with connect(ALL_PROTOCOLS[i % 4]) as c:
+                await c.subscribe(identifier(stream="tick"))
+                ready_all[i].set()
+                total = publishers * per_publisher
+                got = [(await c.recv())["message"] for _ in range(total)]
+                results.append([(m["p"], m["n"]) for m in got])
+
+        for i in range(clients_n):
+            nursery.start_soon(one, i)
+        for e in ready_all:
+            await e.wait()
+        before = server.metrics.coalesced_frames_total
+
+        async def publisher(p: int) -> None:
+            for n in range(per_publisher):
+                await server.broadcast("tick", {"p": p, "n": n})
+
+        async with trio.open_nursery() as pubs:
+            for p in range(publishers):
+                pubs.start_soon(publisher, p)
+    assert len(results) == clients_n
+    for got in results:
+        assert sorted(got) == [(p, n) for p in range(publishers) for n in range(per_publisher)]
+        for p in range(publishers):
+            assert [n for q, n in got if q == p] == list(range(per_publisher))
+    # Five publishers wake in the same tick: at least one frame per client rode along.
+    assert server.metrics.coalesced_frames_total - before >= clients_n
+
+
+async def test_a_senders_reply_follows_its_coalesced_broadcast(server: Server, connect):
+    """BenchmarkChannel's broadcast action broadcasts, then transmits broadcastResult; when
+    several senders act in one tick the broadcasts are corked, and each sender must still see
+    its own broadcast before its result (a corked connection's writes keep their order)."""
+    ident = identifier("BenchmarkChannel")
+    senders = 8
+    async with trio.open_nursery() as nursery:
+        orders: list[list[str]] = []
+        ready = [trio.Event() for _ in range(senders)]
+        go = trio.Event()
+
+        async def one(i: int) -> None:
+            async with connect() as c:
+                await c.subscribe(ident)
+                ready[i].set()
+                await go.wait()
+                await c.perform(ident, "broadcast", mine=i)
+                seen: list[str] = []
+                while "result" not in seen:
+                    msg = (await c.recv())["message"]
+                    if msg.get("mine") == i:
+                        seen.append("result" if msg.get("action") == "broadcastResult" else "own")
+                orders.append(seen)
+
+        for i in range(senders):
+            nursery.start_soon(one, i)
+        for e in ready:
+            await e.wait()
+        before = server.metrics.coalesced_frames_total
+        go.set()
+    assert orders == [["own", "result"]] * senders
+    assert server.metrics.coalesced_frames_total > before

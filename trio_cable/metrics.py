@@ -31,6 +31,7 @@ COUNTERS: dict[str, str] = {
     "subscriptions_rejected_total": "subscriptions rejected",
     "broadcasts_total": "publications fanned out by this node",
     "broadcast_frames_total": "broadcast frames written to clients",
+    "coalesced_frames_total": "frames that shared a send with an earlier frame (corked broadcasts)",
     "transmissions_total": "messages sent to single clients",
     "too_slow_total": "clients disconnected because their send queue overflowed",
     "callback_errors_total": "application callbacks that raised",
@@ -120,6 +121,7 @@ class Metrics:
     subscriptions_rejected_total: int
     broadcasts_total: int
     broadcast_frames_total: int
+    coalesced_frames_total: int
     transmissions_total: int
     too_slow_total: int
     callback_errors_total: int

@@ -85,6 +85,7 @@ class Connection:
         "_awaiting_history",
         "_busy",
         "_commands",
+        "_cork",
         "_drained",
         "_held",
         "_history_sent",
@@ -152,6 +153,9 @@ class Connection:
         self._parser = FrameParser(server.config.max_message_size)
         self._initial = initial_data
         self._queue: deque[bytes] | None = None  # only while the socket is backpressured
+        # Frames that wait for the hub's end-of-tick flush (see Hub.deliver): while this is
+        # set, every write joins it, so the connection's frames keep their order.
+        self._cork: list[bytes] | None = None
         self._queued_bytes = 0
         self._writer_running = False
         self._drained: trio.Event | None = None
@@ -228,9 +232,45 @@ class Connection:
             return
         self._write(frame)
 
+    def cork_broadcast(self, frame: bytes, stream: str, offset: int | None) -> bool:
+        """Like :meth:`send_broadcast`, but keep the frame for :meth:`uncork`, so that the
+        broadcasts of one scheduler tick reach this socket in one ``send``.  Return True when
+        this started the cork: the caller must then call :meth:`uncork` soon."""
+        if self._held is not None:
+            self._held.append((frame, stream, offset))
+            return False
+        if self.state is not State.OPEN:
+            return False
+        cork = self._cork
+        if cork is None:
+            self._cork = [frame]
+            return True
+        cork.append(frame)
+        return False
+
+    def uncork(self) -> None:
+        """Send the corked frames in one write (a close frame among them included)."""
+        cork = self._cork
+        if cork is None:
+            return
+        self._cork = None
+        if self.state is State.CLOSED:
+            return
+        if len(cork) == 1:
+            self._send(cork[0])
+        else:
+            self.server.metrics.coalesced_frames_total += len(cork) - 1
+            self._send(b"".join(cork))
+
     def _write(self, frame: bytes) -> None:
         if self.state is not State.OPEN:
             return  # nothing may follow our close frame (RFC 6455 5.5.1)
+        if self._cork is not None:
+            self._cork.append(frame)
+            return
+        self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
         queue = self._queue
         if queue:
             queue.append(frame)
@@ -299,6 +339,7 @@ class Connection:
 
     async def _flush(self) -> None:
         """Wait until the queue is written, at most ``close_timeout``."""
+        self.uncork()
         if self._queue and self._drained is not None and self.state is not State.CLOSED:
             with trio.move_on_after(self.server.config.close_timeout):
                 await self._drained.wait()
@@ -306,6 +347,7 @@ class Connection:
     def _too_slow(self) -> None:
         log.info("%r: send queue over %d bytes: too_slow", self, self.server.config.max_send_queue)
         self.server.metrics.too_slow_total += 1
+        self._cork = None
         self._queue = None
         self._queued_bytes = 0
         # Best effort: the socket is full, so the notice may not fit; the client then sees
@@ -332,6 +374,7 @@ class Connection:
     def _lost(self) -> None:
         """The socket is unusable: stop everything this connection does."""
         self.state = State.CLOSED
+        self._cork = None
         if self._queue:
             self._queue.clear()
         self._queued_bytes = 0

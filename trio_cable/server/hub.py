@@ -3,12 +3,22 @@
 A broadcast is decoded once, encoded once per (identifier, codec) group, framed once per
 group, and the same ``bytes`` frame is handed to every connection of the group with a
 non-blocking write: no task, channel or lock per recipient (ARCHITECTURE.md).
+
+Coalescing: on loopback or a LAN, nearly all of a broadcast's server CPU is the ``send``
+system call per recipient, whatever the frame's size.  When several broadcasts are fanned out
+in one scheduler tick (a busy chat room, websocket-bench's concurrent senders), the first goes
+out at once and the others are *corked*: appended to each recipient's cork and written by
+:meth:`Hub.run_flusher` in the next tick, one ``send`` per recipient for all of them.  A lone
+broadcast pays one extra task wake-up per broadcast, not per recipient; ordering per
+connection holds because every write to a corked connection joins its cork.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+import trio
 
 from trio_cable.broker import Broadcast
 from trio_cable.protocol.cable import BroadcastEncoder, Codec
@@ -36,6 +46,11 @@ class Hub:
         # Tell the broker when this node starts / stops caring about a stream.
         self._on_first = on_first
         self._on_last = on_last
+        # Coalescing (see the module docstring): the flusher task while it waits, whether a
+        # broadcast already went out in this tick, and the connections corked since.
+        self._flusher: trio.lowlevel.Task | None = None
+        self._in_tick = False
+        self._corked: list[Connection] = []
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -91,6 +106,14 @@ class Hub:
         self._metrics.broadcasts_total += 1
         if not groups:
             return 0
+        # The first broadcast of a tick goes out at once; later ones in the same tick are
+        # corked.  Without a flusher (a Hub outside a running Server) nothing is corked.
+        cork = self._in_tick
+        if not cork and self._flusher is not None:
+            self._in_tick = True
+            trio.lowlevel.reschedule(self._flusher)
+            self._flusher = None
+        corked = self._corked
         offset = broadcast.offset
         plain = BroadcastEncoder(broadcast.data)
         stored = plain
@@ -109,14 +132,39 @@ class Hub:
                 frame = build_frame(
                     OP_BINARY if codec.binary else OP_TEXT, encoder.encode(codec, identifier)
                 )
-                if exclude is None:
-                    for conn in list(conns):
+                for conn in list(conns):
+                    if exclude is not None and conn.sid == exclude:
+                        continue
+                    if not cork:
                         conn.send_broadcast(frame, stream, offset)
-                    sent += len(conns)
-                else:
-                    for conn in list(conns):
-                        if conn.sid != exclude:
-                            conn.send_broadcast(frame, stream, offset)
-                            sent += 1
+                    elif conn.cork_broadcast(frame, stream, offset):
+                        corked.append(conn)
+                    sent += 1
         self._metrics.broadcast_frames_total += sent
         return sent
+
+    def flush(self) -> None:
+        """Write every corked connection's frames and start a new tick."""
+        self._in_tick = False
+        corked, self._corked = self._corked, []
+        for conn in corked:
+            conn.uncork()
+
+    async def run_flusher(self) -> None:
+        """Flush corked broadcasts one tick after the first broadcast of a tick (a task of
+        the Server's; without it the hub never corks)."""
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            self._flusher = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        try:
+            while True:
+                self._flusher = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                # Woken by the tick's first broadcast; running now means the tasks that were
+                # runnable with it have had their turn.
+                self.flush()
+        finally:
+            self._flusher = None
+            self.flush()

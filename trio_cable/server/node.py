@@ -197,6 +197,7 @@ class Server:
                 if self.reactor is not None:
                     nursery.start_soon(self.reactor.run)
                 self.broker.bind(self.hub.deliver, self._on_command)
+                nursery.start_soon(self.hub.run_flusher)
                 nursery.start_soon(self._ping_ticker)
                 nursery.start_soon(self._lag_monitor)
                 log.info("trio_cable listening on %s", self.url)
