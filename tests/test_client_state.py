@@ -270,3 +270,22 @@ def test_resume_end_to_end_sans_io() -> None:
     assert sorted(delivered) == list(range(1, 21))
     assert len(delivered) == 20
     assert sub.duplicates == 3  # 8, 15, 16 came twice
+
+
+def test_since_before_any_ping_falls_back_to_our_clock_at_the_first_welcome() -> None:
+    """A server that does not ping at once: a subscription with nothing received must still
+    be able to ask for what it missed, so ``since`` comes from our clock, with a margin."""
+    import time
+
+    before = int(time.time())
+    s = ClientSession("actioncable-v1-ext-json")
+    assert s.history_since() is None
+    s.receive({"type": "welcome", "sid": "a"})
+    since = s.history_since()
+    assert since is not None and before - 6 <= since <= int(time.time()) - 5
+    # A later welcome does not move it; the server's clock wins once known.
+    s.connection_lost()
+    s.receive({"type": "welcome", "sid": "b"})
+    assert s.history_since() == since
+    s.receive({"type": "ping", "message": 1700000000})
+    assert s.history_since() == 1699999999

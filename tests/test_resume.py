@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import trio
@@ -90,15 +91,14 @@ async def test_sessions_expire(nursery, config):
     config.sessions_ttl = 0.3
     server = await nursery.start(Server(config).serve)
     url = f"ws://127.0.0.1:{server.port}/cable"
-    import json
 
     async with open_websocket_url(url, subprotocols=["actioncable-v1-ext-json"]) as ws:
-        sid = json.loads(await ws.get_message())["sid"]
+        sid = (await _next(ws))["sid"]
     await trio.sleep(0.6)
     async with open_websocket_url(
         f"{url}?sid={sid}", subprotocols=["actioncable-v1-ext-json"]
     ) as ws:
-        assert "restored" not in json.loads(await ws.get_message())
+        assert "restored" not in await _next(ws)
 
 
 @pytest.mark.parametrize("subprotocol", EXT)
@@ -140,24 +140,35 @@ async def test_history_that_cannot_be_served_is_rejected_whole(nursery, config, 
 
     url = f"ws://127.0.0.1:{server.port}/cable"
     async with open_websocket_url(url, subprotocols=["actioncable-v1-ext-json"]) as ws:
-        await ws.get_message()
+        await _next(ws)
         ident = json.dumps({"channel": "$pubsub", "signed_stream_name": _signed("h2")})
         await ws.send_message(json.dumps({"command": "subscribe", "identifier": ident}))
-        assert json.loads(await ws.get_message())["type"] == "confirm_subscription"
+        assert (await _next(ws))["type"] == "confirm_subscription"
         positions = json.loads(json.dumps(history).replace("EPOCH", epoch))
         await ws.send_message(
             json.dumps({"command": "history", "identifier": ident, "history": positions})
         )
-        assert json.loads(await ws.get_message()) == {"identifier": ident, "type": "reject_history"}
+        assert await _next(ws) == {"identifier": ident, "type": "reject_history"}
         # In the window it works.
         ok = {"streams": {"h2": {"epoch": epoch, "offset": 8}}}
         await ws.send_message(
             json.dumps({"command": "history", "identifier": ident, "history": ok})
         )
-        assert json.loads(await ws.get_message())["offset"] == 9
-        assert json.loads(await ws.get_message())["offset"] == 10
-        assert json.loads(await ws.get_message())["type"] == "confirm_history"
+        assert (await _next(ws))["offset"] == 9
+        assert (await _next(ws))["offset"] == 10
+        assert (await _next(ws))["type"] == "confirm_history"
     assert server.metrics.history_rejected_total == 1
+
+
+async def _next(ws: Any) -> Any:
+    """The next message that is not a ping (extended protocols get one right after the
+    welcome, then every ping_interval)."""
+    import json
+
+    while True:
+        message = json.loads(await ws.get_message())
+        if message.get("type") != "ping":
+            return message
 
 
 def _signed(stream: str) -> str:
@@ -249,23 +260,23 @@ async def test_two_nodes_share_one_memory_broker(nursery, config, connect):
     ident = json.dumps({"channel": "$pubsub", "signed_stream_name": _signed("shared")})
     proto = ["actioncable-v1-ext-json"]
     async with open_websocket_url(f"ws://127.0.0.1:{a.port}/cable", subprotocols=proto) as ws:
-        sid = json.loads(await ws.get_message())["sid"]
+        sid = (await _next(ws))["sid"]
         await ws.send_message(json.dumps({"command": "subscribe", "identifier": ident}))
-        assert json.loads(await ws.get_message())["type"] == "confirm_subscription"
+        assert (await _next(ws))["type"] == "confirm_subscription"
         await b.broadcast("shared", "from b")
-        message = json.loads(await ws.get_message())
+        message = await _next(ws)
         assert message["message"] == "from b"
     await a.broadcast("shared", "missed")
     async with open_websocket_url(
         f"ws://127.0.0.1:{b.port}/cable?sid={sid}", subprotocols=proto
     ) as ws:
-        assert json.loads(await ws.get_message())["restored_ids"] == [ident]
+        assert (await _next(ws))["restored_ids"] == [ident]
         history = {"streams": {"shared": {"epoch": message["epoch"], "offset": message["offset"]}}}
         await ws.send_message(
             json.dumps({"command": "history", "identifier": ident, "history": history})
         )
-        assert json.loads(await ws.get_message())["message"] == "missed"
-        assert json.loads(await ws.get_message())["type"] == "confirm_history"
+        assert (await _next(ws))["message"] == "missed"
+        assert (await _next(ws))["type"] == "confirm_history"
 
 
 async def test_session_ended_without_reconnect_is_not_resumable(server, connect):
@@ -282,7 +293,6 @@ async def test_session_ended_without_reconnect_is_not_resumable(server, connect)
 
 
 async def test_restore_with_a_token_of_another_identity_is_refused(nursery, config):
-    import json
 
     from trio_websocket import open_websocket_url
 
@@ -294,14 +304,14 @@ async def test_restore_with_a_token_of_another_identity_is_refused(nursery, conf
     alice = issue_token(config.secret, {"user": "alice"}, ttl=60)
     mallory = issue_token(config.secret, {"user": "mallory"}, ttl=60)
     async with open_websocket_url(f"{url}?jid={alice}", subprotocols=proto) as ws:
-        sid = json.loads(await ws.get_message())["sid"]
+        sid = (await _next(ws))["sid"]
     # Mallory learned the sid, but her token names another identity: no restore.
     async with open_websocket_url(f"{url}?jid={mallory}&sid={sid}", subprotocols=proto) as ws:
-        assert "restored" not in json.loads(await ws.get_message())
+        assert "restored" not in await _next(ws)
     async with open_websocket_url(f"{url}?jid={alice}", subprotocols=proto) as ws:
-        sid = json.loads(await ws.get_message())["sid"]
+        sid = (await _next(ws))["sid"]
     async with open_websocket_url(f"{url}?jid={alice}&sid={sid}", subprotocols=proto) as ws:
-        assert json.loads(await ws.get_message())["restored"] is True
+        assert (await _next(ws))["restored"] is True
 
 
 async def test_subscribe_with_history_while_subscribed_awaits(nursery, config):
@@ -330,17 +340,17 @@ async def test_subscribe_with_history_while_subscribed_awaits(nursery, config):
     ident = json.dumps({"channel": "SlowStart"})
     url = f"ws://127.0.0.1:{server.port}/cable"
     async with open_websocket_url(url, subprotocols=["actioncable-v1-ext-json"]) as ws:
-        await ws.get_message()
+        await _next(ws)
         command = {"command": "subscribe", "identifier": ident, "history": {"since": 0}}
         await ws.send_message(json.dumps(command))
         await entered.wait()
         for n in range(3, 6):
             await server.broadcast("slow", n)  # live, while subscribed() awaits
         proceed.set()
-        got = [json.loads(await ws.get_message()) for _ in range(9)]
+        got = [await _next(ws) for _ in range(9)]
         with trio.move_on_after(0.5):
             while True:  # nothing else, in particular no second copy of 3, 4, 5
-                extra = json.loads(await ws.get_message())
+                extra = await _next(ws)
                 assert extra["type"] == "ping", extra
     assert got[0]["message"] == {"hello": True}
     assert got[1]["type"] == "confirm_subscription"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import trio
@@ -13,6 +14,7 @@ from tests.conftest import (
     UNSUBSCRIBED,
     RawClient,
     identifier,
+    make_app,
 )
 from trio_cable import Server
 from trio_cable.protocol import frames
@@ -583,3 +585,22 @@ async def test_a_senders_reply_follows_its_coalesced_broadcast(server: Server, c
         go.set()
     assert orders == [["own", "result"]] * senders
     assert server.metrics.coalesced_frames_total > before
+
+
+@pytest.mark.parametrize("subprotocol", ALL_PROTOCOLS)
+async def test_extended_clients_get_a_ping_right_after_the_welcome(
+    nursery, config, connect, subprotocol
+):
+    """The server's clock reaches an extended client at once (its ``since`` for history);
+    plain Action Cable clients see exactly what Rails sends: nothing until the ticker."""
+    config.ping_interval = 30.0
+    server = await nursery.start(Server(config, make_app()).serve)
+    async with connect(subprotocol, to=server) as client:
+        if "ext" in subprotocol:
+            with trio.fail_after(1):
+                ping = await client.recv(pings=True)
+            assert ping["type"] == "ping" and abs(ping["message"] - time.time()) < 5
+        else:
+            with trio.move_on_after(0.5):
+                message = await client.recv(pings=True)
+                raise AssertionError(f"expected nothing, got {message!r}")

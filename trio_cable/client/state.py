@@ -11,12 +11,16 @@ server, which need ``history``, and which must be subscribed again.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgpack
 
 from trio_cable.protocol import cable as wire
+
+# Seconds taken off our own clock when it stands in for the server's (see history_since).
+_SINCE_SKEW = 5
 
 __all__ = [
     "SUBPROTOCOLS",
@@ -309,6 +313,8 @@ class ClientSession:
         self.sid: str | None = None
         #: The server's clock (unix seconds) at its last ping: ``since`` for history.
         self.last_server_time: int | None = None
+        #: Our own clock at the first welcome: ``since`` when no ping ever arrived.
+        self.first_welcome_time: int | None = None
         self.connected = False
 
     # -- encoding ---------------------------------------------------------------------------
@@ -360,8 +366,15 @@ class ClientSession:
 
     def history_since(self) -> int | None:
         """``since`` for history requests: the server's time at its last ping, less a second
-        (whole-second clock; anything re-sent twice is de-duplicated by offset)."""
-        return None if self.last_server_time is None else max(0, self.last_server_time - 1)
+        (whole-second clock; anything re-sent twice is de-duplicated by offset).  Before any
+        ping (a server that does not ping at once), our own clock at the first welcome, less
+        a margin for clock skew: a subscription that received nothing must still be able to
+        ask for what was published while the client was away."""
+        if self.last_server_time is not None:
+            return max(0, self.last_server_time - 1)
+        if self.first_welcome_time is not None:
+            return max(0, self.first_welcome_time - _SINCE_SKEW)
+        return None
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -486,6 +499,8 @@ class ClientSession:
         sid = msg.get("sid")
         sid = sid if isinstance(sid, str) else None
         self.connected = True
+        if self.first_welcome_time is None:
+            self.first_welcome_time = int(time.time())
         previous_sid = self.sid
         self.sid = sid
         restored_ids_raw = msg.get("restored_ids")

@@ -470,6 +470,12 @@ class Server:
         conn.ping_interval = interval
         conn.last_pong = trio.current_time()
         self._ping_groups.setdefault(interval, set()).add(conn)
+        if conn.extended:
+            # A first ping right after the welcome tells the client the server's clock: a
+            # client that loses the connection before the ticker's first ping, with nothing
+            # received yet on some stream, still has a ``since`` to ask that stream's history
+            # with.  Without it, messages published while it was away were lost for good.
+            conn.send_message(cable.ping(int(time.time())))
 
     async def _ping_ticker(self) -> None:
         # One task pings every connection: per interval group, one frame per codec per tick.
