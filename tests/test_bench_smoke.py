@@ -53,6 +53,9 @@ def test_all_benches_quick(tmp_path: Path) -> None:
     ws = summary["wsbench"]
     assert ws["clients_reached"] > 0 and ws["rows"]
     assert all(0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in ws["rows"])
+    # Sampled recipients timed the fan-out; the sender's RTT includes its own fan-out.
+    assert all(0 < r["delivery_p50_ms"] <= r["delivery_p95_ms"] for r in ws["rows"])
+    assert ws["clients_reached_delivery"] > 0
 
     for row in summary["memory"]["rows"]:
         assert 0 < row["bytes_per_conn"] < 10 * 2**20
