@@ -61,12 +61,13 @@ def client_recovery(client: dict[str, Any], since: float) -> tuple[float | None,
 
 
 def message_loss(clients: list[dict[str, Any]], start: dict[str, int] | None,
-                 final: dict[str, int]) -> tuple[int, int, int]:  # fmt: skip
+                 final: dict[str, int],
+                 detail: list[dict[str, Any]] | None = None) -> tuple[int, int, int]:  # fmt: skip
     """(messages expected, lost, duplicated) over every subscription.
 
     Expected are the messages published on each subscribed stream after ``start`` (the
     stream positions at the restart) up to the end; without ``start``, after the first
-    message the subscription received.
+    message the subscription received.  The first losses are described in *detail*.
     """
     expected = lost = dups = 0
     for client in clients:
@@ -84,6 +85,11 @@ def message_loss(clients: list[dict[str, Any]], start: dict[str, int] | None,
             got = sum(1 for s in seen if first <= s <= last)
             expected += wanted
             lost += wanted - got
+            if wanted > got and detail is not None and len(detail) < 20:
+                have = set(seen)
+                missing = [s for s in range(first, last + 1) if s not in have]
+                detail.append({"client": client.get("i"), "stream": name, "first": first,
+                               "last": last, "missing": missing[:10]})  # fmt: skip
     return expected, lost, dups
 
 
@@ -127,7 +133,10 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
                 stale += 1
     missing = n - len(clients)
     backs.extend([math.inf] * missing)
-    expected, lost, dups = message_loss(clients, raw.get("restart_seqs"), raw["final_seqs"])
+    lost_detail: list[dict[str, Any]] = []
+    expected, lost, dups = message_loss(
+        clients, raw.get("restart_seqs"), raw["final_seqs"], lost_detail
+    )
     lags = [lag for t, lag in raw["server"].get("lags", []) if since <= t <= until]
     disrupted = sum(1 for c in clients if any(k == "U" and t >= since for k, t, _ in c["events"]))
     return {
@@ -155,6 +164,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "max_inflight": max_inflight,
         "expected": expected,
         "lost": lost,
+        "lost_detail": lost_detail,
         "duplicated": dups,
         "recovered": raw["recovered"],
     }

@@ -39,6 +39,7 @@ from trio_cable.identity import issue_token
 from trio_cable.streams import sign_stream
 
 STATUS_INTERVAL = 0.25
+_HISTORY_EVENTS = {"history_requested": "h", "history_confirmed": "H", "history_rejected": "r"}
 MAX_RESUBSCRIBES = 50  # an application re-subscribes after a timeout; bounded here
 
 
@@ -90,6 +91,9 @@ class ClientRecord:
             self.confirmed.discard(event.identifier or "")
             if kind == "subscribe_timeout":
                 self.events.append(("t", t, None))
+        elif kind in _HISTORY_EVENTS:
+            # How a resume went, per subscription: asked (h), served (H) or refused (r).
+            self.events.append((_HISTORY_EVENTS[kind], t, (event.identifier or "")[-60:]))
         self._update_ready(t)
 
     def _update_ready(self, t: float) -> None:
