@@ -132,6 +132,12 @@ class Hub:
                 frame = build_frame(
                     OP_BINARY if codec.binary else OP_TEXT, encoder.encode(codec, identifier)
                 )
+                if exclude is None and not cork:
+                    # The common case, kept to one call per recipient.
+                    for conn in list(conns):
+                        conn.send_broadcast(frame, stream, offset)
+                    sent += len(conns)
+                    continue
                 for conn in list(conns):
                     if exclude is not None and conn.sid == exclude:
                         continue
