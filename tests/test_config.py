@@ -104,3 +104,10 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for setting in SETTINGS:
         assert f"| `{setting.flag}` | `{setting.env}` |" in readme, setting.name
+
+
+def test_a_drain_longer_than_the_shutdown_timeout_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"drain_period .* must not exceed shutdown_timeout"):
+        Config(drain_period=60, shutdown_timeout=30).validate()
+    Config(drain_period=60, shutdown_timeout=90).validate()
+    Config(drain_period=60, drain_rate=100, shutdown_timeout=30).validate()  # rate mode

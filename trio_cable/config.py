@@ -123,6 +123,11 @@ class Config:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")
+        if not self.drain_rate and self.drain_period > self.shutdown_timeout:
+            raise ConfigError(
+                f"drain_period ({self.drain_period:g} s) must not exceed shutdown_timeout "
+                f"({self.shutdown_timeout:g} s): the drain would be cut short"
+            )
         for name in ("max_connections", "max_subscriptions", "history_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0")

@@ -81,10 +81,10 @@ FULL = Scale(
     loadgens=4,
     boot_gap=1.0,
     cost={"cpu_ms": 0.1, "db_pool": 16, "db_ms": 5.0},
-    drain={"drain_period": 60.0, "reconnect_advice": 10.0},
+    drain={"drain_period": 60.0, "reconnect_advice": 10.0, "shutdown_timeout": 90.0},
     client_timeouts={"subscribe_timeout": 5.0, "connect_timeout": 10.0},
     celebrity_clients=5000,
-    subscribe_loads=(500, 2000, 5000),
+    subscribe_loads=(500, 1000, 2000),
     backoff_clients=(10, 30, 50, 70, 100, 130, 160, 190),
     backoff_runs=100,
 )
