@@ -259,8 +259,9 @@ def verdicts(results: dict[str, dict[str, Any]]) -> list[str]:
 NOTES = [
     "Read with care:",
     "",
-    "- The machine is shared: other sessions ran test suites and benchmarks at times during "
-    "these runs. Repeats with rotated target order and medians damp that; min-max shows it.",
+    "- The machine is shared: on 2026-11-23 other sessions ran test suites and benchmarks at "
+    "times during the runs; the 2026-11-30 runs had the machine to themselves. Repeats with "
+    "rotated target order and medians damp noise; min-max shows it.",
     "- The load generator has one core too. Where the server's `util` is well below 1, the "
     "client was the limit and per-message server CPU is measured at a lower rate (less "
     "batching per wake-up) - alike for every target in that row.",
@@ -284,7 +285,8 @@ def write(
     results = load_all(results_dir)
     plots_dir = plots_dir or out.parent / "plots"
     lines = ["# trio_cable benchmark results", ""]
-    cond = next((r["conditions"] for r in results.values() if "conditions" in r), None)
+    conds = [r["conditions"] for r in results.values() if "conditions" in r]
+    cond = max(conds, key=lambda c: c["date"]) if conds else None  # the newest run
     if cond:
         versions = ", ".join(f"{k} {v}" for k, v in cond["versions"].items())
         lines += [
@@ -294,8 +296,19 @@ def write(
             f"(compiled speedups: {cond['speedups_compiled']}); {versions}",
             "- every figure: median over the repeats, (min-max) when there were several; "
             "ratios are of medians measured in the same run",
-            "",
         ]
+        runs = {
+            name: f"{r['conditions']['date']} ({r['conditions']['trio_cable']}, "
+            f"{r['conditions']['machine'].split(',')[0]})"
+            for name, r in results.items()
+            if "conditions" in r
+        }
+        if len(set(runs.values())) > 1:
+            lines.append(
+                "- benches were run at different times, each comparing its targets in one run: "
+                + "; ".join(f"{name} {when}" for name, when in runs.items())
+            )
+        lines.append("")
     quick = [name for name, r in results.items() if r.get("quick")]
     if quick:
         lines += [f"> Quick mode (small sizes, one repeat) for: {', '.join(quick)}.", ""]
