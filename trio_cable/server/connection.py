@@ -232,21 +232,14 @@ class Connection:
             return
         self._write(frame)
 
-    def cork_broadcast(self, frame: bytes, stream: str, offset: int | None) -> bool:
-        """Like :meth:`send_broadcast`, but keep the frame for :meth:`uncork`, so that the
-        broadcasts of one scheduler tick reach this socket in one ``send``.  Return True when
-        this started the cork: the caller must then call :meth:`uncork` soon."""
-        if self._held is not None:
-            self._held.append((frame, stream, offset))
+    def cork(self) -> bool:
+        """From now until :meth:`uncork`, every write joins the cork, so that the broadcasts
+        of one scheduler tick reach this socket in one ``send``.  True when this started the
+        cork: the caller must then call :meth:`uncork` soon."""
+        if self._cork is not None:
             return False
-        if self.state is not State.OPEN:
-            return False
-        cork = self._cork
-        if cork is None:
-            self._cork = [frame]
-            return True
-        cork.append(frame)
-        return False
+        self._cork = []
+        return True
 
     def uncork(self) -> None:
         """Send the corked frames in one write (a close frame among them included)."""
@@ -254,8 +247,8 @@ class Connection:
         if cork is None:
             return
         self._cork = None
-        if self.state is State.CLOSED:
-            return
+        if not cork or self.state is State.CLOSED:
+            return  # held, closing or closed: nothing joined it
         if len(cork) == 1:
             self._send(cork[0])
         else:

@@ -141,10 +141,9 @@ class Hub:
                 for conn in list(conns):
                     if exclude is not None and conn.sid == exclude:
                         continue
-                    if not cork:
-                        conn.send_broadcast(frame, stream, offset)
-                    elif conn.cork_broadcast(frame, stream, offset):
+                    if cork and conn.cork():
                         corked.append(conn)
+                    conn.send_broadcast(frame, stream, offset)
                     sent += 1
         self._metrics.broadcast_frames_total += sent
         return sent
