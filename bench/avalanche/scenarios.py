@@ -6,7 +6,7 @@ Rows of the restart matrix are cumulative: each adds one technique to the row ab
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypedDict
 
 from bench.avalanche.trial import SECRET, ClientOpts, TrialSpec
 
@@ -19,6 +19,13 @@ ADMISSION_OFF: dict[str, Any] = {
     "callback_concurrency": 1_000_000,
     "command_rate": 0.0,
 }
+
+
+class ClientTimeouts(TypedDict):
+    """The client timeouts of a scale (fields of ClientOpts)."""
+
+    subscribe_timeout: float
+    connect_timeout: float
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class Scale:
     boot_gap: float
     cost: dict[str, float]
     drain: dict[str, float]  # drain_period, reconnect_advice
-    client_timeouts: dict[str, float]  # subscribe_timeout, connect_timeout
+    client_timeouts: ClientTimeouts
     celebrity_clients: int
     subscribe_loads: tuple[int, ...]
     backoff_clients: tuple[int, ...]
@@ -110,7 +117,7 @@ def restart_rows(scale: Scale) -> list[Row]:
         cap=30.0,
         linearized=False,
         resume=False,
-        **scale.client_timeouts,  # type: ignore[arg-type]  # two float fields
+        **scale.client_timeouts,
     )
     off = {**base_server, **ADMISSION_OFF}
     jitter = replace(naive_client, strategy="full_jitter", base=0.5)
@@ -170,7 +177,7 @@ def restart_specs(scale: Scale, clients: int, only: list[str] | None = None) -> 
 
 def celebrity_specs(scale: Scale, clients: int) -> list[TrialSpec]:
     """Everybody joins within one second, no restart: admission control off, then on."""
-    client = ClientOpts(**scale.client_timeouts)  # type: ignore[arg-type]
+    client = ClientOpts(**scale.client_timeouts)
     base = {"secret": SECRET, **scale.drain}
     return [
         _spec(scale, "admission off", clients, {**base, **ADMISSION_OFF}, client, None, 1.0),
@@ -184,7 +191,7 @@ def subscribe_specs(scale: Scale, loads: tuple[int, ...]) -> list[TrialSpec]:
     base = {"secret": SECRET, **scale.drain}
     for n in loads:
         for linearized in (False, True):
-            client = ClientOpts(linearized=linearized, **scale.client_timeouts)  # type: ignore[arg-type]
+            client = ClientOpts(linearized=linearized, **scale.client_timeouts)
             name = f"{'linearized' if linearized else 'concurrent'} {n}"
             out.append(_spec(scale, name, n, base, client, None, 1.0))
     return out

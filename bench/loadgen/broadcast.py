@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.loadgen.client import Client, cable_action
 
-_T = re.compile(rb'"t":(\d+)')
+STAMP = re.compile(rb'"t":(\d+)')
 _RAW_SIZE = 98
 
 
@@ -41,7 +41,7 @@ class Fanout:
         now = time.perf_counter_ns()
         if self.dialect == "cable" and b"broadcastResult" in payload:
             return
-        m = _T.search(payload)
+        m = STAMP.search(payload)
         if m is None:
             return
         t = int(m.group(1))

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from typing import Any
 
-from bench.loadgen.broadcast import latency_summary, trigger_message
+from bench.loadgen.broadcast import STAMP, latency_summary, trigger_message
 from bench.loadgen.client import Client, connect_many
 from bench.loadgen.server_probe import ServerProbe
 
-_T = re.compile(rb'"t":(\d+)')
 _RESULT = b"broadcastResult"
 _PING = b'"type":"ping"'
 _SAMPLE_EVERY = 10
@@ -52,18 +50,17 @@ class Step:
         if _PING in payload:
             return  # the server's pings are not deliveries
         if _RESULT in payload:
-            m = _T.search(payload)
+            m = STAMP.search(payload)
             if m is not None:
                 self.rtt_ns.append(time.perf_counter_ns() - int(m.group(1)))
                 self._next()
             return
         self.delivered += 1
         if id(client) in self.sampled:
-            m = _T.search(payload)
+            m = STAMP.search(payload)
             if m is not None:
                 self.delivery_ns.append(time.perf_counter_ns() - int(m.group(1)))
-        if self.delivered >= self.sent * len(self.clients) and len(self.rtt_ns) >= self.wanted:
-            self.deliveries_done.set()
+        self._check_done()
 
     def send_one(self) -> None:
         self.sent += 1
@@ -72,6 +69,9 @@ class Step:
     def _next(self) -> None:
         if self.sent < self.wanted:
             self.send_one()
+        self._check_done()
+
+    def _check_done(self) -> None:
         if len(self.rtt_ns) >= self.wanted:
             self.results_done.set()
             if self.delivered >= self.sent * len(self.clients):
