@@ -62,6 +62,9 @@ CLOSE_POLICY = 1008
 # How many reads in a row may be handled without yielding to other tasks: a client that
 # floods us must not starve everybody else.
 _READS_PER_CHECKPOINT = 16
+# What _read_loop's recv gave instead of a byte count.
+_WOULD_BLOCK = -1
+_WANTS_WRITE = -2  # TLS must write before it can read
 # Longest that live broadcasts wait after a restore for the client to ask history.
 RESTORE_HOLD = 2.0
 # Largest single send when draining a backlog (coalescing many small frames into one call).
@@ -601,9 +604,19 @@ class Connection:
         reads = 0
         parkable = self.server.reactor is not None and not self.tls
         while True:
+            # Wait outside the except clauses: a coroutine suspended inside one keeps the
+            # exception and its traceback alive, two objects per idle connection for the
+            # garbage collector to walk.
             try:
                 n = sock.recv_into(buf)
             except WOULD_BLOCK_READ:
+                n = _WOULD_BLOCK
+            except ssl.SSLWantWriteError:
+                n = _WANTS_WRITE
+            except OSError:
+                self.state = State.CLOSED
+                return
+            if n == _WOULD_BLOCK:
                 reads = 0
                 if not parkable:
                     await trio.lowlevel.wait_readable(sock)
@@ -615,12 +628,9 @@ class Connection:
                 if await self._drain_parser():
                     return
                 continue
-            except ssl.SSLWantWriteError:
+            if n == _WANTS_WRITE:
                 await trio.lowlevel.wait_writable(sock)
                 continue
-            except OSError:
-                self.state = State.CLOSED
-                return
             if n == 0:  # EOF without a close handshake
                 self.state = State.CLOSED
                 return
