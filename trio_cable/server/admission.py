@@ -3,9 +3,12 @@
 * :class:`TokenBucket` paces events (new handshakes per second server-wide, commands per
   second per connection).  Pure: the caller passes the time.
 * :class:`AdaptiveLimits` is an AIMD controller fed with the event loop's lag: when the loop
-  falls behind its target the admitted handshake rate and the number of application callbacks
+  stays behind its target the admitted handshake rate and the number of application callbacks
   allowed at once shrink multiplicatively; while it keeps up they grow back additively.  A
-  storm then queues (and is told to come back later) instead of timing everybody out.
+  storm then queues (and is told to come back later) instead of timing everybody out.  One
+  late window alone is not overload: a full garbage collection of a big heap stops the loop
+  for a few hundred milliseconds every few seconds, and halving admission for each of those
+  would refuse clients the server has the CPU to serve.
 * :func:`retry_after` spreads advice ("come back in N seconds") with per-client jitter, so the
   advice itself does not synchronize the herd.
 """
@@ -97,10 +100,16 @@ class AdaptiveLimits:
         self.lag_target = lag_target
         self.min_rate = min(min_rate, max_rate) if max_rate > 0 else min_rate
         self.decreases = 0
+        self._was_late = False
 
     def observe(self, lag: float, now: float) -> None:
-        """Feed the worst loop lag seen over the last window (seconds)."""
-        if lag > self.lag_target:
+        """Feed the worst loop lag seen over the last window (seconds).  Limits shrink when
+        this window and the one before were both late, and grow when this one was not."""
+        late = lag > self.lag_target
+        was_late, self._was_late = self._was_late, late
+        if late and not was_late:
+            return  # one pause, perhaps a garbage collection: wait for the next window
+        if late:
             self.decreases += 1
             if self.max_rate > 0:
                 self.bucket.set_rate(max(self.min_rate, self.bucket.rate * 0.5), now)
