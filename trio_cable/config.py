@@ -55,7 +55,9 @@ class Config:
     reconnect_advice: float = 5.0
     max_connections: int = 0
     handshake_rate: float = 1000.0
-    max_pending_handshakes: int = 512
+    # Sockets waiting for their HTTP request cost memory, not CPU: the cap is the default
+    # handshake_rate x handshake_timeout (512 refused slow-network clients at 1,000/s).
+    max_pending_handshakes: int = 10_000
     adaptive_admission: bool = True
     lag_target: float = 0.1
     max_subscriptions: int = 100
