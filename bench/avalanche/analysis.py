@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from typing import Any
@@ -167,7 +168,46 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "lost_detail": lost_detail,
         "duplicated": dups,
         "recovered": raw["recovered"],
+        **loadgen_health(raw, since, until),
+        "gc_max_ms": 1000
+        * max(
+            (d for t, _g, d in raw["server"].get("gc_pauses", []) if since <= t <= until),
+            default=0.0,
+        ),
     }
+
+
+def loadgen_health(raw: dict[str, Any], since: float, until: float) -> dict[str, float]:
+    """Was the load generator keeping up?  Its CPU seconds per second over each whole second
+    (summed over the generator processes, which share one core: 1.0 is that core saturated)
+    and its worst timer lateness.  Near 1.0 the clients' own core is the bottleneck, and their
+    timeouts say little of the server."""
+    by_gen: dict[int, list[tuple[float, float]]] = {}
+    lag_max = 0.0
+    for t, k, cpu, lag in raw.get("gen_timeline", []):
+        by_gen.setdefault(k, []).append((t, cpu))
+        if since <= t <= until:
+            lag_max = max(lag_max, lag)
+    busy: list[float] = []
+    for second in range(math.ceil(since), math.floor(until)):
+        busy.append(sum(_cpu_at(s, second + 1) - _cpu_at(s, second) for s in by_gen.values()))
+    busy.sort()
+    return {
+        "loadgen_cpu_peak": busy[-1] if busy else math.nan,
+        "loadgen_cpu_p50": percentile(busy, 0.5) if busy else math.nan,
+        "loadgen_lag_max_ms": 1000 * lag_max,
+    }
+
+
+def _cpu_at(points: list[tuple[float, float]], t: float) -> float:
+    """A process's CPU seconds at time ``t``, interpolated between its status lines."""
+    i = bisect.bisect_left(points, (t, -math.inf))
+    if i == 0:
+        return points[0][1] if points else 0.0
+    if i == len(points):
+        return points[-1][1]
+    (t0, c0), (t1, c1) = points[i - 1], points[i]
+    return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c1
 
 
 def _at(samples: list[dict[str, float]], t: float, key: str) -> float:
@@ -195,5 +235,7 @@ def series(raw: dict[str, Any]) -> dict[str, list[float]]:
         lag.append(1000 * b["lag_max"])
     ready_t = [p[0] - since for p in raw["timeline"]]
     ready = [float(p[1]) for p in raw["timeline"]]
+    gc_t = [p[0] - since for p in raw["server"].get("gc_pauses", [])]
+    gc_ms = [1000 * p[2] for p in raw["server"].get("gc_pauses", [])]
     return {"t": t, "connections": conns, "handshakes": hs, "lag_ms": lag,
-            "ready_t": ready_t, "ready": ready}  # fmt: skip
+            "ready_t": ready_t, "ready": ready, "gc_t": gc_t, "gc_ms": gc_ms}  # fmt: skip

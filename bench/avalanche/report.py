@@ -39,6 +39,8 @@ RESTART_COLUMNS = [
     ("peak handshakes/s", "peak_handshakes_s"),
     ("peak commands/s", "peak_commands_s"),
     ("lag p99 (ms)", "lag_p99_ms"),
+    ("lag max (ms)", "lag_max_ms"),
+    ("full GC max (ms)", "gc_max_ms"),
     ("DB queue peak", "db_queue_peak"),
     ("DB queries", "db_calls"),
     ("timeouts", "timeouts"),
@@ -46,6 +48,7 @@ RESTART_COLUMNS = [
     ("refused (503)", "refused"),
     ("lost", "lost"),
     ("dup", "duplicated"),
+    ("load gen CPU peak", "loadgen_cpu_peak"),
 ]
 
 CELEBRITY_COLUMNS = [
@@ -60,6 +63,7 @@ CELEBRITY_COLUMNS = [
     ("timeouts", "timeouts"),
     ("retries", "retries"),
     ("refused (503)", "refused"),
+    ("load gen CPU peak", "loadgen_cpu_peak"),
 ]
 
 SUBSCRIBE_COLUMNS = [
@@ -71,6 +75,7 @@ SUBSCRIBE_COLUMNS = [
     ("subscribes in flight (max)", "max_inflight"),
     ("timeouts", "timeouts"),
     ("lag p99 (ms)", "lag_p99_ms"),
+    ("load gen CPU peak", "loadgen_cpu_peak"),
 ]
 
 

@@ -19,6 +19,7 @@ reports JSON lines on stdout.  Usage: ``python -m bench.avalanche.server_proc SP
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -93,7 +94,7 @@ class Cluster:
         )
         node = Node(server, trio.CancelScope())
 
-        async def run(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run(*, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 with node.scope:
                     await server.serve(task_status=task_status)
@@ -135,7 +136,19 @@ class Recorder:
     cluster: Cluster
     samples: list[dict[str, float]] = field(default_factory=list)
     lags: list[tuple[float, float]] = field(default_factory=list)
+    # (t, generation, seconds) of every garbage collection of generation 2: a full collection
+    # walks every object of 10,000 connections and stops the event loop while it does.
+    gc_pauses: list[tuple[float, int, float]] = field(default_factory=list)
     _window_lag: float = 0.0
+    _gc_started: float = 0.0
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """A ``gc.callbacks`` hook."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif info["generation"] == 2:
+            duration = time.perf_counter() - self._gc_started
+            self.gc_pauses.append((time.monotonic(), info["generation"], duration))
 
     def totals(self) -> dict[str, float]:
         handshakes = refused = commands = 0.0
@@ -230,6 +243,7 @@ async def control(cluster: Cluster, recorder: Recorder, seqs: dict[str, int],
                             {
                                 "samples": recorder.samples,
                                 "lags": recorder.lags,
+                                "gc_pauses": recorder.gc_pauses,
                                 "metrics": [n.server.metrics.snapshot() for n in cluster.nodes],
                             },
                             f,
@@ -253,6 +267,7 @@ async def amain(spec: dict[str, Any]) -> None:
     async with trio.open_nursery() as nursery:
         cluster = Cluster(spec, broker, nursery)
         recorder = Recorder(cluster)
+        gc.callbacks.append(recorder.on_gc)
         await cluster.start_node()
         nursery.start_soon(recorder.lag_probe)
         nursery.start_soon(recorder.sampler)

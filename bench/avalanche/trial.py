@@ -181,6 +181,8 @@ async def run_trial(
     log.write_text("")
     children: list[Child] = []
     timeline: list[tuple[float, int, int]] = []  # (t, ready, connected), all load generators
+    # (t, generator, CPU seconds, loop lag): is the load generator itself keeping up?
+    gen_timeline: list[tuple[float, int, float, float]] = []
     progress = on_progress or (lambda phase, done, total: None)
     try:
         async with trio.open_nursery() as nursery:
@@ -217,16 +219,17 @@ async def run_trial(
 
             changed = trio.Event()
 
-            def on_status(item: dict[str, Any]) -> None:
+            def on_status(item: dict[str, Any], k: int) -> None:
                 nonlocal changed
                 if item.get("event") == "status":
+                    gen_timeline.append((item["t"], k, item.get("cpu", 0.0), item.get("lag", 0.0)))
                     ready, connected = totals()
                     timeline.append((time.monotonic(), ready, connected))
                     changed.set()
                     changed = trio.Event()
 
-            for gen in gens:
-                nursery.start_soon(gen.pump, on_status)
+            for k, gen in enumerate(gens):
+                nursery.start_soon(gen.pump, lambda item, k=k: on_status(item, k))
 
             async def until(condition: Callable[[], bool], phase: str, timeout: float) -> bool:
                 with trio.move_on_after(timeout):
@@ -292,6 +295,7 @@ async def run_trial(
         "final_seqs": final.get("seqs", {}),
         "restart_seqs": (server.events.get("restart_begin") or {}).get("seqs"),
         "timeline": timeline,
+        "gen_timeline": gen_timeline,
         "clients": clients,
         "server": server_data,
     }
