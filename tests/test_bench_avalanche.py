@@ -61,6 +61,8 @@ def test_linearized_never_two_subscribes_in_flight(tmp_path: Path) -> None:
     assert modes["concurrent"]["max_inflight"] > 1
     for row in result["rows"]:
         assert row["never_back"] == 0, row
+        # Time to initialize (first connect attempt to every subscription confirmed).
+        assert 0 < row["init_p50"] <= row["init_p99"] < 30, row
 
 
 def test_backoff_simulation_shape(tmp_path: Path) -> None:

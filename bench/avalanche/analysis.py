@@ -106,6 +106,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     attempts = failed = refused = timeouts = stale = 0
     max_inflight = 0
     gave_up = 0
+    inits: list[float] = []  # no restart: first connect attempt to every subscription confirmed
     for client in clients:
         back, _first_down, downtime = client_recovery(client, since)
         if raw["t_restart"] is None:
@@ -113,6 +114,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
             firsts = [t for kind, t, _ in client["events"] if kind == "R"]
             back = firsts[0] if firsts else None
             downtime = (back - since) if back is not None else math.inf
+            starts = [t for kind, t, _ in client["events"] if kind == "c"]
+            inits.append(back - starts[0] if back is not None and starts else math.inf)
         backs.append(math.inf if back is None else back - since)
         downs.append(downtime)
         max_inflight = max(max_inflight, client["max_inflight"])
@@ -147,6 +150,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "back_50": percentile(backs, 0.50),
         "downtime_p50": percentile(downs, 0.50),
         "downtime_p99": percentile(downs, 0.99),
+        "init_p50": percentile(inits, 0.50),
+        "init_p99": percentile(inits, 0.99),
         "never_back": sum(1 for b in backs if math.isinf(b)),
         "peak_handshakes_s": _rate_peak(samples, "handshakes", since, until),
         "peak_commands_s": _rate_peak(samples, "commands", since, until),

@@ -175,6 +175,9 @@ async def run_trial(
         "samples_out": str(workdir / f"{tag}.server.json"),
         "core": server_core,
     }
+    # Outputs of an earlier run with the same tag must not pass for this run's.
+    for stale in workdir.glob(f"{tag}.*"):
+        stale.unlink()
     server_path = workdir / f"{tag}.server_spec.json"
     server_path.write_text(json.dumps(server_spec))
     log = workdir / f"{tag}.log"
