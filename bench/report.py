@@ -327,6 +327,7 @@ def write(
     rollout = results_dir / "rollout.md"
     if rollout.exists():
         lines += [rollout.read_text().replace("](../plots/", "](plots/"), ""]
+    lines += avalanche_section(results_dir.parent / "avalanche" / "results" / "restart.json")
     lines += [
         "## Other results",
         "",
@@ -337,3 +338,28 @@ def write(
     ]
     out.write_text("\n".join(lines))
     return out
+
+
+def avalanche_section(path: Path) -> list[str]:
+    """Issue 6's must-show, the full-size restart matrix, from its own runner's output (the
+    write-up with every scenario is avalanche/RESULTS.md)."""
+    if not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    if result.get("quick"):
+        return []  # only the full size belongs here
+    c = result.get("conditions", {})
+    clients = max((row.get("clients", 0) for row in result.get("rows", [])), default=0)
+    return [
+        f"## Avalanche: server restart, {clients:,} clients x 5 subscriptions (issue 6)",
+        "",
+        f"`python -m bench.avalanche avalanche`, {c.get('date', '?')} UTC, {c.get('cpus', '?')} "
+        f"CPUs, server on core {c.get('server_core', '?')}, load generators on core "
+        f"{c.get('client_core', '?')}. Conditions, findings and the other scenarios: "
+        "[avalanche/RESULTS.md](avalanche/RESULTS.md).",
+        "",
+        result["table"],
+        "",
+        "![restart](avalanche/results/restart.png)",
+        "",
+    ]

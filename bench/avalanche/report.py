@@ -85,7 +85,8 @@ def rows_table(columns: list[tuple[str, str]], summaries: list[dict[str, Any]]) 
 
 def plot_timeseries(path: Path, title: str, xlabel: str,
                     series: dict[str, dict[str, list[float]]]) -> None:  # fmt: skip
-    """Three stacked panels, one line per strategy: connections, handshakes/s, loop lag."""
+    """Four stacked panels, one line per strategy: connections, clients ready, handshakes/s,
+    loop lag (with the full garbage collections marked)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,11 +97,14 @@ def plot_timeseries(path: Path, title: str, xlabel: str,
         ("connections", "t", "open connections (server)"),
         ("ready", "ready_t", "clients ready (all subscriptions)"),
         ("handshakes", "t", "handshake attempts / s"),
-        ("lag_ms", "t", "event-loop lag (ms, max per 0.25 s)"),
+        ("lag_ms", "t", "event-loop lag (ms, max per 0.25 s; x: full GC)"),
     ]
     for ax, (key, tkey, label) in zip(axes, panels, strict=True):
         for name, s in series.items():
-            ax.plot(s[tkey], s[key], label=name, linewidth=1.2)
+            (line,) = ax.plot(s[tkey], s[key], label=name, linewidth=1.2)
+            if key == "lag_ms" and s.get("gc_t"):
+                # The server's full garbage collections, to tell their pauses from overload.
+                ax.scatter(s["gc_t"], s["gc_ms"], marker="x", s=18, color=line.get_color())
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_title(title)
