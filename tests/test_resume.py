@@ -247,6 +247,19 @@ async def test_memory_broker_sessions():
     assert await broker.take_session("b") is None
 
 
+async def test_memory_broker_session_is_a_snapshot():
+    # As with Redis: what is taken is what was saved, not the saver's live objects.
+    broker = MemoryBroker()
+    identifiers = {"user_id": 1}
+    subscriptions = [{"identifier": "a", "streams": ["s1"]}]
+    await broker.save_session("a", {"identifiers": identifiers, "subscriptions": subscriptions}, 5)
+    identifiers["user_id"] = 2
+    subscriptions[0]["streams"].append("s2")
+    taken = await broker.take_session("a")
+    assert taken == {"identifiers": {"user_id": 1}, "subscriptions": [
+        {"identifier": "a", "streams": ["s1"]}]}  # fmt: skip
+
+
 async def test_two_nodes_share_one_memory_broker(nursery, config, connect):
     """A client resumes on another node of the same broker (a drain moves clients this way)."""
     import json

@@ -112,7 +112,8 @@ class Broker(Protocol):
         """Entries published at or after unix time *since* that are still kept."""
 
     async def save_session(self, sid: str, data: dict[str, Any], ttl: float) -> None:
-        """Keep a resumable session for *ttl* seconds."""
+        """Keep a resumable session for *ttl* seconds.  *data* is plain JSON-serializable data;
+        a broker keeps a copy (JSON text), never the caller's objects."""
 
     async def take_session(self, sid: str) -> dict[str, Any] | None:
         """Return and forget a session (a session restores at most once)."""
