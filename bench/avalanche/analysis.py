@@ -142,6 +142,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         clients, raw.get("restart_seqs"), raw["final_seqs"], lost_detail
     )
     lags = [lag for t, lag in raw["server"].get("lags", []) if since <= t <= until]
+    gc_pauses = [d for t, d in raw["server"].get("gc_pauses", []) if since <= t <= until]
     disrupted = sum(1 for c in clients if any(k == "U" and t >= since for k, t, _ in c["events"]))
     return {
         "clients": n,
@@ -174,11 +175,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "duplicated": dups,
         "recovered": raw["recovered"],
         **loadgen_health(raw, since, until),
-        "gc_max_ms": 1000
-        * max(
-            (d for t, _g, d in raw["server"].get("gc_pauses", []) if since <= t <= until),
-            default=0.0,
-        ),
+        "gc_max_ms": 1000 * max(gc_pauses, default=0.0),
     }
 
 
@@ -240,7 +237,7 @@ def series(raw: dict[str, Any]) -> dict[str, list[float]]:
         lag.append(1000 * b["lag_max"])
     ready_t = [p[0] - since for p in raw["timeline"]]
     ready = [float(p[1]) for p in raw["timeline"]]
-    gc_t = [p[0] - since for p in raw["server"].get("gc_pauses", [])]
-    gc_ms = [1000 * p[2] for p in raw["server"].get("gc_pauses", [])]
+    gc_t = [t - since for t, _ in raw["server"].get("gc_pauses", [])]
+    gc_ms = [1000 * d for _, d in raw["server"].get("gc_pauses", [])]
     return {"t": t, "connections": conns, "handshakes": hs, "lag_ms": lag,
             "ready_t": ready_t, "ready": ready, "gc_t": gc_t, "gc_ms": gc_ms}  # fmt: skip

@@ -138,28 +138,29 @@ async def keep_subscribed(cable: Any, channel: str, params: dict[str, Any], stre
             continue
         except CableClosed:
             return
-        while True:
-            try:
-                async for message in sub:
-                    data = message.data
-                    if isinstance(data, dict) and isinstance(data.get("seq"), int):
-                        rec.received(stream, data["seq"])
-            except MessagesDropped:
-                continue  # counted as lost by the sequence numbers
-            except SubscribeTimeout:
-                # The re-subscribe after a reconnect went unanswered and the cable gave the
-                # subscription up: subscribe again, as the application would.
-                rec.gave_up += 1
-                break
-            except SubscriptionRejected:
-                rec.rejected += 1
-                await trio.sleep(1.0)
-                break
-            except CableClosed:
-                return
+        try:
+            while True:
+                try:
+                    async for message in sub:
+                        data = message.data
+                        if isinstance(data, dict) and isinstance(data.get("seq"), int):
+                            rec.received(stream, data["seq"])
+                except MessagesDropped:
+                    continue  # counted as lost by the sequence numbers
+                except SubscribeTimeout:
+                    # The re-subscribe after a reconnect went unanswered and the cable gave
+                    # the subscription up: subscribe again, as the application would.
+                    rec.gave_up += 1
+                    break
+                except SubscriptionRejected:
+                    rec.rejected += 1
+                    await trio.sleep(1.0)
+                    break
+                except CableClosed:
+                    return
+                return  # iteration ended: unsubscribed
+        finally:
             rec.library_duplicates += sub.duplicates
-            return  # iteration ended: unsubscribed
-        rec.library_duplicates += sub.duplicates
 
 
 async def run_client(index: int, spec: dict[str, Any], rec: ClientRecord) -> None:

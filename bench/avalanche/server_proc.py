@@ -136,9 +136,9 @@ class Recorder:
     cluster: Cluster
     samples: list[dict[str, float]] = field(default_factory=list)
     lags: list[tuple[float, float]] = field(default_factory=list)
-    # (t, generation, seconds) of every garbage collection of generation 2: a full collection
-    # walks every object of 10,000 connections and stops the event loop while it does.
-    gc_pauses: list[tuple[float, int, float]] = field(default_factory=list)
+    # (t, seconds) of every full garbage collection (generation 2): it walks every object of
+    # 10,000 connections and stops the event loop while it does.
+    gc_pauses: list[tuple[float, float]] = field(default_factory=list)
     _window_lag: float = 0.0
     _gc_started: float = 0.0
 
@@ -148,7 +148,7 @@ class Recorder:
             self._gc_started = time.perf_counter()
         elif info["generation"] == 2:
             duration = time.perf_counter() - self._gc_started
-            self.gc_pauses.append((time.monotonic(), info["generation"], duration))
+            self.gc_pauses.append((time.monotonic(), duration))
 
     def totals(self) -> dict[str, float]:
         handshakes = refused = commands = 0.0

@@ -225,7 +225,7 @@ async def run_trial(
             def on_status(item: dict[str, Any], k: int) -> None:
                 nonlocal changed
                 if item.get("event") == "status":
-                    gen_timeline.append((item["t"], k, item.get("cpu", 0.0), item.get("lag", 0.0)))
+                    gen_timeline.append((item["t"], k, item["cpu"], item["lag"]))
                     ready, connected = totals()
                     timeline.append((time.monotonic(), ready, connected))
                     changed.set()
