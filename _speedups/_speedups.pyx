@@ -40,12 +40,23 @@ __all__ = [
     "validate_utf8",
 ]
 
-OP_CONT = 0
-OP_TEXT = 1
-OP_BINARY = 2
-OP_CLOSE = 8
-OP_PING = 9
-OP_PONG = 10
+# The numbers and words both kernels share come from trio_cable.protocol.codes.  The read
+# path compares opcodes and raises close codes in C, so the ones it needs are mirrored as C
+# constants below and checked against that module right here, at import: a mismatch is an
+# ImportError, never a silent drift.
+from trio_cable.protocol.codes import (
+    CLOSE_CODE_RANGES,
+    MAX_CLOSE_REASON,
+    MAX_CONTROL_PAYLOAD,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    CloseCode,
+    FrameRefusal as _R,
+)
 
 cdef extern from *:
     """
@@ -54,29 +65,33 @@ cdef extern from *:
     const uint64_t TC_HIGH_BITS  # the high bit of each byte of a word: non-ASCII if any set
 
 cdef enum:
-    _MAX_CLOSE_REASON = 123
+    C_OP_CONT = 0
+    C_OP_TEXT = 1
+    C_OP_BINARY = 2
+    C_OP_CLOSE = 8
+    C_OP_PONG = 10
+    C_MAX_CONTROL = 125
+    C_MAX_CLOSE_REASON = 123
+    C_PROTOCOL_ERROR = 1002
+    C_INVALID_PAYLOAD = 1007
+    C_MESSAGE_TOO_BIG = 1009
     # When idle, a parser gives back buffers grown past this (a server holds thousands).
     _KEEP_CAPACITY = 16384
     # The receive buffer's first allocation, so that tiny reads don't realloc one by one.
     _MIN_CAPACITY = 1024
 
+if (
+    (C_OP_CONT, C_OP_TEXT, C_OP_BINARY, C_OP_CLOSE, C_OP_PONG)
+    != (OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PONG)
+    or (C_MAX_CONTROL, C_MAX_CLOSE_REASON) != (MAX_CONTROL_PAYLOAD, MAX_CLOSE_REASON)
+    or (C_PROTOCOL_ERROR, C_INVALID_PAYLOAD, C_MESSAGE_TOO_BIG)
+    != (CloseCode.PROTOCOL_ERROR, CloseCode.INVALID_PAYLOAD, CloseCode.MESSAGE_TOO_BIG)
+    or CLOSE_CODE_RANGES != ((1000, 1003), (1007, 1014), (3000, 4999))
+):
+    raise ImportError("trio_cable._speedups is out of step with trio_cable.protocol.codes")
+
 # A frame length or a message size can never exceed this (the 64-bit length's top bit is 0).
 _MAX_LENGTH = (1 << 63) - 1
-
-# Error reasons, word for word those of the pure module.
-_R_RSV = "reserved bits set"
-_R_OPCODE = "reserved opcode"
-_R_CONTROL_FRAGMENTED = "fragmented control frame"
-_R_CONTROL_TOO_LONG = "control frame payload too long"
-_R_NO_MESSAGE = "continuation frame without a message in progress"
-_R_MESSAGE_IN_PROGRESS = "new message before the previous one was finished"
-_R_UNMASKED = "client frame not masked"
-_R_LENGTH = "frame length has its most significant bit set"
-_R_TOO_BIG = "message too big"
-_R_TEXT_UTF8 = "invalid UTF-8 in text message"
-_R_CLOSE_1 = "close frame payload of 1 byte"
-_R_CLOSE_CODE = "invalid close code"
-_R_CLOSE_UTF8 = "invalid UTF-8 in close reason"
 
 
 # --- UTF-8 automaton -------------------------------------------------------------------------
@@ -307,6 +322,7 @@ cdef int _read_mask(object mask, uint8_t* out) except -1:
 
 cdef inline bint _close_code_ok(int code) noexcept:
     # RFC 6455 section 7.4 plus the IANA registry's 1012-1014; see the pure twin.
+    # CLOSE_CODE_RANGES, written out for C (checked against it at import).
     return (1000 <= code <= 1003) or (1007 <= code <= 1014) or (3000 <= code <= 4999)
 
 
@@ -436,8 +452,8 @@ def build_close(code=None, str reason=""):
     if not (1000 <= code <= 4999 and _close_code_ok(code)):
         raise ValueError(f"close code {code} may not be sent")
     cdef bytes encoded = reason.encode("utf-8")
-    if len(encoded) > _MAX_CLOSE_REASON:
-        encoded = encoded[:_MAX_CLOSE_REASON].decode("utf-8", "ignore").encode("utf-8")
+    if len(encoded) > C_MAX_CLOSE_REASON:
+        encoded = encoded[:C_MAX_CLOSE_REASON].decode("utf-8", "ignore").encode("utf-8")
     cdef int c = code
     return bytes((0x88, 2 + len(encoded), c >> 8, c & 0xFF)) + encoded
 
@@ -557,7 +573,7 @@ cdef class FrameParser:
         self._end += n
         return 0
 
-    cdef _fail(self, int code, str reason):
+    cdef _fail(self, int code, reason):
         self._error = (code, reason)
         return FrameError(code, reason)
 
@@ -595,28 +611,30 @@ cdef class FrameParser:
         cdef size_t size = 2
         cdef int k
         if b0 & 0x70:
-            raise self._fail(1002, _R_RSV)
-        if opcode >= 8:
-            if opcode > 10:
-                raise self._fail(1002, _R_OPCODE)
+            raise self._fail(C_PROTOCOL_ERROR, _R.RSV)
+        if opcode >= C_OP_CLOSE:
+            if opcode > C_OP_PONG:
+                raise self._fail(C_PROTOCOL_ERROR, _R.OPCODE)
             if not fin:
-                raise self._fail(1002, _R_CONTROL_FRAGMENTED)
-            if length > 125:
-                raise self._fail(1002, _R_CONTROL_TOO_LONG)
-        elif opcode > 2:
-            raise self._fail(1002, _R_OPCODE)
-        elif opcode == 0:
-            if self._m_opcode == 0:
-                raise self._fail(1002, _R_NO_MESSAGE)
+                raise self._fail(C_PROTOCOL_ERROR, _R.CONTROL_FRAGMENTED)
+            if length > C_MAX_CONTROL:
+                raise self._fail(C_PROTOCOL_ERROR, _R.CONTROL_TOO_LONG)
+        elif opcode > C_OP_BINARY:
+            raise self._fail(C_PROTOCOL_ERROR, _R.OPCODE)
+        elif opcode == C_OP_CONT:
+            if self._m_opcode == C_OP_CONT:
+                raise self._fail(C_PROTOCOL_ERROR, _R.NO_MESSAGE)
         elif self._m_opcode != 0:
-            raise self._fail(1002, _R_MESSAGE_IN_PROGRESS)
+            raise self._fail(C_PROTOCOL_ERROR, _R.MESSAGE_IN_PROGRESS)
         if not masked and self._require_mask:
-            raise self._fail(1002, _R_UNMASKED)
+            raise self._fail(C_PROTOCOL_ERROR, _R.UNMASKED)
         if length == 126:
             size = 4
             if avail < size:
                 return 0
             length = (<uint64_t>p[2] << 8) | p[3]
+            if length < 126:
+                raise self._fail(C_PROTOCOL_ERROR, _R.LENGTH_NOT_MINIMAL)
         elif length == 127:
             size = 10
             if avail < size:
@@ -625,9 +643,11 @@ cdef class FrameParser:
             for k in range(8):
                 length = (length << 8) | p[2 + k]
             if length >> 63:
-                raise self._fail(1002, _R_LENGTH)
-        if opcode < 8 and length > self._max - self._m_size:
-            raise self._fail(1009, _R_TOO_BIG)
+                raise self._fail(C_PROTOCOL_ERROR, _R.LENGTH)
+            if length < 65536:
+                raise self._fail(C_PROTOCOL_ERROR, _R.LENGTH_NOT_MINIMAL)
+        if opcode < C_OP_CLOSE and length > self._max - self._m_size:
+            raise self._fail(C_MESSAGE_TOO_BIG, _R.TOO_BIG)
         if masked:
             if avail < size + 4:
                 return 0
@@ -641,7 +661,7 @@ cdef class FrameParser:
         self._f_opcode = opcode
         self._f_len = length
         self._f_phase = 0
-        if opcode == 1 or opcode == 2:
+        if opcode == C_OP_TEXT or opcode == C_OP_BINARY:
             self._m_opcode = opcode
             self._m_size = 0
             self._m_utf8 = U_ACCEPT
@@ -693,7 +713,7 @@ cdef class FrameParser:
             avail = self._end - self._start
             opcode = self._f_opcode
             remaining = self._f_len
-            if opcode >= 8:
+            if opcode >= C_OP_CLOSE:
                 if avail < remaining:
                     self._need_more()
                     return None
@@ -702,10 +722,10 @@ cdef class FrameParser:
                           <size_t>remaining, _mask64(self._f_mask, 0))
                 self._start += <size_t>remaining
                 self._f_in = False
-                if opcode == 8:
+                if opcode == C_OP_CLOSE:
                     self._check_close(payload)
                 return opcode, payload
-            text = self._m_opcode == 1
+            text = self._m_opcode == C_OP_TEXT
             m64 = _mask64(self._f_mask, self._f_phase)
             if self._f_fin and self._m_size == 0 and avail >= remaining:
                 # The whole message is one frame that is all here: unmask (and validate)
@@ -716,7 +736,7 @@ cdef class FrameParser:
                                                <uint8_t*>PyBytes_AS_STRING(payload),
                                                <size_t>remaining, m64, U_ACCEPT)
                     if state != U_ACCEPT:
-                        raise self._fail(1007, _R_TEXT_UTF8)
+                        raise self._fail(C_INVALID_PAYLOAD, _R.TEXT_UTF8)
                 else:
                     _xor_into(self._buf + self._start, <uint8_t*>PyBytes_AS_STRING(payload),
                               <size_t>remaining, m64)
@@ -733,7 +753,7 @@ cdef class FrameParser:
                                                       self._mbuf + self._m_size, take, m64,
                                                       self._m_utf8)
                     if self._m_utf8 == U_REJECT:
-                        raise self._fail(1007, _R_TEXT_UTF8)
+                        raise self._fail(C_INVALID_PAYLOAD, _R.TEXT_UTF8)
                 else:
                     _xor_into(self._buf + self._start, self._mbuf + self._m_size, take, m64)
                 self._m_size += take
@@ -747,7 +767,7 @@ cdef class FrameParser:
             self._f_in = False
             if self._f_fin:
                 if text and self._m_utf8 != U_ACCEPT:
-                    raise self._fail(1007, _R_TEXT_UTF8)
+                    raise self._fail(C_INVALID_PAYLOAD, _R.TEXT_UTF8)
                 payload = PyBytes_FromStringAndSize(<char*>self._mbuf, <Py_ssize_t>self._m_size)
                 opcode = self._m_opcode
                 self._m_opcode = 0
@@ -762,10 +782,10 @@ cdef class FrameParser:
         cdef Py_ssize_t n = len(payload)
         cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(payload)
         if n == 1:
-            raise self._fail(1002, _R_CLOSE_1)
+            raise self._fail(C_PROTOCOL_ERROR, _R.CLOSE_1)
         if n:
             if not _close_code_ok((p[0] << 8) | p[1]):
-                raise self._fail(1002, _R_CLOSE_CODE)
+                raise self._fail(C_PROTOCOL_ERROR, _R.CLOSE_CODE)
             if _utf8_run(p + 2, <size_t>(n - 2), U_ACCEPT) != U_ACCEPT:
-                raise self._fail(1007, _R_CLOSE_UTF8)
+                raise self._fail(C_INVALID_PAYLOAD, _R.CLOSE_UTF8)
         return 0

@@ -405,6 +405,32 @@ def test_64_bit_length_with_top_bit(k):
 
 
 @both
+@pytest.mark.parametrize(
+    ("header", "payload_len"),
+    [
+        (b"\x81\xfe\x00\x02", 2),  # 16-bit length for 2 bytes (fits in 7 bits)
+        (b"\x81\xfe\x00\x7d", 125),  # the largest 7-bit length, in 16 bits
+        (b"\x82\xff" + (2).to_bytes(8, "big"), 2),  # 64-bit length for 2 bytes
+        (b"\x82\xff" + (65535).to_bytes(8, "big"), 65535),  # fits in 16 bits
+    ],
+)
+def test_non_minimal_length_is_a_protocol_error(k, header, payload_len):
+    # RFC 6455 5.2: the minimal number of bytes MUST be used to encode the length.  Both
+    # kernels refuse (as wsproto does) from the header alone, before any payload arrives.
+    events = parse_all(k, header + MASK)
+    assert events == [("error", 1002, "frame length not minimally encoded")]
+    assert error_code(k, header + MASK + b"x" * payload_len) == 1002
+
+
+@both
+@pytest.mark.parametrize("n", [126, 65535, 65536])
+def test_minimal_lengths_at_the_boundaries_are_accepted(k, n):
+    assert parse_all(k, cf(OP_BINARY, b"x" * n), max_message_size=1 << 20) == [
+        (OP_BINARY, b"x" * n)
+    ]
+
+
+@both
 def test_frame_too_big_detected_from_header(k):
     # Only the header arrives: the error must not wait for 2 MiB of payload.
     header = cf(OP_BINARY, b"x" * 2_000_000)[:14]

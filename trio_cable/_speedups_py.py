@@ -15,6 +15,20 @@ import codecs
 import operator
 from typing import TYPE_CHECKING
 
+from trio_cable.protocol.codes import (
+    CLOSE_CODE_RANGES,
+    MAX_CLOSE_REASON,
+    MAX_CONTROL_PAYLOAD,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    CloseCode,
+    FrameRefusal,
+)
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
@@ -35,39 +49,15 @@ __all__ = [
     "validate_utf8",
 ]
 
-OP_CONT = 0
-OP_TEXT = 1
-OP_BINARY = 2
-OP_CLOSE = 8
-OP_PING = 9
-OP_PONG = 10
-
-# Close codes a peer may put on the wire: RFC 6455 section 7.4 plus the IANA registry, which
-# added 1012 (service restart), 1013 (try again later) and 1014 (bad gateway).  1004 is
-# reserved, 1005/1006/1015 are for local reporting only, and the rest of 1000-2999 is
-# unassigned.
-_CLOSE_CODE_RANGES = ((1000, 1003), (1007, 1014), (3000, 4999))
-
-# A control frame's payload is at most 125 bytes, so a close reason at most 123.
-_MAX_CLOSE_REASON = 123
+# The numbers and words both kernels share (trio_cable.protocol.codes); the compiled module
+# imports the same names.
+_PROTOCOL_ERROR = int(CloseCode.PROTOCOL_ERROR)
+_INVALID_PAYLOAD = int(CloseCode.INVALID_PAYLOAD)
+_MESSAGE_TOO_BIG = int(CloseCode.MESSAGE_TOO_BIG)
+_R = FrameRefusal
 
 # A frame length or a message size can never exceed this (the 64-bit length's top bit is 0).
 _MAX_LENGTH = (1 << 63) - 1
-
-# Error reasons, shared word for word with the compiled module.
-_R_RSV = "reserved bits set"
-_R_OPCODE = "reserved opcode"
-_R_CONTROL_FRAGMENTED = "fragmented control frame"
-_R_CONTROL_TOO_LONG = "control frame payload too long"
-_R_NO_MESSAGE = "continuation frame without a message in progress"
-_R_MESSAGE_IN_PROGRESS = "new message before the previous one was finished"
-_R_UNMASKED = "client frame not masked"
-_R_LENGTH = "frame length has its most significant bit set"
-_R_TOO_BIG = "message too big"
-_R_TEXT_UTF8 = "invalid UTF-8 in text message"
-_R_CLOSE_1 = "close frame payload of 1 byte"
-_R_CLOSE_CODE = "invalid close code"
-_R_CLOSE_UTF8 = "invalid UTF-8 in close reason"
 
 
 class FrameError(Exception):
@@ -82,6 +72,9 @@ class FrameError(Exception):
     reason: str
 
     def __init__(self, code: int, reason: str) -> None:
+        # Plain int and str whatever the caller passed (the kernels pass CloseCode and
+        # FrameRefusal members), so that errors of both kernels compare and print alike.
+        code, reason = int(code), str(reason)
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
@@ -169,7 +162,7 @@ class Utf8Validator:
 
 
 def _close_code_ok(code: int) -> bool:
-    return any(lo <= code <= hi for lo, hi in _CLOSE_CODE_RANGES)
+    return any(lo <= code <= hi for lo, hi in CLOSE_CODE_RANGES)
 
 
 def build_frame(
@@ -220,8 +213,8 @@ def build_close(code: int | None = None, reason: str = "") -> bytes:
     if not _close_code_ok(code):
         raise ValueError(f"close code {code} may not be sent")
     encoded = reason.encode("utf-8")
-    if len(encoded) > _MAX_CLOSE_REASON:
-        encoded = encoded[:_MAX_CLOSE_REASON].decode("utf-8", "ignore").encode("utf-8")
+    if len(encoded) > MAX_CLOSE_REASON:
+        encoded = encoded[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode("utf-8")
     payload = code.to_bytes(2, "big") + encoded
     return bytes((0x88, len(payload))) + payload
 
@@ -318,42 +311,46 @@ class FrameParser:
         b0 = buf[pos]
         b1 = buf[pos + 1]
         if b0 & 0x70:
-            raise self._fail(1002, _R_RSV)
+            raise self._fail(_PROTOCOL_ERROR, _R.RSV)
         opcode = b0 & 0x0F
         fin = bool(b0 & 0x80)
         length = b1 & 0x7F
         if opcode >= 8:
             if opcode > 10:
-                raise self._fail(1002, _R_OPCODE)
+                raise self._fail(_PROTOCOL_ERROR, _R.OPCODE)
             if not fin:
-                raise self._fail(1002, _R_CONTROL_FRAGMENTED)
-            if length > 125:
-                raise self._fail(1002, _R_CONTROL_TOO_LONG)
+                raise self._fail(_PROTOCOL_ERROR, _R.CONTROL_FRAGMENTED)
+            if length > MAX_CONTROL_PAYLOAD:
+                raise self._fail(_PROTOCOL_ERROR, _R.CONTROL_TOO_LONG)
         elif opcode > 2:
-            raise self._fail(1002, _R_OPCODE)
+            raise self._fail(_PROTOCOL_ERROR, _R.OPCODE)
         elif opcode == OP_CONT:
             if not self._m_opcode:
-                raise self._fail(1002, _R_NO_MESSAGE)
+                raise self._fail(_PROTOCOL_ERROR, _R.NO_MESSAGE)
         elif self._m_opcode:
-            raise self._fail(1002, _R_MESSAGE_IN_PROGRESS)
+            raise self._fail(_PROTOCOL_ERROR, _R.MESSAGE_IN_PROGRESS)
         masked = b1 & 0x80
         if not masked and self._require_mask:
-            raise self._fail(1002, _R_UNMASKED)
+            raise self._fail(_PROTOCOL_ERROR, _R.UNMASKED)
         size = 2
         if length == 126:
             size = 4
             if avail < size:
                 return False
             length = (buf[pos + 2] << 8) | buf[pos + 3]
+            if length < 126:
+                raise self._fail(_PROTOCOL_ERROR, _R.LENGTH_NOT_MINIMAL)
         elif length == 127:
             size = 10
             if avail < size:
                 return False
             length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
             if length > _MAX_LENGTH:
-                raise self._fail(1002, _R_LENGTH)
+                raise self._fail(_PROTOCOL_ERROR, _R.LENGTH)
+            if length < 65536:
+                raise self._fail(_PROTOCOL_ERROR, _R.LENGTH_NOT_MINIMAL)
         if opcode < 8 and length > self._max - self._m_size:
-            raise self._fail(1009, _R_TOO_BIG)
+            raise self._fail(_MESSAGE_TOO_BIG, _R.TOO_BIG)
         if masked:
             if avail < size + 4:
                 return False
@@ -417,7 +414,7 @@ class FrameParser:
                 self._pos = pos + remaining
                 self._f_in = False
                 if text and not validate_utf8(payload):
-                    raise self._fail(1007, _R_TEXT_UTF8)
+                    raise self._fail(_INVALID_PAYLOAD, _R.TEXT_UTF8)
                 opcode = self._m_opcode
                 self._m_opcode = 0
                 return opcode, payload
@@ -429,7 +426,7 @@ class FrameParser:
                     mask = mask[phase:] + mask[:phase]
                 chunk = _xor(memoryview(buf)[pos : pos + take], mask)
                 if text and not self._validator.feed(chunk, False):
-                    raise self._fail(1007, _R_TEXT_UTF8)
+                    raise self._fail(_INVALID_PAYLOAD, _R.TEXT_UTF8)
                 self._m_parts += chunk
                 self._m_size += take
                 self._pos = pos + take
@@ -442,7 +439,7 @@ class FrameParser:
             self._f_in = False
             if self._f_fin:
                 if text and not self._validator.feed(b"", True):
-                    raise self._fail(1007, _R_TEXT_UTF8)
+                    raise self._fail(_INVALID_PAYLOAD, _R.TEXT_UTF8)
                 self._validator.reset()
                 payload = bytes(self._m_parts)
                 self._m_parts = bytearray()
@@ -454,9 +451,9 @@ class FrameParser:
     def _check_close(self, payload: bytes) -> None:
         n = len(payload)
         if n == 1:
-            raise self._fail(1002, _R_CLOSE_1)
+            raise self._fail(_PROTOCOL_ERROR, _R.CLOSE_1)
         if n:
             if not _close_code_ok((payload[0] << 8) | payload[1]):
-                raise self._fail(1002, _R_CLOSE_CODE)
+                raise self._fail(_PROTOCOL_ERROR, _R.CLOSE_CODE)
             if not validate_utf8(payload[2:]):
-                raise self._fail(1007, _R_CLOSE_UTF8)
+                raise self._fail(_INVALID_PAYLOAD, _R.CLOSE_UTF8)
