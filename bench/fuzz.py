@@ -485,26 +485,20 @@ def check_command(codec: cable.Codec, payload: Any) -> str:
             assert exc.command is None or exc.command in COMMAND_NAMES
             return "invalid: " + exc.reason.split(" (")[0].split(" '")[0][:40]
         assert isinstance(command, cable.Command)
-        assert command.command in COMMAND_NAMES, command.command
-        if command.command in ("ping", "pong"):
-            assert command.identifier is None and command.data is None and command.history is None
-            return f"ok: {command.command}"
+        assert command.name in COMMAND_NAMES, command.name
+        if isinstance(command, (cable.Ping, cable.Pong)):
+            return f"ok: {command.name}"
         identifier = command.identifier
         assert isinstance(identifier, str) and 0 < len(identifier) <= 4096
-        if command.command == "message":
+        if isinstance(command, cable.Message):
             assert isinstance(command.data, str)
-        elif command.command == "whisper":
+        elif isinstance(command, cable.Whisper):
             _check_json_value(command.data, cable.DEFAULT_MAX_DEPTH)
-        else:
-            assert command.data is None
-        if command.command == "history":
+        elif isinstance(command, cable.History):
             _check_history(command.history)
-        elif command.command == "subscribe":
-            if command.history is not None:
-                _check_history(command.history)
-        else:
-            assert command.history is None
-        label = f"ok: {command.command}"
+        elif isinstance(command, cable.Subscribe) and command.history is not None:
+            _check_history(command.history)
+        label = f"ok: {command.name}"
         try:
             channel, params = cable.parse_identifier(identifier)
         except InvalidCommand as exc:
@@ -513,7 +507,7 @@ def check_command(codec: cable.Codec, payload: Any) -> str:
         assert isinstance(channel, str) and channel
         assert isinstance(params, dict) and "channel" not in params
         _check_json_value(params, cable.DEFAULT_MAX_DEPTH)
-        if command.command == "message":
+        if isinstance(command, cable.Message):
             try:
                 action, data = cable.parse_action(command.data, identifier=identifier)
             except InvalidCommand as exc:

@@ -20,9 +20,15 @@ from trio_cable.protocol.cable import (
     UNSUPPORTED,
     BroadcastEncoder,
     Codec,
-    Command,
+    History,
     InvalidCommand,
+    Message,
+    Ping,
+    Pong,
     Publication,
+    Subscribe,
+    Unsubscribe,
+    Whisper,
     decode_broadcast_data,
     decode_command,
     parse_action,
@@ -300,7 +306,7 @@ def test_token_from_subprotocols() -> None:
 @pytest.mark.parametrize("codec", CODECS)
 def test_decode_subscribe(codec: Codec) -> None:
     cmd = decode_command(codec, enc(codec, {"command": "subscribe", "identifier": IDENT}))
-    assert cmd == Command("subscribe", IDENT)
+    assert cmd == Subscribe(IDENT)
 
 
 def test_identifier_is_kept_byte_for_byte() -> None:
@@ -313,7 +319,7 @@ def test_identifier_is_kept_byte_for_byte() -> None:
 @pytest.mark.parametrize("codec", CODECS)
 def test_decode_unsubscribe(codec: Codec) -> None:
     cmd = decode_command(codec, enc(codec, {"command": "unsubscribe", "identifier": IDENT}))
-    assert cmd == Command("unsubscribe", IDENT)
+    assert cmd == Unsubscribe(IDENT)
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -322,16 +328,18 @@ def test_decode_message(codec: Codec) -> None:
     cmd = decode_command(
         codec, enc(codec, {"command": "message", "identifier": IDENT, "data": data})
     )
-    assert cmd == Command("message", IDENT, data=data)
+    assert cmd == Message(IDENT, data)
     assert parse_action(cmd.data) == ("speak", {"action": "speak", "text": "hi"})
 
 
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("name", ["ping", "pong"])
 def test_decode_ping_pong(codec: Codec, name: str) -> None:
-    assert decode_command(codec, enc(codec, {"command": name})) == Command(name)
+    assert decode_command(codec, enc(codec, {"command": name})).name == name
+    expected = Ping() if name == "ping" else Pong()
+    assert decode_command(codec, enc(codec, {"command": name})) == expected
     # An identifier on ping/pong is ignored rather than validated.
-    assert decode_command(codec, enc(codec, {"command": name, "identifier": 5})) == Command(name)
+    assert decode_command(codec, enc(codec, {"command": name, "identifier": 5})) == expected
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -340,7 +348,7 @@ def test_decode_whisper(codec: Codec, data: Any) -> None:
     cmd = decode_command(
         codec, enc(codec, {"command": "whisper", "identifier": IDENT, "data": data})
     )
-    assert cmd == Command("whisper", IDENT, data=data)
+    assert cmd == Whisper(IDENT, data)
 
 
 HISTORY = {"since": 1700000000, "streams": {"chat/1": {"epoch": "e1", "offset": 12}}}
@@ -349,7 +357,7 @@ HISTORY = {"since": 1700000000, "streams": {"chat/1": {"epoch": "e1", "offset": 
 @pytest.mark.parametrize("codec", CODECS)
 def test_decode_history(codec: Codec) -> None:
     raw = {"command": "history", "identifier": IDENT, "history": HISTORY}
-    assert decode_command(codec, enc(codec, raw)) == Command("history", IDENT, history=HISTORY)
+    assert decode_command(codec, enc(codec, raw)) == History(IDENT, HISTORY)
 
 
 @pytest.mark.parametrize(
@@ -374,14 +382,14 @@ def test_history_is_normalized(history: dict[str, Any], normalized: dict[str, An
 @pytest.mark.parametrize("codec", CODECS)
 def test_decode_subscribe_with_history(codec: Codec) -> None:
     raw: dict[str, Any] = {"command": "subscribe", "identifier": IDENT, "history": HISTORY}
-    assert decode_command(codec, enc(codec, raw)) == Command("subscribe", IDENT, history=HISTORY)
+    assert decode_command(codec, enc(codec, raw)) == Subscribe(IDENT, HISTORY)
     raw["history"] = None
-    assert decode_command(codec, enc(codec, raw)) == Command("subscribe", IDENT)
+    assert decode_command(codec, enc(codec, raw)) == Subscribe(IDENT)
 
 
 def test_unknown_keys_are_ignored() -> None:
     raw = {"command": "subscribe", "identifier": IDENT, "extra": {"x": 1}, "data": 5}
-    assert decode_command(JSON, enc(JSON, raw)) == Command("subscribe", IDENT)
+    assert decode_command(JSON, enc(JSON, raw)) == Subscribe(IDENT)
 
 
 # -- decode_command: errors -----------------------------------------------------------------------

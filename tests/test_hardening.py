@@ -137,7 +137,7 @@ async def test_ping_flood_gets_bounded_pongs_and_harms_nobody(nursery, config, c
 async def test_half_open_connections_are_found_by_the_kernel(server: Server, connect):
     async with connect() as _client:
         (conn,) = server.connections
-        sock = conn.sock
+        sock = conn.transport.sock
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000

@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import msgpack
 
@@ -39,10 +39,18 @@ __all__ = [
     "BroadcastEncoder",
     "Codec",
     "Command",
+    "History",
     "InvalidCommand",
+    "Message",
+    "Ping",
+    "Pong",
     "Publication",
     "RemoteCommand",
     "Subprotocol",
+    "Subscribe",
+    "SubscriptionCommand",
+    "Unsubscribe",
+    "Whisper",
     "confirm_history",
     "confirm_subscription",
     "data_message",
@@ -359,21 +367,72 @@ _NEEDS_IDENTIFIER = frozenset({"subscribe", "unsubscribe", "message", "history",
 _COMMANDS = _NEEDS_IDENTIFIER | {"ping", "pong"}
 
 
-@dataclass(slots=True)
-class Command:
-    """One validated client command.
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """``subscribe``; ``history`` (ext protocols) asks for history once confirmed."""
 
-    ``identifier`` is set for every command but ``ping``/``pong``. ``data`` is the *string* data
-    of a ``message`` (decode it with :func:`parse_action`) or the value of a ``whisper``.
-    ``history`` is the validated, normalized history request of a ``history`` command or of a
-    ``subscribe`` that asked for one:
-    ``{"since": number?, "streams": {stream: {"epoch": str, "offset": int}}?}``.
-    """
-
-    command: str
-    identifier: str | None = None
-    data: Any = None
+    identifier: str
     history: dict[str, Any] | None = None
+    name: ClassVar[str] = "subscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """``unsubscribe``."""
+
+    identifier: str
+    name: ClassVar[str] = "unsubscribe"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """``message``: ``data`` is the JSON *string* of the action (see :func:`parse_action`)."""
+
+    identifier: str
+    data: str
+    name: ClassVar[str] = "message"
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """``history``: ``history`` is the validated, normalized request:
+    ``{"since": number?, "streams": {stream: {"epoch": str, "offset": int}}?}``."""
+
+    identifier: str
+    history: dict[str, Any]
+    name: ClassVar[str] = "history"
+
+
+@dataclass(frozen=True, slots=True)
+class Whisper:
+    """``whisper``: ``data`` is any JSON value (not stringified)."""
+
+    identifier: str
+    data: Any
+    name: ClassVar[str] = "whisper"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """The client's ``ping`` command (ext protocols): answered with ``pong``."""
+
+    name: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The client's ``pong``, the answer to the server's ping (ext protocols)."""
+
+    name: ClassVar[str] = "pong"
+
+
+#: One validated client command.
+Command: TypeAlias = Subscribe | Unsubscribe | Message | History | Whisper | Ping | Pong
+#: The commands that name a subscription.
+SubscriptionCommand: TypeAlias = Subscribe | Unsubscribe | Message | History | Whisper
+
+_PING = Ping()
+_PONG = Pong()
 
 
 def _is_number(value: Any) -> bool:
@@ -442,7 +501,7 @@ def decode_command(
     if command not in _COMMANDS:
         raise InvalidCommand(f"unknown command {command[:64]!r}")
     if command not in _NEEDS_IDENTIFIER:
-        return Command(command)
+        return _PING if command == "ping" else _PONG
 
     identifier = obj.get("identifier")
     if identifier is None:
@@ -462,24 +521,21 @@ def decode_command(
         data = obj["data"]
         if not isinstance(data, str):
             raise InvalidCommand("message data must be a string", identifier, command)
-        return Command(command, identifier, data=data)
+        return Message(identifier, data)
     if command == "whisper":
         if "data" not in obj:
             raise InvalidCommand("whisper without data", identifier, command)
-        return Command(command, identifier, data=obj["data"])
+        return Whisper(identifier, obj["data"])
     if command == "history":
         if "history" not in obj:
             raise InvalidCommand("history command without history", identifier, command)
-        return Command(
-            command, identifier, history=_validate_history(obj["history"], identifier, command)
-        )
+        return History(identifier, _validate_history(obj["history"], identifier, command))
     if command == "subscribe":
         history = obj.get("history")  # optional (ext protocols): confirm first, then history
         if history is not None:
-            return Command(
-                command, identifier, history=_validate_history(history, identifier, command)
-            )
-    return Command(command, identifier)
+            return Subscribe(identifier, _validate_history(history, identifier, command))
+        return Subscribe(identifier)
+    return Unsubscribe(identifier)
 
 
 def parse_identifier(

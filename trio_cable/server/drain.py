@@ -13,26 +13,51 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import Protocol
 
 import trio
 
+from trio_cable.config import Config
+from trio_cable.metrics import Metrics
+from trio_cable.protocol.codes import CloseCode, DisconnectReason
 from trio_cable.server.admission import reconnect_after_ms
-from trio_cable.server.connection import CLOSE_GOING_AWAY, Connection, State
 
-if TYPE_CHECKING:
-    from trio_cable.server.node import Server
+__all__ = ["Drainable", "Drainer"]
 
 log = logging.getLogger("trio_cable.drain")
 
 _BATCH_INTERVAL = 0.05  # seconds between batches: 20 small batches a second
 
 
-class Drainer:
-    """The drain state of one server."""
+class Drainable(Protocol):
+    """What a drain needs of a connection."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    @property
+    def is_open(self) -> bool: ...
+
+    def close(
+        self,
+        reason: DisconnectReason | None = None,
+        *,
+        reconnect: bool = True,
+        code: int = CloseCode.NORMAL,
+        reconnect_after_ms: int | None = None,
+    ) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Drainer:
+    """The drain state of one server: *connections* is the server's live set of open
+    connections (it shrinks as they go)."""
+
+    def __init__(
+        self, config: Config, metrics: Metrics, connections: Collection[Drainable]
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.connections = connections
         self.started = False
         self.finished = trio.Event()
         self._hurry = trio.Event()
@@ -44,7 +69,7 @@ class Drainer:
         self._hurry.set()
 
     def _period(self, count: int, period: float | None) -> float:
-        config = self.server.config
+        config = self.config
         period = config.drain_period if period is None else period
         if config.drain_rate > 0:
             period = max(period, count / config.drain_rate)
@@ -56,12 +81,12 @@ class Drainer:
             await self.finished.wait()
             return
         self.started = True
-        server = self.server
-        config = server.config
+        config = self.config
+        connections = self.connections
         start = trio.current_time()
         deadline = start + config.shutdown_timeout
         try:
-            conns = [c for c in server.connections if c.state is State.OPEN]
+            conns = [c for c in connections if c.is_open]
             random.shuffle(conns)  # no client group is always last
             total = len(conns)
             period = self._period(total, period)
@@ -86,28 +111,27 @@ class Drainer:
                     with trio.move_on_after(_BATCH_INTERVAL):
                         await self._hurry.wait()
             # Connections that finished their handshake after the snapshot.
-            for conn in list(server.connections):
+            for conn in list(connections):
                 self._disconnect(conn)
             with trio.move_on_at(deadline):
-                while server.connections:
+                while connections:
                     await trio.sleep(0.02)
-            left = len(server.connections)
+            left = len(connections)
             if left:
                 log.warning("drain: shutdown timeout, cutting %d connections", left)
-                for conn in list(server.connections):
+                for conn in list(connections):
                     conn.abort()
             log.info("drain finished in %.1f s", trio.current_time() - start)
         finally:
             self.finished.set()
 
-    def _disconnect(self, conn: Connection) -> None:
-        if conn.state is not State.OPEN:
+    def _disconnect(self, conn: Drainable) -> None:
+        if not conn.is_open:
             return
-        config = self.server.config
-        self.server.metrics.drained_total += 1
+        self.metrics.drained_total += 1
         conn.close(
-            "server_restart",
+            DisconnectReason.SERVER_RESTART,
             reconnect=True,
-            code=CLOSE_GOING_AWAY,
-            reconnect_after_ms=reconnect_after_ms(0.0, config.reconnect_advice),
+            code=CloseCode.GOING_AWAY,
+            reconnect_after_ms=reconnect_after_ms(0.0, self.config.reconnect_advice),
         )

@@ -16,21 +16,44 @@ connection holds because every write to a corked connection joins its cork.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from trio_cable.broker import Broadcast
-from trio_cable.protocol.cable import BroadcastEncoder, Codec
-from trio_cable.protocol.frames import OP_BINARY, OP_TEXT, build_frame
+from trio_cable.metrics import Metrics
+from trio_cable.protocol.cable import BroadcastEncoder
+from trio_cable.server.transport import WireFormat
 
-if TYPE_CHECKING:
-    from trio_cable.metrics import Metrics
-    from trio_cable.server.connection import Connection
+__all__ = ["Hub", "Subscriber"]
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a local subscriber (a session)."""
+
+    @property
+    def sid(self) -> str:
+        """The session id (``exclude_socket`` names it)."""
+        ...
+
+    @property
+    def format(self) -> WireFormat:
+        """How the subscriber's frames are built: recipients are grouped by it."""
+        ...
+
+    def send_broadcast(self, frame: bytes, stream: str, offset: int | None) -> None:
+        """Write the broadcast at *offset* of *stream* without blocking."""
+
+    def cork(self) -> bool:
+        """Start collecting writes for one ``send``; True when this call started it."""
+        ...
+
+    def uncork(self) -> None:
+        """Write what was collected."""
 
 
 class Hub:
-    """stream -> identifier -> set of connections subscribed with that identifier."""
+    """stream -> identifier -> wire format -> the subscribers of that identifier."""
 
     def __init__(
         self,
@@ -38,10 +61,9 @@ class Hub:
         on_first: Callable[[str], None] = lambda stream: None,
         on_last: Callable[[str], None] = lambda stream: None,
     ) -> None:
-        # stream -> identifier -> (codec, extended) -> connections.  Grouping by the wire
-        # format at subscribe time leaves the broadcast loop nothing to do per recipient but
-        # hand over the shared frame.
-        self._streams: dict[str, dict[str, dict[tuple[Codec, bool], set[Connection]]]] = {}
+        # Grouping by the wire format at subscribe time leaves the broadcast loop nothing to
+        # do per recipient but hand over the shared frame.
+        self._streams: dict[str, dict[str, dict[WireFormat, set[Subscriber]]]] = {}
         self._metrics = metrics
         # Tell the broker when this node starts / stops caring about a stream.
         self._on_first = on_first
@@ -50,12 +72,12 @@ class Hub:
         # broadcast already went out in this tick, and the connections corked since.
         self._flusher: trio.lowlevel.Task | None = None
         self._in_tick = False
-        self._corked: list[Connection] = []
+        self._corked: list[Subscriber] = []
 
     def __len__(self) -> int:
         return len(self._streams)
 
-    def add(self, stream: str, identifier: str, conn: Connection) -> None:
+    def add(self, stream: str, identifier: str, conn: Subscriber) -> None:
         """Subscribe *conn*'s *identifier* to *stream*."""
         groups = self._streams.get(stream)
         if groups is None:
@@ -64,9 +86,9 @@ class Hub:
         kinds = groups.get(identifier)
         if kinds is None:
             kinds = groups[identifier] = {}
-        kinds.setdefault((conn.codec, conn.extended), set()).add(conn)
+        kinds.setdefault(conn.format, set()).add(conn)
 
-    def remove(self, stream: str, identifier: str, conn: Connection) -> None:
+    def remove(self, stream: str, identifier: str, conn: Subscriber) -> None:
         """Undo :meth:`add`; unknown entries are ignored."""
         groups = self._streams.get(stream)
         if groups is None:
@@ -74,7 +96,7 @@ class Hub:
         kinds = groups.get(identifier)
         if kinds is None:
             return
-        key = (conn.codec, conn.extended)
+        key = conn.format
         conns = kinds.get(key)
         if conns is None:
             return
@@ -127,11 +149,9 @@ class Hub:
         # failed connection leaves the hub later, from its own task), but a channel callback
         # triggered elsewhere might, and iteration must not see that.
         for identifier, kinds in list(groups.items()):
-            for (codec, extended), conns in list(kinds.items()):
-                encoder = stored if extended else plain
-                frame = build_frame(
-                    OP_BINARY if codec.binary else OP_TEXT, encoder.encode(codec, identifier)
-                )
+            for fmt, conns in list(kinds.items()):
+                encoder = stored if fmt.extended else plain
+                frame = fmt.frame(encoder.encode(fmt.codec, identifier))
                 if exclude is None and not cork:
                     # The common case, kept to one call per recipient.
                     for conn in list(conns):

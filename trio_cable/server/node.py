@@ -35,11 +35,13 @@ from trio_cable.identity import JWTIdentifier
 from trio_cable.metrics import Metrics, prometheus_text
 from trio_cable.protocol import cable
 from trio_cable.protocol.cable import InvalidCommand
-from trio_cable.protocol.frames import OP_BINARY, OP_TEXT, SPEEDUPS, build_frame
+from trio_cable.protocol.codes import CloseCode, DisconnectReason
+from trio_cable.protocol.frames import SPEEDUPS
 from trio_cable.protocol.handshake import Refusal, Request, negotiate, request_from_h11
 from trio_cable.server.admission import AdaptiveLimits, TokenBucket, retry_after
-from trio_cable.server.connection import CLOSE_NORMAL, Connection, State
 from trio_cable.server.drain import Drainer
+from trio_cable.server.echo import EchoSession
+from trio_cable.server.executor import ChannelExecutor
 from trio_cable.server.http import (
     MAX_HEAD_BYTES,
     BadRequest,
@@ -50,13 +52,19 @@ from trio_cable.server.http import (
     send_response,
 )
 from trio_cable.server.hub import Hub
-from trio_cable.server.reactor import Reactor
+from trio_cable.server.reactor import Reactor, reactor_available
+from trio_cable.server.session import Session
 from trio_cable.server.sockio import close_socket, send_all, tls_handshake
+from trio_cable.server.transport import WireFormat
+from trio_cable.server.transports.websocket import (
+    WebSocketContext,
+    WebSocketTransport,
+    wire_format,
+)
 
 log = logging.getLogger("trio_cable")
 
 _ACCEPT_BATCH = 64
-_RECV_BUFFER = 256 * 1024
 _LAG_PROBE = 0.05  # seconds between event-loop lag probes
 # Half-open detection: probe after 60 s of silence, every 10 s, give up after 3 misses (about
 # 90 s); and give up on data nobody acknowledges for 60 s.
@@ -105,19 +113,18 @@ class Server:
         self.hub = Hub(
             self.metrics, on_first=self.broker.subscribe, on_last=self.broker.unsubscribe
         )
-        self.connections: set[Connection] = set()
+        #: Every open connection: Action Cable sessions, and raw echo connections.
+        self.connections: set[Session | EchoSession] = set()
         self.callback_limiter = trio.CapacityLimiter(config.callback_concurrency)
         jwt_secret = config.effective_jwt_secret
         self.jwt: JWTIdentifier | None = JWTIdentifier(jwt_secret) if jwt_secret else None
-        # One receive buffer for every connection: reads copy into the frame parser before
-        # any await, so sharing it is safe and saves 256 KiB per connection.
-        self.recv_buffer = bytearray(_RECV_BUFFER)
-        self.recv_view = memoryview(self.recv_buffer)
-        self._channels: dict[str, type[Channel]] = {c.name(): c for c in BUILTIN_CHANNELS}
+        channels: dict[str, type[Channel]] = {c.name(): c for c in BUILTIN_CHANNELS}
         if config.benchmark_channel:
-            self._channels[BenchmarkChannel.name()] = BenchmarkChannel
-        self._channels.update(self.app.channels)
-        self._ping_groups: dict[float, set[Connection]] = {}
+            channels[BenchmarkChannel.name()] = BenchmarkChannel
+        channels.update(self.app.channels)
+        self.executor = ChannelExecutor(self.app, channels, self.callback_limiter, self.metrics)
+        # Welcomed sessions by ping interval: the ticker pings, checks pongs, saves sessions.
+        self._ping_groups: dict[float, set[Session]] = {}
         self._listen_socket: socket.socket | None = None
         self._port: int | None = None
         if listen_socket is not None:
@@ -138,8 +145,15 @@ class Server:
         self.pending_handshakes = 0
         self.connections_by_address: dict[str, int] = {}
         self.tls_context = _tls_context(config)
-        self.drainer = Drainer(self)
-        self.reactor: Reactor | None = Reactor()
+        self.drainer = Drainer(config, self.metrics, self.connections)
+        self.reactor: Reactor | None = Reactor() if reactor_available() else None
+        self._websocket = WebSocketContext.create(
+            self.metrics,
+            self.reactor,
+            max_message_size=config.max_message_size,
+            max_send_queue=config.max_send_queue,
+            close_timeout=config.close_timeout,
+        )
         m = self.metrics
         m.gauges["connections"] = lambda: float(len(self.connections))
         m.gauges["streams"] = lambda: float(len(self.hub))
@@ -356,20 +370,30 @@ class Server:
                 response = h11.InformationalResponse(status_code=101, headers=outcome.headers)
                 await send_all(sock, conn.send(response) or b"")
                 trailing, _closed = conn.trailing_data
-                connection = Connection(
-                    self,
-                    sock,
-                    request,
-                    outcome.subprotocol,
-                    new_sid(),
-                    bytes(trailing),
-                    echo=echo,
-                    ip=ip,
+                budget = TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time())
+                transport = WebSocketTransport(
+                    self._websocket, sock, budget, bytes(trailing), remote=remote
                 )
+                receiver: Session | EchoSession
+                if echo:
+                    receiver = EchoSession(self, transport, ip=ip)
+                else:
+                    subprotocol = outcome.subprotocol
+                    assert subprotocol is not None  # negotiate() requires one off the echo path
+                    receiver = Session(
+                        self,
+                        transport,
+                        wire_format(subprotocol.codec, subprotocol.extended),
+                        request,
+                        new_sid(),
+                        budget,
+                        subprotocol=subprotocol.name,
+                        ip=ip,
+                    )
                 handed_off = True
                 self.pending_handshakes -= 1
                 pending = False
-                nursery.start_soon(self._run_connection, connection)
+                nursery.start_soon(self._run_connection, transport, receiver)
             else:
                 response_ = await self._http(sock, conn, request)
                 await send_response(sock, conn, response_)
@@ -384,13 +408,16 @@ class Server:
             if not handed_off:
                 close_socket(sock)
 
-    async def _run_connection(self, connection: Connection) -> None:
+    async def _run_connection(
+        self, transport: WebSocketTransport, receiver: Session | EchoSession
+    ) -> None:
         try:
-            await connection.run()
+            await transport.run(receiver)
         except OSError as exc:
-            log.debug("%r: socket error: %s", connection, exc)
+            log.debug("%r: socket error: %s", receiver, exc)
         except Exception:
-            log.exception("%r: unexpected error", connection)
+            # A bug must cost one connection, never the server.
+            log.exception("%r: unexpected error", receiver)
 
     async def _http(self, sock: socket.socket, conn: h11.Connection, request: Request) -> Response:
         path, method = request.path, request.method
@@ -429,37 +456,40 @@ class Server:
             return Response.text(404, f"no WebSocket endpoint at {path[:200]}")
         return Response.text(404, f"not found: {path[:200]}")
 
-    # -- state shared with connections ---------------------------------------------------
+    # -- what sessions ask of their node (session.SessionNode) ----------------------------
 
-    def register(self, conn: Connection) -> None:
-        self.connections.add(conn)
+    def attach(self, client: Session | EchoSession) -> None:
+        """Count an open connection (its transport is ready)."""
+        self.connections.add(client)
         self.metrics.connections_total += 1
         by_address = self.connections_by_address
-        by_address[conn.ip] = by_address.get(conn.ip, 0) + 1
+        by_address[client.ip] = by_address.get(client.ip, 0) + 1
 
-    def unregister(self, conn: Connection) -> None:
-        if conn not in self.connections:
+    def detach(self, client: Session | EchoSession) -> None:
+        """Forget a connection that has ended."""
+        if client not in self.connections:
             return
-        self.connections.discard(conn)
+        self.connections.discard(client)
         self.metrics.disconnects_total += 1
         by_address = self.connections_by_address
-        left = by_address.get(conn.ip, 1) - 1
+        left = by_address.get(client.ip, 1) - 1
         if left > 0:
-            by_address[conn.ip] = left
+            by_address[client.ip] = left
         else:
-            by_address.pop(conn.ip, None)
-        group = self._ping_groups.get(conn.ping_interval)
-        if group is not None:
-            group.discard(conn)
+            by_address.pop(client.ip, None)
+        if isinstance(client, Session):
+            group = self._ping_groups.get(client.ping_interval)
+            if group is not None:
+                group.discard(client)
 
     def lookup_channel(self, name: str) -> type[Channel] | None:
         """The channel class clients reach with ``"channel": name``."""
-        return self._channels.get(name)
+        return self.executor.lookup(name)
 
-    def start_pinging(self, conn: Connection) -> None:
-        """Add *conn* to the shared ping ticker (honouring ``?pi=<seconds>``)."""
+    def start_pinging(self, session: Session) -> None:
+        """Add a welcomed *session* to the shared ping ticker (honouring ``?pi=<seconds>``)."""
         interval = self.config.ping_interval
-        requested = conn.request.query.get("pi")
+        requested = session.request.query.get("pi")
         if requested:
             try:
                 value = float(requested)
@@ -467,15 +497,15 @@ class Server:
                     interval = value
             except ValueError:
                 pass
-        conn.ping_interval = interval
-        conn.last_pong = trio.current_time()
-        self._ping_groups.setdefault(interval, set()).add(conn)
-        if conn.extended:
+        session.ping_interval = interval
+        session.last_pong = trio.current_time()
+        self._ping_groups.setdefault(interval, set()).add(session)
+        if session.extended:
             # A first ping right after the welcome tells the client the server's clock: a
             # client that loses the connection before the ticker's first ping, with nothing
             # received yet on some stream, still has a ``since`` to ask that stream's history
             # with.  Without it, messages published while it was away were lost for good.
-            conn.send_message(cable.ping(int(time.time())))
+            session.send(cable.ping(int(time.time())))
 
     async def _ping_ticker(self) -> None:
         # One task pings every connection: per interval group, one frame per codec per tick.
@@ -494,28 +524,29 @@ class Server:
                     continue
                 next_due[interval] = now + interval - tick / 2
                 message = cable.ping(int(time.time()))
-                frames = {
-                    codec: build_frame(
-                        OP_BINARY if codec.binary else OP_TEXT, codec.encode(message)
-                    )
-                    for codec in (cable.JSON, cable.MSGPACK)
-                }
-                for conn in list(group):
-                    if conn.state is not State.OPEN:
+                frames: dict[WireFormat, bytes] = {}
+                for session in list(group):
+                    if not session.is_open:
                         continue
                     if (
                         pong_timeout
-                        and conn.extended
-                        and now - conn.last_pong > interval + pong_timeout
+                        and session.extended
+                        and now - session.last_pong > interval + pong_timeout
                     ):
-                        conn.close("no_pong", reconnect=True)
+                        session.close(DisconnectReason.NO_PONG, reconnect=True)
                         continue
-                    conn.send_frame(frames[conn.codec])
-            for conn in [c for c in self.connections if c.hold_until and now > c.hold_until]:
-                conn.hold_until = 0.0
-                conn.release_held()  # the restored client never asked history
-            for conn in [c for c in self.connections if c.session_dirty]:
-                await conn.save_session()
+                    fmt = session.format
+                    frame = frames.get(fmt)
+                    if frame is None:
+                        frame = frames[fmt] = fmt.frame(fmt.codec.encode(message))
+                    session.send_frame(frame)
+            sessions = [s for group in self._ping_groups.values() for s in group]
+            for session in sessions:
+                deadline = session.hold_deadline
+                if deadline and now > deadline:
+                    session.release_gate()  # the restored client never asked history
+            for session in [s for s in sessions if s.session_dirty]:
+                await session.save_session()
 
     async def _lag_monitor(self) -> None:
         # How late does a short timer fire?  That is how long every ready task waits for the
@@ -575,8 +606,8 @@ class Server:
             return 0
         count = 0
         for conn in list(self.connections):
-            if conn.identifiers == identifiers and conn.state is State.OPEN:
-                conn.close("remote", reconnect=reconnect, code=CLOSE_NORMAL)
+            if conn.identifiers == identifiers and conn.is_open:
+                conn.close(DisconnectReason.REMOTE, reconnect=reconnect, code=CloseCode.NORMAL)
                 count += 1
         self.metrics.remote_disconnects_total += count
         return count

@@ -1,0 +1,658 @@
+"""The Action Cable session of one client: the protocol's state machine on the server.
+
+A session identifies its client (JWT, a restored session, or the application's connect
+callback) and greets it, keeps its subscriptions, handles its commands strictly in arrival
+order, serves history through the :class:`~trio_cable.server.history_gate.HistoryGate`, and
+stores what a resumed session needs.  It is written against three narrow interfaces and
+nothing else:
+
+* a :class:`~trio_cable.server.transport.Transport` to write to (it never sees a socket or a
+  frame, only the :class:`~trio_cable.server.transport.WireFormat` that frames its messages),
+  and it is the transport's :class:`~trio_cable.server.transport.Receiver`;
+* an :class:`~trio_cable.server.executor.Executor` that runs the application's part;
+* a :class:`SessionNode`: the few services of the server node it lives on.
+
+Every command is handled without awaiting where it can be (pings, pongs, plain-function
+actions: the read reactor's fast path); the rest is returned as work for the transport's task,
+which awaits it before the next command.  So a test can drive a session with a list standing
+in for the transport, and the same session will serve the SSE and long-polling transports.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Protocol
+
+import trio
+
+from trio_cable.broker import Broker, HistoryEntry, HistoryUnavailable
+from trio_cable.channels import Channel, ConnectRequest
+from trio_cable.config import Config
+from trio_cable.identity import JWTIdentifier, TokenError, token_from_request
+from trio_cable.metrics import Metrics
+from trio_cable.protocol import cable
+from trio_cable.protocol.cable import BroadcastEncoder, Command, InvalidCommand
+from trio_cable.protocol.codes import CloseCode, DisconnectReason
+from trio_cable.protocol.handshake import Request
+from trio_cable.server.admission import TokenBucket
+from trio_cable.server.executor import Executor
+from trio_cable.server.history_gate import HistoryGate
+from trio_cable.server.hub import Hub
+from trio_cable.server.transport import Transport, WireFormat, Work
+
+__all__ = ["RESTORE_HOLD", "Session", "SessionNode"]
+
+log = logging.getLogger("trio_cable.session")
+
+#: Longest that live broadcasts wait after a restore for the client to ask history.
+RESTORE_HOLD = 2.0
+
+
+class SessionNode(Protocol):
+    """What a session needs from the server node it lives on."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def hub(self) -> Hub: ...
+
+    @property
+    def broker(self) -> Broker: ...
+
+    @property
+    def executor(self) -> Executor: ...
+
+    @property
+    def jwt(self) -> JWTIdentifier | None:
+        """The JWT verifier, when a JWT secret is configured."""
+        ...
+
+    def attach(self, session: Session) -> None:
+        """The session's connection is open: count it."""
+
+    def detach(self, session: Session) -> None:
+        """The session's connection has ended: forget it."""
+
+    def start_pinging(self, session: Session) -> None:
+        """The client was welcomed: ping it from now on."""
+
+    async def broadcast(self, stream: str, data: Any) -> None:
+        """Broadcast *data* to *stream* on every node."""
+
+
+class Session:
+    """One client's Action Cable session (see the module docstring).
+
+    Thousands live at once: slots, and the history gate exists only while history is pending.
+    """
+
+    __slots__ = (
+        "_budget",
+        "_busy",
+        "_gate",
+        "_pending_close",
+        "format",
+        "identifiers",
+        "ip",
+        "last_pong",
+        "node",
+        "ping_interval",
+        "request",
+        "resumable",
+        "session_dirty",
+        "sid",
+        "subprotocol",
+        "subscriptions",
+        "transport",
+        "welcomed",
+    )
+
+    def __init__(
+        self,
+        node: SessionNode,
+        transport: Transport,
+        wire: WireFormat,
+        request: Request,
+        sid: str,
+        budget: TokenBucket,
+        *,
+        subprotocol: str = "",
+        ip: str = "",
+    ) -> None:
+        """*budget* is the connection's command budget (the transport spends it on ping
+        frames too)."""
+        self.node = node
+        self.transport = transport
+        #: How this client's messages are encoded and framed.
+        self.format = wire
+        self.request = request
+        self.sid = sid
+        self.subprotocol = subprotocol
+        self.ip = ip
+        self.identifiers: dict[str, Any] = {}
+        self.subscriptions: dict[str, Channel] = {}
+        self._budget = budget
+        self._gate: HistoryGate | None = None
+        # A close requested while a command is being handled waits for the command to end.
+        self._busy = False
+        self._pending_close: tuple[DisconnectReason | None, bool, int, int | None] | None = None
+        self.ping_interval = node.config.ping_interval
+        self.last_pong = trio.current_time()
+        #: The session changed since it was last saved (ext protocols only).
+        self.session_dirty = False
+        #: The client got its welcome (it was identified).
+        self.welcomed = False
+        #: False once the server ended the connection with ``reconnect: false``
+        #: (unauthorized, remote, ...): such a session must not come back by resuming.
+        self.resumable = True
+
+    def __repr__(self) -> str:
+        return f"<Session sid={self.sid} {self.request.remote}>"
+
+    @property
+    def extended(self) -> bool:
+        """AnyCable's extended protocol: resume, history, stream positions, pong commands."""
+        return self.format.extended
+
+    @property
+    def is_open(self) -> bool:
+        """True until the connection starts closing."""
+        return self.transport.open
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting for the client's socket."""
+        return self.transport.queued_bytes
+
+    # -- sending -------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Encode and send an Action Cable message (through the history gate)."""
+        fmt = self.format
+        self.send_frame(fmt.frame(fmt.codec.encode(message)))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send a framed message in this session's format (the ping ticker's path)."""
+        if self._gate is not None:
+            self._gate.hold(frame)
+            return
+        self.transport.write(frame)
+
+    def send_broadcast(self, frame: bytes, stream: str, offset: int | None) -> None:
+        """Send the broadcast at *offset* of *stream* (the hub's path)."""
+        if self._gate is not None:
+            self._gate.hold(frame, stream, offset)
+            return
+        self.transport.write(frame)
+
+    def _send_now(self, message: dict[str, Any]) -> None:
+        """Send past the history gate (history itself, and its answers)."""
+        fmt = self.format
+        self.transport.write(fmt.frame(fmt.codec.encode(message)))
+
+    def cork(self) -> bool:
+        """See :meth:`Transport.cork` (the hub coalesces a tick's broadcasts)."""
+        return self.transport.cork()
+
+    def uncork(self) -> None:
+        self.transport.uncork()
+
+    # -- what channels ask of their host (channels.ChannelHost) --------------------------
+
+    @property
+    def settings(self) -> Config:
+        """The server's configuration (channels read secrets from it)."""
+        return self.node.config
+
+    def transmit(self, identifier: str, message: Any) -> None:
+        """Send a data message for one subscription."""
+        self.node.metrics.transmissions_total += 1
+        self.send(cable.data_message(identifier, message))
+
+    def add_stream(self, identifier: str, stream: str) -> None:
+        self.node.hub.add(stream, identifier, self)
+
+    def remove_stream(self, identifier: str, stream: str) -> None:
+        self.node.hub.remove(stream, identifier, self)
+
+    async def broadcast(self, stream: str, data: Any) -> None:
+        await self.node.broadcast(stream, data)
+
+    # -- closing -------------------------------------------------------------------------
+
+    def close(
+        self,
+        reason: DisconnectReason | None = None,
+        *,
+        reconnect: bool = True,
+        code: int = CloseCode.NORMAL,
+        reconnect_after_ms: int | None = None,
+    ) -> None:
+        """End the session: an Action Cable ``disconnect`` (when *reason* is given), then the
+        transport's close.  A command being handled finishes (its reply included) first."""
+        if not self.transport.open:
+            return
+        if self._busy:
+            if self._pending_close is None:
+                self._pending_close = (reason, reconnect, code, reconnect_after_ms)
+            return
+        self._gate = None  # nothing held goes out after the disconnect
+        if not reconnect:
+            self.resumable = False
+        if reason is not None:
+            self.node.metrics.inc_labeled("disconnect_reasons_total", str(reason))
+            log.debug("%r: disconnect %s (reconnect: %s)", self, reason, reconnect)
+            self._send_now(cable.disconnect(str(reason), reconnect, reconnect_after_ms))
+        self.transport.close(code)
+
+    def abort(self) -> None:
+        """Drop the connection now, without a close handshake."""
+        self.transport.abort()
+
+    # -- Receiver: the connection's life -------------------------------------------------
+
+    async def opened(self) -> None:
+        """Identify the client (JWT, a restored session, the connect callback), then send
+        ``welcome``; or refuse it."""
+        node = self.node
+        node.attach(self)
+        config = node.config
+        metrics = node.metrics
+        req = self.request
+        token = token_from_request(req.headers, req.subprotocols, req.query, param=config.jwt_param)
+        token_identifiers: dict[str, Any] | None = None
+        if token is not None and node.jwt is not None:
+            try:
+                token_identifiers = node.jwt.verify(token)
+            except TokenError as exc:
+                metrics.unauthorized_total += 1
+                log.info("%r: JWT refused: %s", self, exc)
+                self.close(DisconnectReason(exc.reason), reconnect=False)
+                return
+        if self.extended:
+            restore_sid = req.query.get("sid") or req.headers.get("x-anycable-restore-sid")
+            if restore_sid and await self._restore(restore_sid, token_identifiers):
+                return
+        if token_identifiers is not None:
+            self.identifiers = token_identifiers
+        elif config.enforce_jwt:
+            metrics.unauthorized_total += 1
+            log.info("%r: refused: no JWT (--enforce-jwt)", self)
+            self.close(DisconnectReason.UNAUTHORIZED, reconnect=False)
+            return
+        else:
+            request = ConnectRequest(
+                path=req.path,
+                query=req.query,
+                headers=req.headers,
+                remote=req.remote,
+                subprotocol=self.subprotocol,
+                sid=self.sid,
+            )
+            identifiers = await node.executor.connect(request, self)
+            if identifiers is None:
+                metrics.unauthorized_total += 1
+                log.info("%r: refused by the connect callback (unauthorized)", self)
+                self.close(DisconnectReason.UNAUTHORIZED, reconnect=False)
+                return
+            self.identifiers = identifiers
+        self.send(cable.welcome(self.sid))
+        self._welcomed()
+        log.debug("%r: connected (%s) as %r", self, self.subprotocol, self.identifiers)
+        if self.extended:
+            await self.save_session()
+
+    def _welcomed(self) -> None:
+        self.welcomed = True
+        # The headers served identification; a long-lived connection need not keep them
+        # (a few hundred bytes each, times every idle connection).
+        self.request.headers = {}
+        self.node.start_pinging(self)
+
+    def farewell(self, reason: DisconnectReason) -> bytes | None:
+        fmt = self.format
+        return fmt.frame(fmt.codec.encode(cable.disconnect(str(reason), True)))
+
+    async def closing(self) -> None:
+        self.node.detach(self)
+        # Saved before the socket closes: a client that reconnects at once must find it.
+        if self.welcomed and self.extended:
+            if self.resumable:
+                await self.save_session()
+            else:
+                await self._forget_session()
+
+    async def closed(self) -> None:
+        while self.subscriptions:
+            _, channel = self.subscriptions.popitem()
+            await self._end_subscription(channel)
+        log.debug("%r: disconnected", self)
+
+    # -- commands ------------------------------------------------------------------------
+
+    def receive(self, payload: bytes, binary: bool) -> Work | None:
+        """Decode and handle one command; see :class:`~trio_cable.server.transport.Receiver`."""
+        node = self.node
+        metrics = node.metrics
+        started = time.perf_counter()
+        metrics.commands_total += 1
+        try:
+            command = cable.decode_command(self.format.codec, payload)
+        except InvalidCommand as exc:
+            self._invalid(exc)
+            return None
+        gate = self._gate
+        if gate is not None and gate.awaiting and not isinstance(command, cable.History):
+            # The client does something else: it is not going to ask history first.
+            self.release_gate()
+        if not self._budget.take(trio.current_time()):
+            metrics.rate_limited_commands_total += 1
+            self._refuse_rate_limited(command)
+            return None
+        if isinstance(command, cable.Message):
+            return self._message(command, started)
+        if isinstance(command, cable.Ping):
+            self.send(cable.pong())
+        elif isinstance(command, cable.Pong):
+            self.last_pong = trio.current_time()
+        elif isinstance(command, cable.Subscribe):
+            return self._later(self._subscribe, command)
+        elif isinstance(command, cable.Unsubscribe):
+            return self._later(self._unsubscribe, command)
+        elif isinstance(command, cable.History):
+            return self._later(self._history, command.identifier, command.history)
+        # Whisper: accepted and ignored.
+        metrics.observe("command_seconds", time.perf_counter() - started)
+        return None
+
+    def _later(self, fn: Callable[..., Awaitable[None]], *args: Any) -> Work:
+        """The rest of a command, for the transport's task to await."""
+        return partial(self._run_command, fn, args)
+
+    async def _run_command(self, fn: Callable[..., Awaitable[None]], args: tuple[Any, ...]) -> None:
+        """Await one command's handling as the session's busy work (a close requested
+        meanwhile waits for it), and time it."""
+        self._busy = True
+        started = time.perf_counter()
+        try:
+            await fn(*args)
+        finally:
+            self._busy = False
+            self.node.metrics.observe("command_seconds", time.perf_counter() - started)
+        if self._pending_close is not None:
+            reason, reconnect, code, after = self._pending_close
+            self._pending_close = None
+            self.close(reason, reconnect=reconnect, code=code, reconnect_after_ms=after)
+
+    def _invalid(self, exc: InvalidCommand) -> None:
+        self.node.metrics.invalid_requests_total += 1
+        if exc.identifier is not None:
+            log.info("%r: invalid command for %s: %s", self, exc.identifier[:200], exc.reason)
+            if exc.command == "subscribe":
+                self.send(cable.reject_subscription(exc.identifier))
+            return
+        log.info("%r: invalid request: %s", self, exc.reason)
+        self.close(
+            DisconnectReason.INVALID_REQUEST, reconnect=False, code=CloseCode.POLICY_VIOLATION
+        )
+
+    def _refuse_rate_limited(self, command: Command) -> None:
+        # Answered, not dropped: a client waiting for a confirm must not hang.
+        if isinstance(command, cable.Subscribe):
+            if command.identifier not in self.subscriptions:
+                self._reject(command.identifier, "over the command rate")
+        elif isinstance(command, cable.History):
+            self.node.metrics.history_rejected_total += 1
+            self.send(cable.reject_history(command.identifier))
+        else:
+            log.info(
+                "%r: %s refused: over %s commands/s",
+                self,
+                command.name,
+                self.node.config.command_rate,
+            )
+
+    def _message(self, command: cable.Message, started: float) -> Work | None:
+        channel = self.subscriptions.get(command.identifier)
+        if channel is None:
+            log.info("%r: message for unknown %r", self, command.identifier[:200])
+            return None
+        try:
+            action, data = cable.parse_action(command.data)
+        except InvalidCommand as exc:
+            self.node.metrics.invalid_requests_total += 1
+            log.info("%r: bad message data: %s", self, exc.reason)
+            return None
+        executor = self.node.executor
+        done = executor.perform_now(channel, action, data)
+        if done is True:
+            self.node.metrics.observe("command_seconds", time.perf_counter() - started)
+            return None
+        if done is False:
+            return self._later(executor.perform, channel, action, data)
+        return self._later(done)
+
+    def _reject(self, identifier: str, why: str) -> None:
+        self.node.metrics.subscriptions_rejected_total += 1
+        log.info("%r: subscription %s rejected: %s", self, identifier[:200], why)
+        self.send(cable.reject_subscription(identifier))
+
+    async def _subscribe(self, command: cable.Subscribe) -> None:
+        identifier = command.identifier
+        if identifier in self.subscriptions:
+            return  # Rails clients re-send subscribe until confirmed: not an error
+        node = self.node
+        limit = node.config.max_subscriptions
+        if limit and len(self.subscriptions) >= limit:
+            self._reject(identifier, f"over {limit} subscriptions")
+            return
+        try:
+            name, params = cable.parse_identifier(identifier)
+        except InvalidCommand as exc:
+            self._reject(identifier, f"bad identifier: {exc.reason}")
+            return
+        channel = node.executor.channel(self, identifier, name, params)
+        if channel is None:
+            self._reject(identifier, f"unknown channel {name[:200]!r}")
+            return
+        # Registered before subscribed() runs so that transmit() and stream_from() work
+        # inside it; a duplicate subscribe arriving meanwhile is ignored by the check above.
+        self.subscriptions[identifier] = channel
+        gate_here = command.history is not None and self.extended and self._gate is None
+        if gate_here:
+            # Broadcasts that arrive while subscribed() awaits must not overtake the history
+            # the client asked for: they wait, and those the history covers are dropped.
+            self._gate = HistoryGate()
+        confirmed = await node.executor.subscribe(channel)
+        if not confirmed or not self.transport.open:
+            channel.stop_all_streams()
+            self.subscriptions.pop(identifier, None)
+            self._reject(identifier, "closing" if confirmed else "by the channel")
+            if gate_here:
+                self.release_gate()
+            return
+        node.metrics.subscriptions_total += 1
+        log.debug("%r: subscribed to %s (%s)", self, identifier[:200], channel.streams)
+        self.send(cable.confirm_subscription(identifier))
+        self.session_dirty = self.extended
+        if command.history is not None and self.extended:
+            await self._history(identifier, command.history)
+
+    async def _unsubscribe(self, command: cable.Unsubscribe) -> None:
+        channel = self.subscriptions.pop(command.identifier, None)
+        if channel is None:
+            log.info("%r: unsubscribe from unknown %r", self, command.identifier[:200])
+            return
+        self.session_dirty = self.extended
+        await self._end_subscription(channel)
+
+    async def _end_subscription(self, channel: Channel) -> None:
+        channel.stop_all_streams()
+        await self.node.executor.unsubscribe(channel)
+
+    # -- history -------------------------------------------------------------------------
+
+    async def _history(self, identifier: str, request: dict[str, Any]) -> None:
+        """Send the stored messages a client missed, then ``confirm_history``; or only
+        ``reject_history`` when any of them cannot be served (never a silent gap)."""
+        node = self.node
+        channel = self.subscriptions.get(identifier)
+        if channel is None or not self.extended:
+            node.metrics.history_rejected_total += 1
+            self._history_answered(identifier, cable.reject_history(identifier))
+            return
+        gate = self._gate
+        if gate is None:
+            gate = self._gate = HistoryGate()
+        else:
+            # What waits that is not a broadcast (transmissions, confirm_subscription, pings)
+            # goes out now, before the history; only broadcasts keep waiting.
+            for frame in gate.take_unicasts():
+                self.transport.write(frame)
+        positions = request.get("streams") or {}
+        since = request.get("since")
+        try:
+            entries: list[tuple[str, HistoryEntry]] = []
+            # Only the subscription's own streams: a client cannot read others' history.
+            for stream in list(channel.streams):
+                position = positions.get(stream)
+                if position is not None:
+                    found = await node.broker.history_since_offset(
+                        stream, position["epoch"], position["offset"]
+                    )
+                elif since is not None:
+                    found = await node.broker.history_since_time(stream, since)
+                else:
+                    continue
+                entries.extend((stream, entry) for entry in found)
+        except HistoryUnavailable as exc:
+            log.info("%r: history for %s refused: %s", self, identifier[:200], exc)
+            node.metrics.history_rejected_total += 1
+            self._history_answered(identifier, cable.reject_history(identifier))
+            return
+        except Exception:
+            log.exception("%r: history lookup failed", self)
+            node.metrics.history_rejected_total += 1
+            self._history_answered(identifier, cable.reject_history(identifier))
+            return
+        # Several streams: interleave by publication time; one stream stays in offset order.
+        entries.sort(key=lambda item: (item[1].time, item[0], item[1].offset))
+        fmt = self.format
+        for stream, entry in entries:
+            encoder = BroadcastEncoder(
+                entry.data, stream_id=stream, epoch=entry.epoch, offset=entry.offset
+            )
+            self.transport.write(fmt.frame(encoder.encode(fmt.codec, identifier)))
+            gate.sent_as_history(stream, entry.offset)
+        node.metrics.history_served_total += 1
+        self._history_answered(identifier, cable.confirm_history(identifier))
+
+    def _history_answered(self, identifier: str, answer: dict[str, Any]) -> None:
+        self._send_now(answer)
+        gate = self._gate
+        if gate is not None and gate.answered(identifier):
+            self.release_gate()
+
+    def release_gate(self) -> None:
+        """Send what the history gate held (minus what history delivered) and stop holding."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            for frame in gate.release():
+                self.transport.write(frame)
+
+    @property
+    def hold_deadline(self) -> float:
+        """When a restored session stops waiting for its history requests (0: not waiting)."""
+        gate = self._gate
+        return gate.deadline if gate is not None and gate.awaiting else 0.0
+
+    # -- resumable sessions (ext protocols) ----------------------------------------------
+
+    def session_data(self) -> dict[str, Any]:
+        """Everything a resumed session needs, as plain data a broker can store."""
+        return {
+            "identifiers": self.identifiers,
+            "subscriptions": [
+                {
+                    "identifier": identifier,
+                    "channel": type(channel).name(),
+                    "params": channel.params,
+                    "streams": list(channel.streams),
+                    "state": channel._state or {},
+                }
+                for identifier, channel in self.subscriptions.items()
+            ],
+        }
+
+    async def save_session(self) -> None:
+        """Store this session under its sid (ext protocols only)."""
+        if not self.extended:
+            return
+        self.session_dirty = False
+        try:
+            await self.node.broker.save_session(
+                self.sid, self.session_data(), self.node.config.sessions_ttl
+            )
+        except Exception:
+            log.exception("%r: could not save the session", self)
+
+    async def _forget_session(self) -> None:
+        try:
+            await self.node.broker.take_session(self.sid)
+        except Exception:
+            log.exception("%r: could not drop the session", self)
+
+    async def _restore(self, old_sid: str, token_identifiers: dict[str, Any] | None) -> bool:
+        """Restore identifiers and subscriptions of *old_sid* without any callback.
+
+        A client that also presents a JWT must present the session's own identity: a stolen
+        sid is not a way to become somebody else."""
+        node = self.node
+        try:
+            data = await node.broker.take_session(old_sid)
+        except Exception:
+            log.exception("%r: could not read session %s", self, old_sid[:64])
+            data = None
+        if not isinstance(data, dict):
+            node.metrics.sessions_not_found_total += 1
+            log.debug("%r: no session %s to restore", self, old_sid[:8])
+            return False
+        identifiers = dict(data.get("identifiers") or {})
+        if token_identifiers is not None and token_identifiers != identifiers:
+            log.warning("%r: session %s belongs to another identity", self, old_sid[:8])
+            node.metrics.sessions_not_found_total += 1
+            return False
+        self.identifiers = identifiers
+        limit = node.config.max_subscriptions or 1 << 30
+        restored: list[str] = []
+        for item in data.get("subscriptions") or []:
+            if len(self.subscriptions) >= limit:
+                break
+            identifier = item["identifier"]
+            channel = node.executor.channel(
+                self, identifier, item.get("channel", ""), dict(item.get("params") or {})
+            )
+            if channel is None:
+                continue
+            channel.state = dict(item.get("state") or {})
+            for stream in item.get("streams") or []:
+                channel.stream_from(stream)
+            self.subscriptions[identifier] = channel
+            restored.append(identifier)
+        node.metrics.sessions_resumed_total += 1
+        self.send(cable.welcome(self.sid, restored_ids=restored))
+        if restored:
+            # Live broadcasts wait for the history the client is about to ask, so that it
+            # gets every message once and in order.
+            self._gate = HistoryGate(restored, trio.current_time() + RESTORE_HOLD)
+        log.debug("%r: restored %s with %d subscriptions", self, old_sid[:8], len(restored))
+        self._welcomed()
+        await self.save_session()
+        return True
