@@ -69,7 +69,7 @@ from trio_cable.protocol import cable
 from trio_cable.protocol.cable import InvalidCommand
 
 try:
-    from trio_cable import _speedups as _compiled  # type: ignore[attr-defined]
+    from trio_cable import _speedups as _compiled
 except ImportError:  # pragma: no cover - the extension is built in CI
     _compiled = None
 
@@ -494,9 +494,7 @@ def check_command(codec: cable.Codec, payload: Any) -> str:
             assert isinstance(command.data, str)
         elif isinstance(command, cable.Whisper):
             _check_json_value(command.data, cable.DEFAULT_MAX_DEPTH)
-        elif isinstance(command, cable.History):
-            _check_history(command.history)
-        elif isinstance(command, cable.Subscribe) and command.history is not None:
+        elif isinstance(command, (cable.History, cable.Subscribe)) and command.history:
             _check_history(command.history)
         label = f"ok: {command.name}"
         try:

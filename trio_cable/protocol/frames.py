@@ -44,7 +44,7 @@ def _load_kernels() -> tuple[ModuleType, bool]:
     """The compiled kernels if allowed and importable, else the pure twin."""
     if not os.environ.get("TRIO_CABLE_NO_EXTENSIONS"):
         try:
-            from trio_cable import _speedups  # type: ignore[attr-defined]
+            from trio_cable import _speedups
         except ImportError:
             pass
         else:
