@@ -39,6 +39,7 @@ from trio_websocket import (
 
 from trio_cable.client import state as proto
 from trio_cable.client.backoff import Backoff, BackoffTimer, parse_retry_after
+from trio_cable.protocol.codes import DisconnectReason
 
 __all__ = [
     "Cable",
@@ -84,7 +85,7 @@ class CableClosed(CableError):
 
     def __init__(self, reason: str, message: str = "", *, status: int | None = None) -> None:
         super().__init__(f"cable closed: {reason}" + (f" ({message})" if message else ""))
-        self.reason = reason
+        self.reason = str(reason)
         self.status = status
 
 
@@ -599,7 +600,7 @@ class Cable:
                 if d.reconnect_after is not None:
                     advice = d.reconnect_after
                 if not d.reconnect:
-                    if d.reason == "token_expired" and self.token_provider is not None:
+                    if d.reason == DisconnectReason.TOKEN_EXPIRED and self.token_provider is not None:
                         # The server ended that session on purpose: do not resume it (that
                         # would bring back the old identity); subscribe again, with history.
                         self.session.sid = None
@@ -853,13 +854,13 @@ class Cable:
             result = self.token_provider()
             token = await result if inspect.isawaitable(result) else result
         except Exception as exc:
-            raise CableClosed("token_expired", f"token_provider failed: {exc!r}") from exc
+            raise CableClosed(DisconnectReason.TOKEN_EXPIRED, f"token_provider failed: {exc!r}") from exc
         if not isinstance(token, str) or not token:
-            raise CableClosed("token_expired", "token_provider returned no token")
+            raise CableClosed(DisconnectReason.TOKEN_EXPIRED, "token_provider returned no token")
         if after_expiry:
             exp = _token_times(token)[1]
             if exp is not None and exp <= time.time():
-                raise CableClosed("token_expired", "token_provider returned an expired token")
+                raise CableClosed(DisconnectReason.TOKEN_EXPIRED, "token_provider returned an expired token")
         self.token = token
         self._token_changed.set()
         self._token_changed = trio.Event()
