@@ -39,8 +39,8 @@ def test_offsets_only_move_forward() -> None:
 
 
 def test_a_restore_waits_for_every_restored_subscription() -> None:
-    gate = HistoryGate(["a", "b"], deadline=12.5)
-    assert gate.awaiting == {"a", "b"} and gate.deadline == 12.5
+    gate = HistoryGate(["a", "b"])
+    assert gate.awaiting == {"a", "b"}
     assert gate.answered("a") is False
     assert gate.answered("a") is False  # answering twice changes nothing
     assert gate.answered("b") is True
@@ -54,3 +54,15 @@ def test_unpositioned_frames_are_never_dropped() -> None:
     gate.hold(b"unicast-on-s", None, 3)
     gate.hold(b"no-offset", "s", None)  # a broadcast of a stream without history
     assert gate.release() == [b"unicast-on-s", b"no-offset"]
+
+
+def test_the_wait_is_bounded_in_bytes_not_time() -> None:
+    gate = HistoryGate(["a"], limit=10)
+    assert gate.hold(b"12345", "s", 1) is False
+    assert gate.hold(b"12345", "s", 2) is False  # exactly at the limit: still fine
+    assert gate.held_bytes == 10
+    assert gate.hold(b"x") is True  # over it: the session must release now
+    assert gate.take_unicasts() == [b"x"]
+    assert gate.held_bytes == 10
+    assert gate.release() == [b"12345", b"12345"]
+    assert gate.held_bytes == 0

@@ -362,9 +362,12 @@ async def test_a_restored_session_holds_live_messages_until_history() -> None:
     assert welcome == [
         {"type": "welcome", "sid": second.sid, "restored": True, "restored_ids": [ident(room="1")]}
     ]
-    assert second.hold_deadline > 0
     await node.broadcast("chat:1", {"n": 3})  # live, but history comes first
-    assert transport2.take() == []
+    # However long the client takes (no timer), and keepalives do not end the wait.
+    await trio.sleep(0.5)
+    await send(second, {"command": "pong"})
+    await send(second, {"command": "ping"})
+    assert transport2.take() == [{"type": "pong"}]
     streams = {"chat:1": {"epoch": position["epoch"], "offset": position["offset"]}}
     await send(
         second,
@@ -376,8 +379,46 @@ async def test_a_restored_session_holds_live_messages_until_history() -> None:
         {"n": 3},
         "confirm_history",
     ]
-    assert second.hold_deadline == 0
     assert node.metrics.sessions_resumed_total == 1
+    await node.broadcast("chat:1", {"n": 4})  # the gate is gone: live again
+    assert [m["message"] for m in transport2.take()] == [{"n": 4}]
+
+
+async def test_a_restored_client_that_never_asks_is_released_by_bytes_or_a_command() -> None:
+    node = LocalNode(app=chat_app(), config=Config(max_send_queue=1000))
+    first, _ = make_session(node, wire=EXT)
+    await first.opened()
+    await send(first, {"command": "subscribe", "identifier": ident(room="1")})
+    await first.closing()
+    await first.closed()
+    second, transport = make_session(node, wire=EXT, query={"sid": first.sid})
+    await second.opened()
+    transport.take()
+    sizes = []
+    while not transport.written:
+        await node.broadcast("chat:1", {"pad": "x" * 40})
+        sizes.append(1)
+    # Held until the bytes passed max_send_queue (1000), then all of them at once, in order.
+    got = transport.take()
+    assert len(got) == len(sizes) > 4
+    assert [m["offset"] for m in got] == sorted(m["offset"] for m in got)
+
+    third_first, _ = make_session(node, wire=EXT)
+    await third_first.opened()
+    await send(third_first, {"command": "subscribe", "identifier": ident(room="2")})
+    await third_first.closing()
+    await third_first.closed()
+    third, transport3 = make_session(node, wire=EXT, query={"sid": third_first.sid})
+    await third.opened()
+    transport3.take()
+    await node.broadcast("chat:2", {"n": 1})
+    assert transport3.take() == []
+    # Anything but history or a keepalive means the client is not going to ask first.
+    await send(third, {"command": "subscribe", "identifier": ident(room="3")})
+    assert [m.get("message", m.get("type")) for m in transport3.take()] == [
+        {"n": 1},
+        "confirm_subscription",
+    ]
 
 
 async def test_a_close_during_a_command_waits_for_its_reply() -> None:

@@ -600,7 +600,10 @@ class Cable:
                 if d.reconnect_after is not None:
                     advice = d.reconnect_after
                 if not d.reconnect:
-                    if d.reason == DisconnectReason.TOKEN_EXPIRED and self.token_provider is not None:
+                    if (
+                        d.reason == DisconnectReason.TOKEN_EXPIRED
+                        and self.token_provider is not None
+                    ):
                         # The server ended that session on purpose: do not resume it (that
                         # would bring back the old identity); subscribe again, with history.
                         self.session.sid = None
@@ -854,13 +857,17 @@ class Cable:
             result = self.token_provider()
             token = await result if inspect.isawaitable(result) else result
         except Exception as exc:
-            raise CableClosed(DisconnectReason.TOKEN_EXPIRED, f"token_provider failed: {exc!r}") from exc
+            raise CableClosed(
+                DisconnectReason.TOKEN_EXPIRED, f"token_provider failed: {exc!r}"
+            ) from exc
         if not isinstance(token, str) or not token:
             raise CableClosed(DisconnectReason.TOKEN_EXPIRED, "token_provider returned no token")
         if after_expiry:
             exp = _token_times(token)[1]
             if exp is not None and exp <= time.time():
-                raise CableClosed(DisconnectReason.TOKEN_EXPIRED, "token_provider returned an expired token")
+                raise CableClosed(
+                    DisconnectReason.TOKEN_EXPIRED, "token_provider returned an expired token"
+                )
         self.token = token
         self._token_changed.set()
         self._token_changed = trio.Event()

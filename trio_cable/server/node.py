@@ -505,10 +505,11 @@ class Server:
             # client that loses the connection before the ticker's first ping, with nothing
             # received yet on some stream, still has a ``since`` to ask that stream's history
             # with.  Without it, messages published while it was away were lost for good.
-            session.send(cable.ping(int(time.time())))
+            fmt = session.format
+            session.send_ping(fmt.frame(fmt.codec.encode(cable.ping(int(time.time())))))
 
     async def _ping_ticker(self) -> None:
-        # One task pings every connection: per interval group, one frame per codec per tick.
+        # One task pings every connection: per interval group, one frame per format per tick.
         # It also saves changed sessions (in one batch per tick) and checks pong deadlines.
         next_due: dict[float, float] = {}
         tick = min(1.0, self.config.ping_interval)
@@ -539,13 +540,9 @@ class Server:
                     frame = frames.get(fmt)
                     if frame is None:
                         frame = frames[fmt] = fmt.frame(fmt.codec.encode(message))
-                    session.send_frame(frame)
-            sessions = [s for group in self._ping_groups.values() for s in group]
-            for session in sessions:
-                deadline = session.hold_deadline
-                if deadline and now > deadline:
-                    session.release_gate()  # the restored client never asked history
-            for session in [s for s in sessions if s.session_dirty]:
+                    session.send_ping(frame)
+            dirty = [s for group in self._ping_groups.values() for s in group if s.session_dirty]
+            for session in dirty:
                 await session.save_session()
 
     async def _lag_monitor(self) -> None:

@@ -43,12 +43,14 @@ from trio_cable.server.history_gate import HistoryGate
 from trio_cable.server.hub import Hub
 from trio_cable.server.transport import Transport, WireFormat, Work
 
-__all__ = ["RESTORE_HOLD", "Session", "SessionNode"]
+__all__ = ["Session", "SessionNode"]
 
 log = logging.getLogger("trio_cable.session")
 
-#: Longest that live broadcasts wait after a restore for the client to ask history.
-RESTORE_HOLD = 2.0
+
+# Commands that do not end the wait for history after a restore: history itself, and the
+# keepalives (a client answers the server's pings while its history requests are on the way).
+_KEEPS_WAITING = (cable.History, cable.Ping, cable.Pong)
 
 
 class SessionNode(Protocol):
@@ -179,17 +181,27 @@ class Session:
         self.send_frame(fmt.frame(fmt.codec.encode(message)))
 
     def send_frame(self, frame: bytes) -> None:
-        """Send a framed message in this session's format (the ping ticker's path)."""
-        if self._gate is not None:
-            self._gate.hold(frame)
+        """Send a message framed in this session's format (through the history gate)."""
+        gate = self._gate
+        if gate is not None:
+            if gate.hold(frame):
+                self._gate_full()
             return
         self.transport.write(frame)
 
     def send_broadcast(self, frame: bytes, stream: str, offset: int | None) -> None:
         """Send the broadcast at *offset* of *stream* (the hub's path)."""
-        if self._gate is not None:
-            self._gate.hold(frame, stream, offset)
+        gate = self._gate
+        if gate is not None:
+            if gate.hold(frame, stream, offset):
+                self._gate_full()
             return
+        self.transport.write(frame)
+
+    def send_ping(self, frame: bytes) -> None:
+        """Send a ping framed in this session's format.  Pings pass the history gate: they
+        are ordered with nothing, and a client that hears none while it waits for history
+        would take the connection for dead."""
         self.transport.write(frame)
 
     def _send_now(self, message: dict[str, Any]) -> None:
@@ -349,7 +361,7 @@ class Session:
             self._invalid(exc)
             return None
         gate = self._gate
-        if gate is not None and gate.awaiting and not isinstance(command, cable.History):
+        if gate is not None and gate.awaiting and not isinstance(command, _KEEPS_WAITING):
             # The client does something else: it is not going to ask history first.
             self.release_gate()
         if not self._budget.take(trio.current_time()):
@@ -359,7 +371,7 @@ class Session:
         if isinstance(command, cable.Message):
             return self._message(command, started)
         if isinstance(command, cable.Ping):
-            self.send(cable.pong())
+            self._send_now(cable.pong())  # a keepalive passes the history gate, as pings do
         elif isinstance(command, cable.Pong):
             self.last_pong = trio.current_time()
         elif isinstance(command, cable.Subscribe):
@@ -469,7 +481,7 @@ class Session:
         if gate_here:
             # Broadcasts that arrive while subscribed() awaits must not overtake the history
             # the client asked for: they wait, and those the history covers are dropped.
-            self._gate = HistoryGate()
+            self._gate = HistoryGate(limit=node.config.max_send_queue)
         confirmed = await node.executor.subscribe(channel)
         if not confirmed or not self.transport.open:
             channel.stop_all_streams()
@@ -510,7 +522,7 @@ class Session:
             return
         gate = self._gate
         if gate is None:
-            gate = self._gate = HistoryGate()
+            gate = self._gate = HistoryGate(limit=node.config.max_send_queue)
         else:
             # What waits that is not a broadcast (transmissions, confirm_subscription, pings)
             # goes out now, before the history; only broadcasts keep waiting.
@@ -560,18 +572,20 @@ class Session:
         if gate is not None and gate.answered(identifier):
             self.release_gate()
 
+    def _gate_full(self) -> None:
+        log.info(
+            "%r: %d bytes held for history: sending them without waiting",
+            self,
+            self._gate.held_bytes if self._gate else 0,
+        )
+        self.release_gate()
+
     def release_gate(self) -> None:
         """Send what the history gate held (minus what history delivered) and stop holding."""
         gate, self._gate = self._gate, None
         if gate is not None:
             for frame in gate.release():
                 self.transport.write(frame)
-
-    @property
-    def hold_deadline(self) -> float:
-        """When a restored session stops waiting for its history requests (0: not waiting)."""
-        gate = self._gate
-        return gate.deadline if gate is not None and gate.awaiting else 0.0
 
     # -- resumable sessions (ext protocols) ----------------------------------------------
 
@@ -651,7 +665,7 @@ class Session:
         if restored:
             # Live broadcasts wait for the history the client is about to ask, so that it
             # gets every message once and in order.
-            self._gate = HistoryGate(restored, trio.current_time() + RESTORE_HOLD)
+            self._gate = HistoryGate(restored, node.config.max_send_queue)
         log.debug("%r: restored %s with %d subscriptions", self, old_sid[:8], len(restored))
         self._welcomed()
         await self.save_session()
