@@ -1,12 +1,11 @@
-"""Options shared by every benchmark."""
+"""Options shared by every benchmark of the comparative suite."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).parent / "results"
-PLOTS_DIR = Path(__file__).parent / "plots"
+from bench.output import PLOTS_DIR, PROFILES_DIR, RESULTS_DIR, RESULTS_MD
 
 
 @dataclass
@@ -18,7 +17,16 @@ class Options:
     targets: list[str] = field(default_factory=list)  # empty: the benchmark's default set
     results_dir: Path = RESULTS_DIR
     plots_dir: Path = PLOTS_DIR
+    profiles_dir: Path = PROFILES_DIR
+    results_md: Path = RESULTS_MD
     progress: bool = True
+
+    def write_to(self, out: Path | None) -> None:
+        """Results, plots, profiles and RESULTS.md go to *out* (``None``: the committed places
+        in bench/, as by default)."""
+        if out is not None:
+            self.results_dir, self.plots_dir = out, out / "plots"
+            self.profiles_dir, self.results_md = out / "profiles", out / "RESULTS.md"
 
     def pick(self, default: list[str]) -> list[str]:
         """The targets to run: the requested ones that this benchmark supports."""

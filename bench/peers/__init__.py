@@ -20,21 +20,23 @@ BENCH_PING_INTERVAL = 30.0
 
 @dataclass(frozen=True)
 class Target:
-    """A server, the dialect its clients speak and the WebSocket path."""
+    """A server, the dialect its clients speak, the WebSocket path, and what it needs."""
 
     name: str
     server: str
     dialect: str  # "raw" or "cable"
     path: str
     label: str
+    needs: tuple[str, ...] = ()  # optional packages of its server (bench.deps)
 
 
+_WS = ("websockets", "uvloop")
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("picows", "picows", "raw", "/echo", "picows (uvloop)"),
-        Target("aiohttp", "aiohttp", "raw", "/echo", "aiohttp (uvloop)"),
-        Target("websockets", "websockets", "raw", "/echo", "websockets (asyncio+uvloop)"),
+        Target("picows", "picows", "raw", "/echo", "picows (uvloop)", ("picows", "uvloop")),
+        Target("aiohttp", "aiohttp", "raw", "/echo", "aiohttp (uvloop)", ("aiohttp", "uvloop")),
+        Target("websockets", "websockets", "raw", "/echo", "websockets (asyncio+uvloop)", _WS),
         Target("trio-raw", "trio-raw", "raw", "/echo", "minimal Trio loop"),
         Target("trio-websocket", "trio-websocket", "raw", "/echo", "trio-websocket"),
         Target("trio_cable", "trio_cable", "raw", "/echo", "trio_cable raw /echo"),
