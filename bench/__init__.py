@@ -46,7 +46,7 @@ def _dispatch(args: list[str]) -> int:
 
         return rollout_main(args[1:])
     if args and args[0] == "fuzz":
-        from bench.fuzz import main as fuzz_main
+        from bench.fuzz.cli import main as fuzz_main
 
         return fuzz_main(args[1:])
     if args and args[0] == "soak":

@@ -98,6 +98,8 @@ REFUSED_QUICK = {
     "rollout": ["rollout", "--quick", "--update-results"],
     "soak": ["soak", "--quick", "--update-results"],
     "soak-short": ["soak", "--minutes", "1", "--update-results"],
+    "fuzz": ["fuzz", "--quick", "--update-results"],
+    "fuzz-short": ["fuzz", "--minutes", "0.5", "--update-results"],
 }
 
 
@@ -186,6 +188,7 @@ MISSING = [
     ("aiohttp", ["echo", "--quick", "--targets", "aiohttp"], "the aiohttp target", "bench"),
     ("psutil", ["soak", "--quick"], "psutil is needed for", "bench"),
     ("rich", ["backoff", "--quick"], "progress bars", "bench"),
+    ("hypothesis", ["fuzz", "--quick"], "the fuzz campaign", "dev"),
     ("coredis", ["rollout", "--quick"], "Redis broker", "redis"),
 ]
 
