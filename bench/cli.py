@@ -4,6 +4,7 @@ Usage::
 
     python -m bench all [--quick] [--repeats 3] [--json] [--out DIR | --update-results]
     python -m bench echo --targets picows,trio_cable
+    python -m bench echo --baseline main      # trio_cable of revision main side by side
     python -m bench profile --scenario echo-cable
     python -m bench report [--from DIR]       # RESULTS.md and plots from saved results
 """
@@ -39,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench", choices=[*BENCHES, "all", "profile", "report"])
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (default 3)")
-    p.add_argument("--targets", default="", help="comma-separated targets (default: all)")
+    p.add_argument("--targets", default="", help="comma-separated targets (default: all); "
+                   "trio_cable@REF / trio_cable-cable@REF run revision REF's server")  # fmt: skip
+    p.add_argument("--baseline", "--compare-ref", action="append", default=[], metavar="REF",
+                   help="run every trio_cable target of revision REF too, side by side "
+                   "(echo, broadcast, memory); repeatable")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     output.add_arguments(p)
     p.add_argument(
@@ -60,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_one(name: str, opts: Options, args: argparse.Namespace) -> dict[str, Any]:
+    from bench.baseline import compare, describe
     from bench.conditions import conditions
+    from bench.runner import log
 
     if name == "profile":
         from bench import profile
@@ -70,6 +77,11 @@ def _run_one(name: str, opts: Options, args: argparse.Namespace) -> dict[str, An
         result = importlib.import_module(f"bench.{name}").run(opts)
     result["quick"] = opts.quick
     result["conditions"] = conditions()
+    if opts.baselines:
+        result["baseline"] = compare(result)
+        if opts.progress:
+            for row in result["baseline"]:
+                log(f"{name} baseline: {describe(row)}")
     return result
 
 
@@ -90,10 +102,30 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return dict(_medians(keep))
 
 
-def _targets(opts: Options, names: list[str]) -> None:
-    """Check that every chosen target's packages are installed."""
-    from bench import peers
+def _targets(args: argparse.Namespace, opts: Options, names: list[str]) -> None:
+    """Resolve the baselines (``--baseline REF``, ``<target>@REF``) to prepared trees and
+    check that every chosen target's packages are installed."""
+    from bench import baseline, peers
+    from bench.runner import log
 
+    refs = list(args.baseline)
+    for i, name in enumerate(opts.targets):
+        base, ref = baseline.split(name)
+        if ref is None:
+            continue
+        if base not in peers.TARGETS or peers.TARGETS[base].server != "trio_cable":
+            raise output.UsageError(f"{name}: only trio_cable targets can run another revision")
+        refs.append(ref)
+        opts.targets[i] = f"{base}@{ref}"  # renamed to the short sha below
+    shorts: dict[str, str] = {}
+    for ref in dict.fromkeys(refs):
+        prepared = baseline.prepare(ref, log=log if opts.progress else None)
+        peers.add_baseline(prepared.short, prepared.tree)
+        shorts[ref] = prepared.short
+    opts.baselines = [shorts[ref] for ref in dict.fromkeys(args.baseline)]
+    opts.targets = [
+        f"{b}@{shorts[r]}" if r is not None else b for b, r in map(baseline.split, opts.targets)
+    ]
     for name in names:
         default = getattr(importlib.import_module(f"bench.{name}"), "TARGETS", [])
         for target in opts.pick(list(default)):
@@ -121,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick, repeats=max(1, args.repeats),
         targets=[t for t in args.targets.split(",") if t], progress=not args.quiet,
     )  # fmt: skip
-    _targets(opts, [n for n in names if n != "micro"])
+    _targets(args, opts, [n for n in names if n != "micro"])
     opts.write_to(output.choose(args, args.bench, quick=args.quick))
 
     from bench.procs import pin_self, raise_nofile

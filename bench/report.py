@@ -281,6 +281,38 @@ NOTES = [
 ]
 
 
+_BASELINE_HEADER = [
+    "bench", "config", "target", "baseline", "metric", "current", "baseline", "ratio", "per repeat",
+]  # fmt: skip
+
+
+def section_baseline(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Every comparison against a baseline revision (``--baseline REF``), if there was one."""
+    rows = [(name, row) for name, r in results.items() for row in r.get("baseline", [])]
+    if not rows:
+        return []
+    table = []
+    for name, row in rows:
+        config = " ".join(
+            f"{row[k]}{unit}" for k, unit in (("conns", "c"), ("size", "B")) if k in row
+        ) + (" bin" if row.get("binary") else "")
+        ratios = row["repeat_ratios"]
+        spread = f"{min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else "-"
+        table.append([name, config, row["target"], row["baseline"], row["metric"],
+                      _f(row["current"], 2), _f(row["baseline_value"], 2),
+                      "-" if row["ratio"] is None else f"{row['ratio']:.3f}", spread])  # fmt: skip
+    return [
+        "## Against the baseline revision",
+        "",
+        "The same benchmark, the same run: the current checkout and another revision's "
+        "trio_cable (`--baseline REF`), repeats interleaved. *ratio* is current / baseline of "
+        "the medians; *per repeat* is the range of that ratio over the repeats (the noise).",
+        "",
+        *_table(_BASELINE_HEADER, table),
+        "",
+    ]
+
+
 def write(
     results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, plots_dir: Path | None = None
 ) -> Path:
@@ -321,6 +353,7 @@ def write(
     checks = verdicts(results)
     if checks:
         lines += ["## Targets of issue 3", "", *checks, ""]
+    lines += section_baseline(results)
     for name in ORDER:
         if name in results:
             lines += SECTIONS[name](results[name])

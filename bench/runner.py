@@ -22,11 +22,15 @@ def serving(
     target: str, *, ping_interval: float | None = None
 ) -> Iterator[tuple[Target, procs.Proc]]:
     """Start the server of *target* on a free port, pinned to the server core; stop it
-    afterwards."""
+    afterwards.  A baseline target's server runs from its own tree."""
     spec = TARGETS[target]
     port = procs.free_port()
     cmd = server_command(spec.server, procs.HOST, port, ping_interval=ping_interval)
-    with procs.start(cmd, name=target, port=port, core=procs.cores()[0], nofile=True) as server:
+    tree = spec.tree
+    with procs.start(
+        cmd, name=target, port=port, core=procs.cores()[0], nofile=True,
+        cwd=tree or procs.ROOT, pythonpath=[tree] if tree else (),
+    ) as server:  # fmt: skip
         time.sleep(0.2)  # let the first connection probe settle
         yield spec, server
 

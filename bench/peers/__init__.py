@@ -7,12 +7,15 @@ to every connected client (the sender included).  trio_cable runs as itself
 endpoint ``/cable`` with ``BenchmarkChannel``.
 
 A *target* is what a benchmark talks to: a server, a dialect (``raw`` or ``cable``) and a path.
+``trio_cable@<sha>`` and ``trio_cable-cable@<sha>`` are the same targets run from another git
+revision's tree (:mod:`bench.baseline`), registered with :func:`add_baseline`.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 # Long enough that pings do not weigh on per-message CPU figures; wsbench uses the default.
 BENCH_PING_INTERVAL = 30.0
@@ -28,6 +31,7 @@ class Target:
     path: str
     label: str
     needs: tuple[str, ...] = ()  # optional packages of its server (bench.deps)
+    tree: Path | None = None  # run trio_cable from this tree instead (a baseline revision)
 
 
 _WS = ("websockets", "uvloop")
@@ -51,6 +55,16 @@ _MODULES = {
     "trio-raw": "bench.peers.trio_raw_server",
     "trio-websocket": "bench.peers.trio_websocket_server",
 }
+
+
+def add_baseline(short: str, tree: Path) -> list[str]:
+    """Register ``<target>@<short>`` for every trio_cable target, run from *tree*; their names."""
+    names = []
+    for base in [t for t in TARGETS.values() if t.server == "trio_cable" and t.tree is None]:
+        name = f"{base.name}@{short}"
+        TARGETS[name] = replace(base, name=name, label=f"{base.label} @{short}", tree=tree)
+        names.append(name)
+    return names
 
 
 def server_command(
