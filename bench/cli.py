@@ -23,6 +23,8 @@ from bench.deps import require, require_tool
 from bench.options import Options
 
 BENCHES = ["micro", "echo", "broadcast", "wsbench", "memory"]
+#: The benchmarks that run a baseline revision next to the current checkout (bench.baseline).
+COMPARED = ("echo", "broadcast", "memory")
 #: The optional packages of each benchmark's own process and its load generator.
 _NEEDS = {
     "micro": ("websockets",),
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "committed bench/results only (no --from)")  # fmt: skip
     output.check(args, quick=args.quick)
     names = BENCHES if args.bench == "all" else [] if report_only else [args.bench]
+    if (args.baseline or "@" in args.targets) and not set(names) & set(COMPARED):
+        raise output.UsageError(f"a baseline revision runs in {', '.join(COMPARED)} (and all)")
     for name in names:
         require(*_NEEDS.get(name, ()), purpose=f"the {name} benchmark")
     if args.bench == "profile":

@@ -42,6 +42,18 @@ def test_add_baseline_registers_twins_of_the_trio_cable_targets(tmp_path: Path) 
             del peers.TARGETS[name]
 
 
+@pytest.mark.parametrize("bench", ["micro", "wsbench", "report", "profile"])
+def test_a_baseline_is_refused_where_it_would_not_run(bench: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", bench, "--baseline", "HEAD"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == (
+        "python -m bench: a baseline revision runs in echo, broadcast, memory (and all)\n"
+    )
+
+
 def test_resolve_names_commits() -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()  # fmt: skip
