@@ -1,27 +1,44 @@
-"""trio_cable's side-by-side benchmark suite (issue 3).
+"""trio_cable's benchmark suite: a checkout-only package, run as ``python -m bench ...`` from
+the repository (it is not installed with trio_cable).  See ``bench/README.md``.
 
-Run ``python -m bench --help`` (or ``trio-cable bench --help``); see ``bench/README.md``.
-The entry point is :func:`bench.main` (defined in :mod:`bench.cli`, imported lazily so that
-the load generator and the peer servers do not pay for it).
+Five harnesses: the comparative suite (:mod:`bench.cli`), avalanche (:mod:`bench.avalanche`),
+rollout (:mod:`bench.rollout`), soak (:mod:`bench.soak`) and fuzz (:mod:`bench.fuzz`); they
+share :mod:`bench.procs` (processes and pinning), :mod:`bench.output` (where results go) and
+:mod:`bench.deps` (optional dependencies).  Everything is imported lazily, so that the load
+generator and the peer servers do not pay for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 AVALANCHE_SCENARIOS = ("avalanche", "celebrity", "subscribe", "backoff")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark command line; returns the exit status.
-
-    ``avalanche|celebrity|subscribe|backoff`` go to :mod:`bench.avalanche` (issue 6),
-    ``rollout`` to :mod:`bench.rollout` (issue 7), ``fuzz`` and ``soak`` to :mod:`bench.fuzz`
-    and :mod:`bench.soak` (issue 8), everything else to :mod:`bench.cli`.
-    """
+def run_main(prog: str, fn: Callable[[list[str]], int], argv: Sequence[str]) -> int:
+    """Run a harness's ``main(argv)``; a missing optional dependency or a refused command line
+    is one line on stderr and exit status 2, not a traceback."""
     import sys
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    from bench.deps import MissingDependency, from_import_error
+    from bench.output import UsageError
+
+    try:
+        return fn(list(argv))
+    except (MissingDependency, UsageError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        missing = from_import_error(exc)
+        if missing is None:
+            raise
+        print(f"{prog}: {missing}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: list[str]) -> int:
     if args and args[0] in AVALANCHE_SCENARIOS:
-        from bench.avalanche import main as avalanche_main
+        from bench.avalanche.cli import main as avalanche_main
 
         return avalanche_main(args)
     if args and args[0] == "rollout":
@@ -29,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return rollout_main(args[1:])
     if args and args[0] == "fuzz":
-        from bench.fuzz import main as fuzz_main
+        from bench.fuzz.cli import main as fuzz_main
 
         return fuzz_main(args[1:])
     if args and args[0] == "soak":
@@ -41,4 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     return cli_main(args)
 
 
-__all__ = ["main"]
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench ...``; returns the exit status.
+
+    ``avalanche|celebrity|subscribe|backoff`` go to :mod:`bench.avalanche`, ``rollout`` to
+    :mod:`bench.rollout`, ``fuzz`` and ``soak`` to :mod:`bench.fuzz` and :mod:`bench.soak`,
+    everything else to :mod:`bench.cli`.
+    """
+    import sys
+
+    return run_main("python -m bench", _dispatch, sys.argv[1:] if argv is None else argv)
+
+
+__all__ = ["main", "run_main"]

@@ -1,24 +1,39 @@
-"""``python -m bench`` / ``trio-cable bench``: run benchmarks, save results, write RESULTS.md.
+"""``python -m bench``: run the comparative benchmarks, save results, write RESULTS.md.
 
 Usage::
 
-    python -m bench all [--quick] [--repeats 3] [--json]
+    python -m bench all [--quick] [--repeats 3] [--json] [--out DIR | --update-results]
     python -m bench echo --targets picows,trio_cable
+    python -m bench echo --baseline main      # trio_cable of revision main side by side
     python -m bench profile --scenario echo-cable
-    python -m bench report          # RESULTS.md and plots from the saved results
+    python -m bench report [--from DIR]       # RESULTS.md and plots from saved results
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench.options import PLOTS_DIR, RESULTS_DIR, Options
+from bench import output
+from bench.deps import require, require_tool
+from bench.options import Options
 
 BENCHES = ["micro", "echo", "broadcast", "wsbench", "memory"]
+#: The benchmarks that run a baseline revision next to the current checkout (bench.baseline).
+COMPARED = ("echo", "broadcast", "memory")
+#: The optional packages of each benchmark's own process and its load generator.
+_NEEDS = {
+    "micro": ("websockets",),
+    "echo": ("picows", "uvloop", "psutil"),
+    "broadcast": ("picows", "uvloop", "psutil"),
+    "wsbench": ("picows", "uvloop", "psutil"),
+    "memory": ("picows", "uvloop", "psutil"),
+    "profile": ("picows", "uvloop", "psutil"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,10 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench", choices=[*BENCHES, "all", "profile", "report"])
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (default 3)")
-    p.add_argument("--targets", default="", help="comma-separated targets (default: all)")
+    p.add_argument("--targets", default="", help="comma-separated targets (default: all); "
+                   "trio_cable@REF / trio_cable-cable@REF run revision REF's server")  # fmt: skip
+    p.add_argument("--baseline", "--compare-ref", action="append", default=[], metavar="REF",
+                   help="run every trio_cable target of revision REF too, side by side "
+                   "(echo, broadcast, memory); repeatable")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    p.add_argument("--no-report", action="store_true", help="do not rewrite RESULTS.md")
+    output.add_arguments(p)
+    p.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        metavar="DIR",
+        help="report: the results to read (default: the committed bench/results)",
+    )
+    p.add_argument("--no-report", action="store_true", help="do not write RESULTS.md")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument(
         "--scenario", action="append", help="profile scenario (repeatable): echo-raw, "
@@ -41,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_one(name: str, opts: Options, args: argparse.Namespace) -> dict[str, Any]:
-    import importlib
-
+    from bench.baseline import compare, describe
     from bench.conditions import conditions
+    from bench.runner import log
 
     if name == "profile":
         from bench import profile
@@ -53,6 +79,11 @@ def _run_one(name: str, opts: Options, args: argparse.Namespace) -> dict[str, An
         result = importlib.import_module(f"bench.{name}").run(opts)
     result["quick"] = opts.quick
     result["conditions"] = conditions()
+    if opts.baselines:
+        result["baseline"] = compare(result)
+        if opts.progress:
+            for row in result["baseline"]:
+                log(f"{name} baseline: {describe(row)}")
     return result
 
 
@@ -73,33 +104,79 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return dict(_medians(keep))
 
 
+def _targets(args: argparse.Namespace, opts: Options, names: list[str]) -> None:
+    """Resolve the baselines (``--baseline REF``, ``<target>@REF``) to prepared trees and
+    check that every chosen target's packages are installed."""
+    from bench import baseline, peers
+    from bench.runner import log
+
+    refs = list(args.baseline)
+    for i, name in enumerate(opts.targets):
+        base, ref = baseline.split(name)
+        if ref is None:
+            continue
+        if base not in peers.TARGETS or peers.TARGETS[base].server != "trio_cable":
+            raise output.UsageError(f"{name}: only trio_cable targets can run another revision")
+        refs.append(ref)
+        opts.targets[i] = f"{base}@{ref}"  # renamed to the short sha below
+    shorts: dict[str, str] = {}
+    for ref in dict.fromkeys(refs):
+        prepared = baseline.prepare(ref, log=log if opts.progress else None)
+        peers.add_baseline(prepared.short, prepared.tree)
+        shorts[ref] = prepared.short
+    opts.baselines = [shorts[ref] for ref in dict.fromkeys(args.baseline)]
+    opts.targets = [
+        f"{b}@{shorts[r]}" if r is not None else b for b, r in map(baseline.split, opts.targets)
+    ]
+    for name in names:
+        default = getattr(importlib.import_module(f"bench.{name}"), "TARGETS", [])
+        for target in opts.pick(list(default)):
+            require(*peers.TARGETS[target].needs, purpose=f"the {target} target")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from bench.procs import pin_self, raise_nofile
-    from bench.report import RESULTS_MD, save, write
-
+    report_only = args.bench == "report"
+    if args.source is not None and not report_only:
+        raise output.UsageError("--from goes with report")
+    if report_only and args.update_results and args.source is not None:
+        raise output.UsageError("report --update-results rewrites bench/RESULTS.md from the "
+                                "committed bench/results only (no --from)")  # fmt: skip
+    output.check(args, quick=args.quick)
+    names = BENCHES if args.bench == "all" else [] if report_only else [args.bench]
+    if (args.baseline or "@" in args.targets) and not set(names) & set(COMPARED):
+        raise output.UsageError(f"a baseline revision runs in {', '.join(COMPARED)} (and all)")
+    for name in names:
+        require(*_NEEDS.get(name, ()), purpose=f"the {name} benchmark")
+    if args.bench == "profile":
+        require_tool("py-spy")
+    if not args.no_report:
+        require("matplotlib")
     opts = Options(
-        quick=args.quick,
-        repeats=max(1, args.repeats),
-        targets=[t for t in args.targets.split(",") if t],
-        results_dir=args.results_dir,
-        plots_dir=PLOTS_DIR if args.results_dir == RESULTS_DIR else args.results_dir / "plots",
-        progress=not args.quiet,
-    )
+        quick=args.quick, repeats=max(1, args.repeats),
+        targets=[t for t in args.targets.split(",") if t], progress=not args.quiet,
+    )  # fmt: skip
+    _targets(args, opts, [n for n in names if n != "micro"])
+    opts.write_to(output.choose(args, args.bench, quick=args.quick))
+
+    from bench.procs import pin_self, raise_nofile
+    from bench.report import save, write
+
     pin_self()
     raise_nofile()
-    names = BENCHES if args.bench == "all" else [] if args.bench == "report" else [args.bench]
     summaries = {}
     for name in names:
         result = _run_one(name, opts, args)
         save(result, opts.results_dir)
         summaries[name] = _summary(result)
     if not args.no_report:
-        out = RESULTS_MD if opts.results_dir == RESULTS_DIR else opts.results_dir / "RESULTS.md"
-        path = write(opts.results_dir, out, opts.plots_dir)
+        source = (args.source or output.RESULTS_DIR) if report_only else opts.results_dir
+        path = write(source, opts.results_md, opts.plots_dir)
         if not args.quiet:
             print(f"wrote {path}", file=sys.stderr)
+    elif not args.quiet and names:
+        print(f"wrote {opts.results_dir}", file=sys.stderr)
     if args.json:
         print(json.dumps(summaries, separators=(",", ":")))
     return 0

@@ -9,7 +9,7 @@ import platform
 import subprocess
 from typing import Any
 
-from bench.procs import cores
+from bench.procs import ROOT, cores
 
 _PACKAGES = (
     "trio", "trio-websocket", "wsproto", "picows", "aiohttp", "websockets", "uvloop", "psutil",
@@ -32,7 +32,7 @@ def _git_rev() -> str:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
             capture_output=True, text=True, timeout=5, check=False,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            cwd=ROOT,
         )  # fmt: skip
         return out.stdout.strip() or "unknown"
     except OSError:
@@ -60,7 +60,7 @@ def conditions() -> dict[str, Any]:
         "speedups_compiled": SPEEDUPS,
         "versions": versions,
         "pinning": (
-            f"server on core {sorted(server_core)}, load generator on core {sorted(client_core)}"
+            f"server on core [{server_core}], load generator on core [{client_core}]"
             if server_core is not None and client_core is not None
             else "none (fewer than 2 cores)"
         ),

@@ -8,13 +8,12 @@ load generator) while a load runs, then reports self and inclusive time by
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
+from bench import procs
+from bench.deps import require_tool
 from bench.options import Options
 from bench.runner import load, log, serving
 
@@ -24,11 +23,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "broadcast": {"target": "trio_cable-cable", "mode": "broadcast", "conns": 4000, "count": 20},
 }
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
-PROFILES_DIR = Path(__file__).parent / "profiles"
 
 
 def _short(path: str) -> str:
-    for marker in ("site-packages/", "/lib/python3", "/work/main/"):
+    for marker in ("site-packages/", "/lib/python3", f"{procs.ROOT}/"):
         if marker in path:
             path = path.split(marker, 1)[1]
     return path
@@ -69,29 +67,27 @@ def summarize_collapsed(text: str, top: int = 25) -> dict[str, Any]:
 
 def run_profile(scenario: str, seconds: float, opts: Options) -> dict[str, Any]:
     """Sample the server for *seconds* under the *scenario* load."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(spy).exists():
-        raise RuntimeError("py-spy is not installed (pip install py-spy)")
+    spy = require_tool("py-spy")
     spec_params = dict(SCENARIOS[scenario])
     target, mode = spec_params.pop("target"), spec_params.pop("mode")
-    PROFILES_DIR.mkdir(exist_ok=True)
-    raw_path = PROFILES_DIR / f"{scenario}.collapsed.txt"
+    opts.profiles_dir.mkdir(parents=True, exist_ok=True)
+    raw_path = opts.profiles_dir / f"{scenario}.collapsed.txt"
     with serving(target) as (spec, server):
         cmd = [
             spy, "record", "--pid", str(server.pid), "--rate", "250", "--format", "raw",
             "--duration", str(int(seconds) + 3), "--nonblocking", "-o", str(raw_path),
         ]  # fmt: skip
-        spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy_proc = procs.start(cmd, name="py-spy", stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             result = load(
                 mode, spec, server, timeout=seconds + 120, duration=seconds, **spec_params
             )
         finally:
             try:
-                spy_proc.wait(timeout=seconds + 30)
+                spy_proc.popen.wait(timeout=seconds + 30)
             except subprocess.TimeoutExpired:
                 spy_proc.kill()
-                spy_proc.wait()
     summary = summarize_collapsed(raw_path.read_text() if raw_path.exists() else "")
     if opts.progress:
         log(f"profile {scenario}: {summary['samples']} samples")

@@ -1,16 +1,19 @@
-"""Write ``bench/RESULTS.md`` from the saved results (``bench/results/*.json``)."""
+"""Write ``RESULTS.md`` (and the plots) from saved results (``<bench>.json`` files).
+
+The committed ones are ``bench/RESULTS.md`` from ``bench/results/*.json``; a run with
+``--out DIR`` writes ``DIR/RESULTS.md`` from ``DIR/*.json``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from bench.options import RESULTS_DIR
-from bench.plots import plot
+from bench.output import AVALANCHE_RESULTS_DIR, BENCH_DIR, RESULTS_DIR, RESULTS_MD
 
 ORDER = ["micro", "echo", "broadcast", "wsbench", "memory", "profile"]
-RESULTS_MD = Path(__file__).parent / "RESULTS.md"
 
 
 def save(result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
@@ -278,10 +281,44 @@ NOTES = [
 ]
 
 
+_BASELINE_HEADER = [
+    "bench", "config", "target", "baseline", "metric", "current", "baseline", "ratio", "per repeat",
+]  # fmt: skip
+
+
+def section_baseline(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Every comparison against a baseline revision (``--baseline REF``), if there was one."""
+    rows = [(name, row) for name, r in results.items() for row in r.get("baseline", [])]
+    if not rows:
+        return []
+    table = []
+    for name, row in rows:
+        config = " ".join(
+            f"{row[k]}{unit}" for k, unit in (("conns", "c"), ("size", "B")) if k in row
+        ) + (" bin" if row.get("binary") else "")
+        ratios = row["repeat_ratios"]
+        spread = f"{min(ratios):.3f}-{max(ratios):.3f}" if len(ratios) > 1 else "-"
+        table.append([name, config, row["target"], row["baseline"], row["metric"],
+                      _f(row["current"], 2), _f(row["baseline_value"], 2),
+                      "-" if row["ratio"] is None else f"{row['ratio']:.3f}", spread])  # fmt: skip
+    return [
+        "## Against the baseline revision",
+        "",
+        "The same benchmark, the same run: the current checkout and another revision's "
+        "trio_cable (`--baseline REF`), repeats interleaved. *ratio* is current / baseline of "
+        "the medians; *per repeat* is the range of that ratio over the repeats (the noise).",
+        "",
+        *_table(_BASELINE_HEADER, table),
+        "",
+    ]
+
+
 def write(
     results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD, plots_dir: Path | None = None
 ) -> Path:
     """Regenerate RESULTS.md (and the plots) from every saved result."""
+    from bench.plots import plot
+
     results = load_all(results_dir)
     plots_dir = plots_dir or out.parent / "plots"
     lines = ["# trio_cable benchmark results", ""]
@@ -316,6 +353,7 @@ def write(
     checks = verdicts(results)
     if checks:
         lines += ["## Targets of issue 3", "", *checks, ""]
+    lines += section_baseline(results)
     for name in ORDER:
         if name in results:
             lines += SECTIONS[name](results[name])
@@ -327,20 +365,26 @@ def write(
     rollout = results_dir / "rollout.md"
     if rollout.exists():
         lines += [rollout.read_text().replace("](../plots/", "](plots/"), ""]
-    lines += avalanche_section(results_dir.parent / "avalanche" / "results" / "restart.json")
+    here = out.parent
+
+    def link(name: str) -> str:  # a path of bench/, relative to where RESULTS.md goes
+        return os.path.relpath(BENCH_DIR / name, here)
+
+    lines += avalanche_section(AVALANCHE_RESULTS_DIR / "restart.json", link)
     lines += [
         "## Other results",
         "",
         "- Avalanche experiments (restart matrix, celebrity, subscribe, backoff simulation): "
-        "[avalanche/RESULTS.md](avalanche/RESULTS.md)",
-        "- Fuzz campaign and soak: [RESULTS-hardening.md](RESULTS-hardening.md)",
+        f"[avalanche/RESULTS.md]({link('avalanche/RESULTS.md')})",
+        f"- Fuzz campaign and soak: [RESULTS-hardening.md]({link('RESULTS-hardening.md')})",
         "",
     ]
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
 
 
-def avalanche_section(path: Path) -> list[str]:
+def avalanche_section(path: Path, link: Any = lambda name: name) -> list[str]:
     """Issue 6's must-show, the full-size restart matrix, from its own runner's output (the
     write-up with every scenario is avalanche/RESULTS.md)."""
     if not path.exists():
@@ -356,10 +400,10 @@ def avalanche_section(path: Path) -> list[str]:
         f"`python -m bench.avalanche avalanche`, {c.get('date', '?')} UTC, {c.get('cpus', '?')} "
         f"CPUs, server on core {c.get('server_core', '?')}, load generators on core "
         f"{c.get('client_core', '?')}. Conditions, findings and the other scenarios: "
-        "[avalanche/RESULTS.md](avalanche/RESULTS.md).",
+        f"[avalanche/RESULTS.md]({link('avalanche/RESULTS.md')}).",
         "",
         result["table"],
         "",
-        "![restart](avalanche/results/restart.png)",
+        f"![restart]({link('avalanche/results/restart.png')})",
         "",
     ]

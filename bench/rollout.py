@@ -27,9 +27,7 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,27 +39,14 @@ from typing import Any
 
 import trio
 
-HOST = "127.0.0.1"
+from bench import output, procs
+from bench.deps import require, require_tool
+from bench.procs import HOST, free_port
+
 STREAM = "rollout"
 KEY = "rollout-bench-key"
 SUBPROTOCOL = "actioncable-v1-ext-json"
 IDENTIFIER = json.dumps({"channel": "$pubsub", "stream_name": STREAM})
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {HOST}:{port} after {timeout} s")
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -76,16 +61,17 @@ class Node:
         self.redis_url = redis_url
         self.args = args
         self.logdir = logdir
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: procs.Proc | None = None
         self.starts = 0
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.logdir / f"node{self.index}.{self.starts}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
+        with open(self.logdir / f"node{self.index}.{self.starts}.log", "wb") as log:
+            self.proc = self._start(log)
+
+    def _start(self, log: Any) -> procs.Proc:
+        return procs.start(
+            procs.python(
                 "trio_cable",
                 "serve",
                 f"--host={HOST}",
@@ -100,23 +86,16 @@ class Node:
                 f"--reconnect-advice={self.args.reconnect_advice}",
                 f"--handshake-rate={self.args.handshake_rate}",
                 "--log-level=warning",
-            ],
-            cwd=ROOT,
+            ),
+            name=f"node{self.index}",
+            port=self.port,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        wait_port(self.port)
 
     def stop(self, timeout: float) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            self.proc.stop(timeout)
         self.proc = None
 
 
@@ -142,19 +121,18 @@ backend nodes
 """
 
 
-def start_haproxy(algorithm: str, nodes: list[Node], workdir: Path) -> tuple[Any, int]:
+def start_haproxy(algorithm: str, nodes: list[Node], workdir: Path) -> procs.Proc:
     port = free_port()
     servers = "\n".join(f"    server n{n.index} {HOST}:{n.port} check" for n in nodes)
     cfg = workdir / f"haproxy-{algorithm}.cfg"
     cfg.write_text(HAPROXY_CFG.format(host=HOST, port=port, algorithm=algorithm, servers=servers))
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    proc = subprocess.Popen(
-        [haproxy, "-f", str(cfg), "-db"],
-        stdout=subprocess.DEVNULL,
-        stderr=open(workdir / f"haproxy-{algorithm}.log", "wb"),  # noqa: SIM115
-    )
-    wait_port(port)
-    return proc, port
+    with open(workdir / f"haproxy-{algorithm}.log", "wb") as log:
+        return procs.start([_tool("haproxy"), "-f", str(cfg), "-db"], name="haproxy", port=port,
+                           stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+
+
+def _tool(name: str) -> str:
+    return require_tool(name, "the rollout", f"apt-get install {name}")
 
 
 # -- clients -----------------------------------------------------------------------------------
@@ -367,7 +345,8 @@ async def run_algorithm(
     nodes = [Node(i, redis_url, args, workdir) for i in range(3)]
     for node in nodes:
         node.start()
-    haproxy, port = start_haproxy(algorithm, nodes, workdir)
+    haproxy = start_haproxy(algorithm, nodes, workdir)
+    port = haproxy.port
     samples: list[dict[str, Any]] = []
     events: list[tuple[float, str]] = []
     t0 = time.time()
@@ -413,8 +392,7 @@ async def run_algorithm(
             run.stop = True
             nursery.cancel_scope.cancel()
     finally:
-        haproxy.terminate()
-        haproxy.wait(10)
+        haproxy.stop(10)
         for node in nodes:
             node.stop(5)
     return summarize(algorithm, args, run, samples, events)
@@ -512,7 +490,9 @@ def table_rows(results: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the rollout scenario; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="bench rollout", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench rollout", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--clients", type=int, default=3000)
     parser.add_argument("--algorithms", default="roundrobin,leastconn")
     parser.add_argument("--ramp", type=float, default=10.0, help="seconds to connect all clients")
@@ -521,43 +501,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reconnect-advice", type=float, default=3.0)
     parser.add_argument("--handshake-rate", type=float, default=0.0)
     parser.add_argument("--publish-interval", type=float, default=0.2)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollout.json"))
-    parser.add_argument("--plot", default=str(ROOT / "bench" / "plots" / "rollout.png"))
+    parser.add_argument("--quick", action="store_true", help="small and short: 300 clients, "
+                        "one algorithm, 2 s drains (refuses --update-results)")  # fmt: skip
+    output.add_arguments(parser)
     args = parser.parse_args(argv)
-    for tool in ("redis-server", "haproxy"):
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            print(
-                f"rollout: {tool} is needed (apt-get install redis-server haproxy)", file=sys.stderr
-            )
-            return 2
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.quick:
+        args.clients, args.ramp, args.drain_period, args.settle = 300, 2.0, 2.0, 3.0
+        args.algorithms = args.algorithms.split(",")[0]
+    output.check(args, quick=args.quick)
+    require("matplotlib")
+    require("coredis", purpose="the nodes' Redis broker")
+    redis_server, _haproxy = _tool("redis-server"), _tool("haproxy")
+    out = output.choose(args, "rollout", quick=args.quick)
+    json_path = (out or output.RESULTS_DIR) / "rollout.json"
+    png_path = (out / "plots" if out else output.PLOTS_DIR) / "rollout.png"
+    procs.raise_nofile()
     results = []
     with tempfile.TemporaryDirectory(prefix="rollout-") as tmp:
         workdir = Path(tmp)
         redis_port = free_port()
-        redis = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                HOST,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-                "--maxclients",
-                "10000",
-            ],
-            stdout=subprocess.DEVNULL,
+        redis = procs.start(
+            [redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
+             "--appendonly", "no", "--dir", tmp, "--maxclients", "10000"],
+            name="redis-server", port=redis_port, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )
+        )  # fmt: skip
         try:
-            wait_port(redis_port)
             for algorithm in args.algorithms.split(","):
                 print(f"rollout: {algorithm}, {args.clients} clients ...", file=sys.stderr)
                 result = trio.run(
@@ -572,18 +541,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
         finally:
             redis.kill()
-            redis.wait()
             if os.environ.get("ROLLOUT_KEEP_LOGS"):
-                shutil.copytree(
-                    tmp, ROOT / "bench" / "results" / "rollout-logs", dirs_exist_ok=True
-                )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot(results, Path(args.plot))
+                shutil.copytree(tmp, json_path.parent / "rollout-logs", dirs_exist_ok=True)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1))
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    plot(results, png_path)
     print("\n".join(table_rows(results)))
+    print(f"wrote {json_path} and {png_path}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench import run_main
+
+    sys.exit(run_main("python -m bench.rollout", main, sys.argv[1:]))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from bench.peers import TARGETS, Target
-from bench.procs import ServerProc, run_loadgen, start_server
+from bench import procs
+from bench.peers import TARGETS, Target, server_command
 
 
 def log(message: str) -> None:
@@ -19,15 +20,23 @@ def log(message: str) -> None:
 @contextmanager
 def serving(
     target: str, *, ping_interval: float | None = None
-) -> Iterator[tuple[Target, ServerProc]]:
-    """Start the server of *target*; stop it afterwards."""
+) -> Iterator[tuple[Target, procs.Proc]]:
+    """Start the server of *target* on a free port, pinned to the server core; stop it
+    afterwards.  A baseline target's server runs from its own tree."""
     spec = TARGETS[target]
-    with start_server(spec.server, ping_interval=ping_interval) as server:
+    port = procs.free_port()
+    cmd = server_command(spec.server, procs.HOST, port, ping_interval=ping_interval)
+    tree = spec.tree
+    with procs.start(
+        cmd, name=target, port=port, core=procs.cores()[0], nofile=True,
+        cwd=tree or procs.ROOT, pythonpath=[tree] if tree else (),
+    ) as server:  # fmt: skip
+        time.sleep(0.2)  # let the first connection probe settle
         yield spec, server
 
 
 def load(
-    mode: str, spec: Target, server: ServerProc, *, timeout: float, **params: Any
+    mode: str, spec: Target, server: procs.Proc, *, timeout: float, **params: Any
 ) -> dict[str, Any]:
     """Run the load generator in *mode* against *server*; ``params`` become ``--flags``."""
     args = [
@@ -42,7 +51,7 @@ def load(
             args.append(flag)
         elif value is not False and value is not None:
             args += [flag, str(value)]
-    return run_loadgen(args, timeout=timeout)
+    return procs.run_loadgen(args, timeout=timeout)
 
 
 def rotate(items: list[str], k: int) -> list[str]:

@@ -34,7 +34,10 @@ per connection that slope would reveal at the measured churn), and the open fds 
 clients have gone are back to the idle baseline (±2).  Session and history TTLs are short
 (``--ttl``, 30 s) so that the caches reach their steady state in the first third of the run.
 
-Writes ``bench/results/soak.json``, ``bench/results/soak.md`` and ``bench/plots/soak.png``.
+Writes ``soak.json``, ``soak.md`` and ``plots/soak.png`` to ``--out DIR`` (default a fresh
+``./bench-out/<time>-soak``); ``--update-results`` writes the committed
+``bench/results/soak.json``, ``bench/results/soak.md`` and ``bench/plots/soak.png`` instead
+(refused for a run shorter than the default ten minutes).
 """
 
 from __future__ import annotations
@@ -43,9 +46,8 @@ import argparse
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,12 +56,12 @@ from typing import Any
 
 import trio
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_JSON = ROOT / "bench" / "results" / "soak.json"
-RESULTS_MD = ROOT / "bench" / "results" / "soak.md"
-PLOT_PNG = ROOT / "bench" / "plots" / "soak.png"
+from bench import output, procs
+from bench.deps import require
+from bench.procs import HOST, emit
 
-HOST = "127.0.0.1"
+#: The length of a full run (shorter runs are quick: they never replace the committed one).
+FULL_MINUTES = 10.0
 STREAMS = 8
 SUBPROTOCOLS = [
     "actioncable-v1-json",
@@ -95,22 +97,6 @@ def _soak_app() -> Any:
     return app
 
 
-def _listen_socket(port: int) -> socket.socket:
-    """A listening socket that the next node on this port can share (``SO_REUSEPORT``)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((HOST, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-def _emit(event: str, **fields: Any) -> None:
-    sys.stdout.write(json.dumps({"event": event, "t": time.monotonic(), **fields}) + "\n")
-    sys.stdout.flush()
-
-
 async def _serve(spec: dict[str, Any]) -> None:
     """The server process: broker, publisher, two nodes, restarts; controlled over stdin."""
     from trio_cable.broker.memory import MemoryBroker
@@ -139,7 +125,7 @@ async def _serve(spec: dict[str, Any]) -> None:
         async def start_node(slot: int) -> None:
             port = spec["ports"][slot]
             server = Server(Config(**config_fields, port=port), app, broker=broker,
-                            listen_socket=_listen_socket(port))  # fmt: skip
+                            listen_socket=procs.listen_socket(port, 1024))  # fmt: skip
             scope = trio.CancelScope()
             done = trio.Event()
 
@@ -167,10 +153,10 @@ async def _serve(spec: dict[str, Any]) -> None:
             slot = 0
             while True:
                 await trio.sleep(spec["restart_every"])
-                _emit("restart_begin", slot=slot)
+                emit("restart_begin", slot=slot)
                 await start_node(slot)
                 restarts += 1
-                _emit("restart_done", slot=slot, restarts=restarts)
+                emit("restart_done", slot=slot, restarts=restarts)
                 slot = 1 - slot
 
         async def publisher() -> None:
@@ -188,7 +174,7 @@ async def _serve(spec: dict[str, Any]) -> None:
         async def sampler() -> None:
             while True:
                 servers = [s for s, _scope, _done in nodes.values()]
-                _emit(
+                emit(
                     "sample",
                     connections=sum(len(s.connections) for s in servers),
                     sessions=len(broker._sessions),
@@ -209,7 +195,7 @@ async def _serve(spec: dict[str, Any]) -> None:
                 await restarter()
 
         nursery.start_soon(restarts_task)
-        _emit("ready", pid=os.getpid())
+        emit("ready", pid=os.getpid())
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         buffer = b""
         while True:
@@ -220,9 +206,9 @@ async def _serve(spec: dict[str, Any]) -> None:
             if b"stop_restarts" in buffer:
                 buffer = buffer.replace(b"stop_restarts", b"")
                 restart_scope.cancel()
-                _emit("restarts_stopped", restarts=restarts)
+                emit("restarts_stopped", restarts=restarts)
         metrics = {str(port): s.metrics.snapshot() for port, (s, _sc, _d) in nodes.items()}
-        _emit("bye", restarts=restarts, published=published, metrics=metrics)
+        emit("bye", restarts=restarts, published=published, metrics=metrics)
         nursery.cancel_scope.cancel()
 
 
@@ -230,10 +216,7 @@ def serve_main(spec_path: str) -> None:
     """Entry point of the server process."""
     import logging
 
-    spec = json.loads(Path(spec_path).read_text())
-    core = spec.get("core")
-    if core is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {core})
+    spec = json.loads(Path(spec_path).read_text())  # pinned to the server core by bench.procs
     logging.basicConfig(level="WARNING", format="%(asctime)s server %(levelname)s %(message)s")
     trio.run(_serve, spec)
 
@@ -403,24 +386,16 @@ class ServerHandle:
 
     async def read_events(self) -> None:
         assert self.process.stdout is not None
-        buffer = b""
-        while chunk := await self.process.stdout.receive_some(65536):
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event["event"] == "sample":
-                    self.last = event
-                elif event["event"] == "ready":
-                    self.pid = event["pid"]
-                    self.ready.set()
-                elif event["event"] == "bye":
-                    self.bye = event
-                else:
-                    self.events.append(event)
+        async for event in procs.json_lines(self.process.stdout):
+            if event["event"] == "sample":
+                self.last = event
+            elif event["event"] == "ready":
+                self.pid = event["pid"]
+                self.ready.set()
+            elif event["event"] == "bye":
+                self.bye = event
+            else:
+                self.events.append(event)
 
     async def send(self, line: str) -> None:
         assert self.process.stdin is not None
@@ -438,15 +413,12 @@ def _usage(pid: int) -> tuple[float, int, float]:
 
 async def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     """Start the server process, run the clients, sample; return the raw run."""
-    from bench.procs import cores, free_port, pin_self, raise_nofile
-
-    raise_nofile()
-    server_cores, _client = cores()
-    pin_self()
-    ports = [free_port(), free_port()]
+    procs.raise_nofile()
+    server_core, _client = procs.cores()
+    procs.pin_self()
+    ports = [procs.free_port(), procs.free_port()]
     spec = {
         "ports": ports,
-        "core": min(server_cores) if server_cores else None,
         "ttl": args.ttl,
         "history_limit": 50,
         "ping_interval": 3.0,
@@ -455,7 +427,7 @@ async def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         "publish_rate": args.publish_rate,
         "sample_every": args.sample_every,
     }
-    workdir = Path(args.workdir) if args.workdir else Path("/tmp")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.gettempdir())
     spec_path = workdir / f"soak-spec-{os.getpid()}.json"
     spec_path.write_text(json.dumps(spec))
     log_path = workdir / f"soak-server-{os.getpid()}.log"
@@ -463,9 +435,9 @@ async def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     load_seconds = args.minutes * 60
     with open(log_path, "wb") as log:
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "bench.soak", "--serve", str(spec_path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
+        process = await procs.open_trio(
+            procs.python("bench.soak", "--serve", str(spec_path)), core=server_core, nofile=True,
+            stderr=log,
         )  # fmt: skip
     handle = ServerHandle(process)
     t0 = time.monotonic()
@@ -644,8 +616,8 @@ def plot(run: dict[str, Any], result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The run as a Markdown section."""
+def markdown(result: dict[str, Any], plot_link: str = "../plots/soak.png") -> str:
+    """The run as a Markdown section (*plot_link*: the plot, relative to the section's file)."""
     v = result["verdict"]
     s = result["load"]
     leak = v["smallest_leak_per_connection_bytes"]
@@ -676,9 +648,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"- refused handshakes: {dict(s['refused']) or 'none'}; client-side errors: "
         f"{dict(s['errors']) or 'none'}; server log errors: {len(result['log_errors'])}",
         "",
-        "![soak](../plots/soak.png)",
+        f"![soak]({plot_link})",
     ]
     return "\n".join(lines) + "\n"
+
+
+#: Sizes of a full run and of ``--quick`` (the smoke test's); an option given wins.
+FULL = {"minutes": FULL_MINUTES, "clients": 150, "restart_every": 45.0, "drain_period": 2.0,
+        "sample_every": 2.0, "settle": 20.0}  # fmt: skip
+QUICK = {"minutes": 0.12, "clients": 12, "restart_every": 4.0, "drain_period": 0.5,
+         "sample_every": 1.0, "settle": 10.0}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -686,22 +665,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench soak", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--minutes", type=float, default=10.0, help="length of the loaded phase")
-    parser.add_argument("--clients", type=int, default=150, help="client loops (default 150)")
-    parser.add_argument("--restart-every", type=float, default=45.0, help="seconds between node "
-                        "restarts (default 45)")  # fmt: skip
-    parser.add_argument("--drain-period", type=float, default=2.0)
+    parser.add_argument("--minutes", type=float, help="length of the loaded phase (default 10)")
+    parser.add_argument("--clients", type=int, help="client loops (default 150)")
+    parser.add_argument("--restart-every", type=float, help="seconds between node restarts "
+                        "(default 45)")  # fmt: skip
+    parser.add_argument("--drain-period", type=float, help="seconds (default 2)")
     parser.add_argument("--publish-rate", type=float, default=40.0, help="broadcasts per second")
     parser.add_argument("--ttl", type=float, default=30.0, help="session and history TTL (s)")
-    parser.add_argument("--sample-every", type=float, default=2.0)
-    parser.add_argument("--settle", type=float, default=20.0, help="seconds to wait for the "
-                        "server to go idle after the load")  # fmt: skip
+    parser.add_argument("--sample-every", type=float, help="seconds (default 2)")
+    parser.add_argument("--settle", type=float, help="seconds to wait for the server to go idle "
+                        "after the load (default 20)")  # fmt: skip
     parser.add_argument("--rss-slope-limit", type=float, default=0.5, help="MiB/min")
     parser.add_argument("--seed", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=RESULTS_JSON)
-    parser.add_argument("--md", type=Path, default=RESULTS_MD)
-    parser.add_argument("--plot", type=Path, default=PLOT_PNG)
-    parser.add_argument("--workdir", default="")
+    parser.add_argument("--quick", action="store_true", help="a few seconds, 12 clients (the "
+                        "smoke test's sizes)")  # fmt: skip
+    output.add_arguments(parser)
+    parser.add_argument("--workdir", default="", help="spec and server log (default: a temp dir)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the summary (no samples)")
     parser.add_argument("--serve", metavar="SPEC", help=argparse.SUPPRESS)
@@ -709,8 +688,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve_main(args.serve)
         return 0
+    quick = output.sizes(args, FULL, QUICK, "soak")
+    require("psutil")
+    require("matplotlib")
     from bench.conditions import conditions
 
+    json_path, md_path, png_path = output.files(output.choose(args, "soak", quick=quick), "soak")
     started = time.time()
     run = trio.run(run_soak, args)
     stats: LoadStats = run["stats"]
@@ -718,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "soak",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "minutes": args.minutes,
+        "quick": quick,
         "clients": args.clients,
         "spec": run["spec"],
         "verdict": verdict(run, args.rss_slope_limit),
@@ -729,14 +713,14 @@ def main(argv: list[str] | None = None) -> int:
         "samples": run["samples"],
         "conditions": conditions(),
     }
-    plot(run, result, args.plot)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text(markdown(result))
+    plot(run, result, png_path)
+    md = markdown(result, os.path.relpath(png_path, md_path.parent))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    md_path.write_text(md)
     if not args.quiet:
-        print(markdown(result), file=sys.stderr)
-        print(f"wrote {args.out}, {args.md} and {args.plot}", file=sys.stderr)
+        print(md, file=sys.stderr)
+        print(f"wrote {json_path}, {md_path} and {png_path}", file=sys.stderr)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k not in ("samples", "conditions")},
                          default=str))  # fmt: skip
@@ -744,4 +728,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench import run_main
+
+    sys.exit(run_main("python -m bench.soak", main, sys.argv[1:]))

@@ -32,6 +32,7 @@ def by_name(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {row["name"]: row for row in result["rows"]}
 
 
+@pytest.mark.slow
 def test_restart_defaults_lose_nothing(tmp_path: Path) -> None:
     rows = by_name(run("avalanche", tmp_path, "--rows", "naive,defaults"))
     naive, defaults = rows["naive"], rows["defaults"]
@@ -48,12 +49,14 @@ def test_restart_defaults_lose_nothing(tmp_path: Path) -> None:
     assert (tmp_path / "restart.png").exists()
 
 
+@pytest.mark.slow
 def test_celebrity_everybody_gets_in(tmp_path: Path) -> None:
     rows = by_name(run("celebrity", tmp_path))
     for row in rows.values():
         assert row["never_back"] == 0, row
 
 
+@pytest.mark.slow
 def test_linearized_never_two_subscribes_in_flight(tmp_path: Path) -> None:
     result = run("subscribe", tmp_path)
     modes = {row["mode"]: row for row in result["rows"]}
@@ -65,6 +68,7 @@ def test_linearized_never_two_subscribes_in_flight(tmp_path: Path) -> None:
         assert 0 < row["init_p50"] <= row["init_p99"] < 30, row
 
 
+@pytest.mark.slow
 def test_backoff_simulation_shape(tmp_path: Path) -> None:
     result = run("backoff", tmp_path, "--runs", "10")
     calls = {s: result[s]["calls"] for s in ("none", "exponential", "full_jitter",

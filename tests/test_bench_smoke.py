@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run_bench(*args: str, results: Path, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "bench", *args, "--quick", "--json", "--quiet",
-           "--results-dir", str(results)]  # fmt: skip
+           "--out", str(results)]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -29,6 +29,7 @@ def _run_bench(*args: str, results: Path, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_all_benches_quick(tmp_path: Path) -> None:
     summary = _run_bench(
         "all", "--targets", "picows,trio_cable,trio_cable-cable", results=tmp_path, timeout=50

@@ -1,7 +1,8 @@
 """Fuzzing the protocol layer with hypothesis: mutated commands, publications and frame streams.
 
-The strategies and checks live in :mod:`bench.fuzz`, so that the ten-minute campaign
-(``python -m bench fuzz``) and these quick runs test exactly the same contract:
+The strategies and checks live in :mod:`bench.fuzz.strategies` and :mod:`bench.fuzz.checks`,
+so that the ten-minute campaign (``python -m bench fuzz``) and these quick runs test exactly
+the same contract:
 
 - :func:`~trio_cable.protocol.cable.decode_command` (JSON and msgpack),
   :func:`~trio_cable.protocol.cable.parse_identifier`,
@@ -25,7 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench import fuzz
+from bench.fuzz import checks, strategies
+from trio_cable import _speedups_py
 from trio_cable.protocol import cable
 from trio_cable.protocol.cable import InvalidCommand
 
@@ -36,7 +38,7 @@ quick = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 needs_compiled = pytest.mark.skipif(
-    fuzz._compiled is None, reason="trio_cable._speedups is not built"
+    checks.COMPILED is None, reason="trio_cable._speedups is not built"
 )
 
 
@@ -44,32 +46,34 @@ needs_compiled = pytest.mark.skipif(
 
 
 @quick
-@given(payload=fuzz.command_payloads("json"), kind=st.integers(0, 3))
+@given(payload=strategies.command_payloads("json"), kind=st.integers(0, 3))
 def test_decode_command_json_mutated(payload: bytes, kind: int) -> None:
-    fuzz.check_command(cable.JSON, fuzz.as_payload(payload, kind))
+    checks.check_command(cable.JSON, strategies.as_payload(payload, kind))
 
 
 @quick
-@given(payload=fuzz.command_payloads("msgpack"), kind=st.integers(0, 2))
+@given(payload=strategies.command_payloads("msgpack"), kind=st.integers(0, 2))
 def test_decode_command_msgpack_mutated(payload: bytes, kind: int) -> None:
-    fuzz.check_command(cable.MSGPACK, fuzz.as_payload(payload, kind))
+    checks.check_command(cable.MSGPACK, strategies.as_payload(payload, kind))
 
 
 @quick
 @given(data=st.binary(max_size=300), codec=st.sampled_from([cable.JSON, cable.MSGPACK]))
 def test_decode_command_random_bytes(data: bytes, codec: cable.Codec) -> None:
-    fuzz.check_command(codec, data)
+    checks.check_command(codec, data)
 
 
 @quick
-@given(obj=fuzz.odd_commands(), codec=st.sampled_from(["json", "msgpack"]))
+@given(obj=strategies.odd_commands(), codec=st.sampled_from(["json", "msgpack"]))
 def test_decode_command_wrong_types(obj: object, codec: str) -> None:
     # Well-formed JSON / msgpack whose fields are missing or of the wrong type.
-    fuzz.check_command(cable.JSON if codec == "json" else cable.MSGPACK, fuzz.encode(codec, obj))
+    checks.check_command(
+        cable.JSON if codec == "json" else cable.MSGPACK, strategies.encode(codec, obj)
+    )
 
 
 @quick
-@given(identifier=fuzz.identifiers())
+@given(identifier=strategies.identifiers())
 def test_parse_identifier_any_string(identifier: str) -> None:
     try:
         channel, params = cable.parse_identifier(identifier)
@@ -81,7 +85,7 @@ def test_parse_identifier_any_string(identifier: str) -> None:
 
 
 @quick
-@given(data=st.one_of(st.text(max_size=200), fuzz.command_payloads("json").map(
+@given(data=st.one_of(st.text(max_size=200), strategies.command_payloads("json").map(
     lambda b: b.decode("utf-8", "replace"))))  # fmt: skip
 def test_parse_action_any_string(data: str) -> None:
     try:
@@ -93,9 +97,9 @@ def test_parse_action_any_string(data: str) -> None:
 
 
 @quick
-@given(body=fuzz.publication_bodies(), kind=st.integers(0, 3))
+@given(body=strategies.publication_bodies(), kind=st.integers(0, 3))
 def test_parse_publications_mutated(body: bytes, kind: int) -> None:
-    fuzz.check_publications(fuzz.as_payload(body, kind))
+    checks.check_publications(strategies.as_payload(body, kind))
 
 
 @quick
@@ -107,9 +111,9 @@ def test_cheap_mutants_of_valid_commands(data: bytes, seed: int) -> None:
     base = {"command": "subscribe", "identifier": '{"channel":"$pubsub","stream_name":"a"}'}
     rng = random.Random(seed)
     for codec_name, codec in (("json", cable.JSON), ("msgpack", cable.MSGPACK)):
-        valid = fuzz.encode(codec_name, base)
+        valid = strategies.encode(codec_name, base)
         for _ in range(4):
-            fuzz.check_command(codec, fuzz.random_mutant(valid + data[:4], rng, codec_name))
+            checks.check_command(codec, strategies.random_mutant(valid + data[:4], rng, codec_name))
 
 
 # Inputs that break naive decoders: recursion bombs, 4-GiB length prefixes, values JSON
@@ -160,23 +164,23 @@ NASTY_MSGPACK = [
 @pytest.mark.parametrize("payload", NASTY_JSON, ids=range(len(NASTY_JSON)))
 def test_nasty_json(payload: bytes) -> None:
     for kind in range(4):
-        fuzz.check_command(cable.JSON, fuzz.as_payload(payload, kind))
+        checks.check_command(cable.JSON, strategies.as_payload(payload, kind))
 
 
 @pytest.mark.parametrize("payload", NASTY_MSGPACK, ids=range(len(NASTY_MSGPACK)))
 def test_nasty_msgpack(payload: bytes) -> None:
-    fuzz.check_command(cable.MSGPACK, payload)
+    checks.check_command(cable.MSGPACK, payload)
 
 
 def test_nasty_publications() -> None:
     for body in [
         b"[" * 100_000,
-        json.dumps({"stream": "s", "data": json.dumps(fuzz.nested("x", 300))}).encode(),
+        json.dumps({"stream": "s", "data": json.dumps(strategies.nested("x", 300))}).encode(),
         json.dumps([{"stream": "s", "data": "\ud800"}] * 3).encode("utf-8", "surrogatepass"),
         b'{"stream":"s","data":' + b"9" * 4000 + b"}",
         b'{"command":"disconnect","payload":{"identifier":"' + b"[" * 1000 + b'"}}',
     ]:
-        fuzz.check_publications(body)
+        checks.check_publications(body)
 
 
 def test_whisper_values_survive_both_codecs() -> None:
@@ -186,7 +190,7 @@ def test_whisper_values_survive_both_codecs() -> None:
         (cable.MSGPACK, NASTY_MSGPACK[7]),
         (cable.JSON, NASTY_JSON[10]),
     ]:
-        assert fuzz.check_command(codec, payload) == "ok: whisper, bad identifier"
+        assert checks.check_command(codec, payload) == "ok: whisper, bad identifier"
 
 
 # A JSON text with more than 32 brackets (so the exact depth scan runs) followed by many
@@ -196,10 +200,10 @@ QUADRATIC = ("[]" * 40 + '"\\' * 10_000).encode()
 
 
 def test_depth_scan_is_linear_on_escaped_quotes() -> None:
-    with fuzz.hang_alarm(0.3), pytest.raises(InvalidCommand):
+    with checks.hang_alarm(0.3), pytest.raises(InvalidCommand):
         cable.decode_command(cable.JSON, QUADRATIC)
     big = ("[]" * 40 + '"\\' * 500_000).encode()  # 1 MB: seconds at most, not hours
-    with fuzz.hang_alarm(3.0), pytest.raises(InvalidCommand):
+    with checks.hang_alarm(3.0), pytest.raises(InvalidCommand):
         cable.decode_command(cable.JSON, big)
 
 
@@ -208,7 +212,7 @@ def test_worst_case_inputs_are_fast() -> None:
     # are refused within a fraction of a second each.
     for payload in [b"[" * 2**20, b'"' + b'\\"' * 2**19, b'{"a":"' + b"\\u0000" * 2**17 + b'"}']:
         start = time.perf_counter()
-        with fuzz.hang_alarm(5.0), pytest.raises(InvalidCommand):
+        with checks.hang_alarm(5.0), pytest.raises(InvalidCommand):
             cable.decode_command(cable.JSON, payload)
         assert time.perf_counter() - start < 2.0
 
@@ -225,7 +229,7 @@ frame_settings = settings(
 @needs_compiled
 @frame_settings
 @given(
-    data=fuzz.mutated_frame_streams(),
+    data=strategies.mutated_frame_streams(),
     cuts=st.lists(st.integers(0, 200_000), max_size=12),
     max_size=st.sampled_from([0, 10, 125, 126, 300, 4096, 65535, 65536, 1048576]),
     require_mask=st.booleans(),
@@ -233,19 +237,19 @@ frame_settings = settings(
 def test_twins_agree_on_mutated_command_streams(
     data: bytes, cuts: list[int], max_size: int, require_mask: bool
 ) -> None:
-    fuzz.check_frames(data, cuts, max_size, require_mask)
+    checks.check_frames(data, cuts, max_size, require_mask)
 
 
 @needs_compiled
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(frames=fuzz.frame_list(), seed=st.integers(0, 2**32))
+@given(frames=strategies.frame_list(), seed=st.integers(0, 2**32))
 def test_twins_agree_byte_by_byte(frames: list[bytes], seed: int) -> None:
     # One byte per feed: every header and payload boundary falls between two reads.
     import random
 
     data = b"".join(frames)[:4000]
-    data = fuzz.random_mutant(data, random.Random(seed), "msgpack")
-    fuzz.check_frames(data, list(range(1, len(data))), 65536, True)
+    data = strategies.random_mutant(data, random.Random(seed), "msgpack")
+    checks.check_frames(data, list(range(1, len(data))), 65536, True)
 
 
 @pytest.mark.parametrize(
@@ -254,12 +258,12 @@ def test_twins_agree_byte_by_byte(frames: list[bytes], seed: int) -> None:
 )
 @pytest.mark.parametrize("encoding", [1, 2])
 def test_lying_length_fields(length: int, encoding: int) -> None:
-    frame = fuzz.client_frame(1, b'{"command":"ping"}')
-    lied = fuzz._with_length(frame, length, encoding)
+    frame = strategies.client_frame(1, b'{"command":"ping"}')
+    lied = strategies.with_length(frame, length, encoding)
     for max_size in (125, 65536, 1048576):
-        fuzz.check_frames(lied, [3, 7], max_size, True)
+        checks.check_frames(lied, [3, 7], max_size, True)
 
 
 def test_parse_events_keeps_raising_after_an_error() -> None:
-    events = fuzz.parse_events(fuzz._speedups_py, [b"\x81\x05hello"], max_message_size=100)
+    events = checks.parse_events(_speedups_py, [b"\x81\x05hello"], max_message_size=100)
     assert events == [("error", 1002, "client frame not masked")]

@@ -1,7 +1,9 @@
-"""``python -m bench.avalanche ...``: see :mod:`bench.avalanche.cli`."""
+"""``python -m bench.avalanche ...`` (the same as ``python -m bench ...``): see
+:mod:`bench.avalanche.cli`."""
 
 import sys
 
+from bench import run_main
 from bench.avalanche import main
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(run_main("python -m bench.avalanche", main, sys.argv[1:]))

@@ -1,8 +1,9 @@
-"""``trio-cable bench avalanche|celebrity|subscribe|backoff`` (also ``python -m bench.avalanche``).
+"""``python -m bench avalanche|celebrity|subscribe|backoff`` (also ``python -m bench.avalanche``).
 
 Each command prints a markdown table, writes ``<scenario>.json`` (summary and time series),
-``<scenario>.md`` and PNG plots to ``--out``, and with ``--json`` prints the summary as the
-last line of output.  Progress goes to stderr.
+``<scenario>.md`` and PNG plots to ``--out DIR`` (default a fresh ``./bench-out/<time>-<scenario>``;
+``--update-results``: the committed ``bench/avalanche/results``, refused with ``--quick``), and
+with ``--json`` prints the summary as the last line of output.  Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -11,20 +12,23 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+from bench import output, procs
+from bench.deps import require
+
 SCENARIOS = ("avalanche", "restart", "celebrity", "subscribe", "backoff")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trio-cable bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("scenario", choices=SCENARIOS, help="avalanche (= restart), celebrity, ...")
     p.add_argument("--quick", action="store_true", help="CI size: hundreds of clients, seconds")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for JSON and PNGs")
+    output.add_arguments(p)
     p.add_argument("--clients", type=int, help="clients (restart/celebrity; subscribe: max load)")
     p.add_argument("--runs", type=int, help="backoff: runs per point (default 100, quick 20)")
     p.add_argument("--rows", help="restart: comma-separated rows (naive,jitter,linearized,"
@@ -110,9 +114,7 @@ def _run_trials(specs: list[Any], out: Path, progress: _Progress) -> list[dict[s
 def _conditions(scale: Any) -> dict[str, Any]:
     import platform
 
-    from bench.avalanche.trial import cores
-
-    server_core, client_core = cores()
+    server_core, client_core = procs.cores()
     return {
         "cpus": os.cpu_count(),
         "server_core": server_core,
@@ -226,6 +228,10 @@ def run_backoff(args: argparse.Namespace, scale: Any, progress: _Progress) -> di
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
+    output.check(args, quick=args.quick)
+    require("matplotlib")
+    if not args.quiet:
+        require("rich")
     from bench.avalanche.scenarios import FULL, QUICK
 
     scale = QUICK if args.quick else FULL
@@ -233,13 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
 
         scale = replace(scale, loadgens=args.loadgens)
-    args.out.mkdir(parents=True, exist_ok=True)
     scenario = "restart" if args.scenario == "avalanche" else args.scenario
-    from bench.avalanche.trial import cores
-
-    _server, client_core = cores()
-    if client_core is not None and scenario != "backoff":
-        os.sched_setaffinity(0, {client_core})  # the orchestrator stays off the server core
+    args.out = output.choose(args, scenario, quick=args.quick) or output.AVALANCHE_RESULTS_DIR
+    if not args.quiet:
+        print(f"{scenario}: writing to {args.out}", file=sys.stderr)
+    if scenario != "backoff":
+        procs.pin_self()  # the orchestrator stays off the server core
     runner = {"restart": run_restart, "celebrity": run_celebrity, "subscribe": run_subscribe,
               "backoff": run_backoff}[scenario]  # fmt: skip
     with _Progress(args.quiet) as progress:

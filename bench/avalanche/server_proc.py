@@ -23,7 +23,6 @@ import gc
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import trio
 
 from bench.avalanche import app as demo
+from bench.procs import emit, listen_socket
 from trio_cable.broker.memory import MemoryBroker
 from trio_cable.config import Config
 from trio_cable.server import Server
@@ -40,29 +40,12 @@ SAMPLE_INTERVAL = 0.25
 LAG_PROBE = 0.01
 
 
-def emit(event: str, **fields: Any) -> None:
-    """One JSON line for the orchestrator."""
-    sys.stdout.write(json.dumps({"event": event, "t": time.monotonic(), **fields}) + "\n")
-    sys.stdout.flush()
-
-
 class _DropAcceptErrors(logging.Filter):
     """A node taken out of rotation keeps polling its shut-down listener (``accept`` fails
     with EINVAL ten times a second until the node stops); those errors are expected here."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("accept failed")
-
-
-def listen_socket(port: int) -> socket.socket:
-    """A listening socket that a second node may share during a handoff (``SO_REUSEPORT``)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
 
 
 @dataclass(eq=False)
@@ -280,9 +263,7 @@ async def amain(spec: dict[str, Any]) -> None:
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    core = spec.get("core")
-    if core is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {core})
+    # Pinned to the server core: by bench.procs, before exec.
     logging.basicConfig(
         level=spec.get("log_level", "WARNING"),
         format="%(asctime)s server %(levelname)s %(name)s: %(message)s",

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench import procs
+
 SECRET = "avalanche-bench-secret-0123456789abcdef"  # loopback-only benchmark secret
 _BOOT = 1.5  # seconds for a child process to import trio_cable and start
 
@@ -65,24 +62,6 @@ class TrialSpec:
     boot_gap: float = 1.0  # hard restart: seconds without a listener
 
 
-# The cores this process may use before the orchestrator pins itself to the client core.
-_AVAILABLE = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-
-
-def cores() -> tuple[int | None, int | None]:
-    """(server core, client core): the first and last available core, if two or more."""
-    available = _AVAILABLE
-    if len(available) < 2:
-        return None, None
-    return available[0], available[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Child:
     """A child process speaking JSON lines on stdout and reading commands on stdin."""
 
@@ -97,22 +76,10 @@ class Child:
         assert self.process.stdin is not None
         await self.process.stdin.send_all(line.encode() + b"\n")
 
-    async def lines(self) -> AsyncIterator[dict[str, Any]]:
-        assert self.process.stdout is not None
-        buffer = b""
-        while True:
-            chunk = await self.process.stdout.receive_some(1 << 16)
-            if not chunk:
-                return
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                if line.strip():
-                    yield json.loads(line)
-
     async def pump(self, on_line: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Read lines until EOF, remembering the last of each event kind."""
-        async for item in self.lines():
+        assert self.process.stdout is not None
+        async for item in procs.json_lines(self.process.stdout):
             if item.get("event") == "status":
                 self.last_status = item
             else:
@@ -134,16 +101,11 @@ class Child:
                 self.process.send_signal(signal.SIGKILL)
 
 
-async def _spawn(module: str, spec_path: Path, name: str, log: Path) -> Child:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", module, str(spec_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log.open("ab"),
-        cwd=str(ROOT),
-        env=env,
-    )
+async def _spawn(module: str, spec_path: Path, name: str, log: Path, core: int | None) -> Child:
+    with log.open("ab") as stderr:
+        process = await procs.open_trio(
+            procs.python(module, str(spec_path)), core=core, nofile=True, stderr=stderr
+        )
     return Child(process, name)
 
 
@@ -162,8 +124,8 @@ async def run_trial(
 ) -> dict[str, Any]:
     """Run one trial; returns the raw data (client records, server samples, timings)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    server_core, client_core = cores()
-    port = free_port()
+    server_core, client_core = procs.cores()
+    port = procs.free_port()
     tag = spec.name.replace(" ", "_").replace("+", "p").replace("/", "_")
     server_spec = {
         "port": port,
@@ -173,7 +135,6 @@ async def run_trial(
         "msg_interval": spec.msg_interval,
         "boot_gap": spec.boot_gap,
         "samples_out": str(workdir / f"{tag}.server.json"),
-        "core": server_core,
     }
     # Outputs of an earlier run with the same tag must not pass for this run's.
     for stale in workdir.glob(f"{tag}.*"):
@@ -189,7 +150,9 @@ async def run_trial(
     progress = on_progress or (lambda phase, done, total: None)
     try:
         async with trio.open_nursery() as nursery:
-            server = await _spawn("bench.avalanche.server_proc", server_path, "server", log)
+            server = await _spawn(
+                "bench.avalanche.server_proc", server_path, "server", log, server_core
+            )
             children.append(server)
             nursery.start_soon(server.pump)
             await server.wait_event("ready", 30)
@@ -204,13 +167,12 @@ async def run_trial(
                     "client": {**asdict(spec.client), "secret": SECRET},
                     "start_at": start_at,
                     "ramp": spec.ramp,
-                    "core": client_core,
                     "result_out": str(workdir / f"{tag}.clients{k}.json"),
                     "seed": 7,
                 }
                 path = workdir / f"{tag}.loadgen{k}.json"
                 path.write_text(json.dumps(gen_spec))
-                gen = await _spawn("bench.avalanche.loadgen", path, f"loadgen{k}", log)
+                gen = await _spawn("bench.avalanche.loadgen", path, f"loadgen{k}", log, client_core)
                 gens.append(gen)
                 children.append(gen)
 

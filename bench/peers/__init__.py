@@ -7,12 +7,15 @@ to every connected client (the sender included).  trio_cable runs as itself
 endpoint ``/cable`` with ``BenchmarkChannel``.
 
 A *target* is what a benchmark talks to: a server, a dialect (``raw`` or ``cable``) and a path.
+``trio_cable@<sha>`` and ``trio_cable-cable@<sha>`` are the same targets run from another git
+revision's tree (:mod:`bench.baseline`), registered with :func:`add_baseline`.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 # Long enough that pings do not weigh on per-message CPU figures; wsbench uses the default.
 BENCH_PING_INTERVAL = 30.0
@@ -20,21 +23,24 @@ BENCH_PING_INTERVAL = 30.0
 
 @dataclass(frozen=True)
 class Target:
-    """A server, the dialect its clients speak and the WebSocket path."""
+    """A server, the dialect its clients speak, the WebSocket path, and what it needs."""
 
     name: str
     server: str
     dialect: str  # "raw" or "cable"
     path: str
     label: str
+    needs: tuple[str, ...] = ()  # optional packages of its server (bench.deps)
+    tree: Path | None = None  # run trio_cable from this tree instead (a baseline revision)
 
 
+_WS = ("websockets", "uvloop")
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("picows", "picows", "raw", "/echo", "picows (uvloop)"),
-        Target("aiohttp", "aiohttp", "raw", "/echo", "aiohttp (uvloop)"),
-        Target("websockets", "websockets", "raw", "/echo", "websockets (asyncio+uvloop)"),
+        Target("picows", "picows", "raw", "/echo", "picows (uvloop)", ("picows", "uvloop")),
+        Target("aiohttp", "aiohttp", "raw", "/echo", "aiohttp (uvloop)", ("aiohttp", "uvloop")),
+        Target("websockets", "websockets", "raw", "/echo", "websockets (asyncio+uvloop)", _WS),
         Target("trio-raw", "trio-raw", "raw", "/echo", "minimal Trio loop"),
         Target("trio-websocket", "trio-websocket", "raw", "/echo", "trio-websocket"),
         Target("trio_cable", "trio_cable", "raw", "/echo", "trio_cable raw /echo"),
@@ -49,6 +55,16 @@ _MODULES = {
     "trio-raw": "bench.peers.trio_raw_server",
     "trio-websocket": "bench.peers.trio_websocket_server",
 }
+
+
+def add_baseline(short: str, tree: Path) -> list[str]:
+    """Register ``<target>@<short>`` for every trio_cable target, run from *tree*; their names."""
+    names = []
+    for base in [t for t in TARGETS.values() if t.server == "trio_cable" and t.tree is None]:
+        name = f"{base.name}@{short}"
+        TARGETS[name] = replace(base, name=name, label=f"{base.label} @{short}", tree=tree)
+        names.append(name)
+    return names
 
 
 def server_command(
