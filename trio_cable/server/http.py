@@ -52,7 +52,11 @@ class Response:
 
 
 async def read_request(sock: socket.socket, conn: h11.Connection) -> h11.Request | None:
-    """Read a request head; ``None`` when the client hung up before sending one."""
+    """Read a request head; ``None`` when the client hung up before sending one.  A head
+    over :data:`MAX_HEAD_BYTES` is refused with 431, however it arrived (h11's own limit
+    applies to heads still incomplete, so it alone let through heads a read happened to
+    complete)."""
+    received = 0
     while True:
         try:
             event = conn.next_event()
@@ -60,12 +64,16 @@ async def read_request(sock: socket.socket, conn: h11.Connection) -> h11.Request
             raise BadRequest(exc.error_status_hint, f"malformed HTTP request: {exc}") from None
         if event is h11.NEED_DATA:
             data = await recv_some(sock, 4096)
+            received += len(data)
             try:
                 conn.receive_data(data)
             except RuntimeError:  # data after the peer closed: treat as closed
                 return None
             continue
         if isinstance(event, h11.Request):
+            # What was received beyond the head (a body, WebSocket frames) is still buffered.
+            if received - len(conn.trailing_data[0]) > MAX_HEAD_BYTES:
+                raise BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
             return event
         if isinstance(event, h11.ConnectionClosed):
             return None
@@ -73,7 +81,13 @@ async def read_request(sock: socket.socket, conn: h11.Connection) -> h11.Request
 
 
 async def read_body(sock: socket.socket, conn: h11.Connection, limit: int) -> bytes:
-    """Read the request body, refusing more than *limit* bytes with 413."""
+    """Read the request body, refusing more than *limit* bytes with 413.  The caller bounds
+    the time it may take.  A client that asked ``Expect: 100-continue`` is told to go on
+    (curl waits a second for that before it sends the body)."""
+    if conn.they_are_waiting_for_100_continue:
+        await send_all(
+            sock, conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+        )
     chunks: list[bytes] = []
     size = 0
     while True:

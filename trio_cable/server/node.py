@@ -21,6 +21,7 @@ import secrets
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -34,7 +35,7 @@ from trio_cable.config import Config, ConfigError
 from trio_cable.identity import JWTIdentifier
 from trio_cable.metrics import Metrics, prometheus_text
 from trio_cable.protocol import cable
-from trio_cable.protocol.cable import InvalidCommand
+from trio_cable.protocol.cable import InvalidCommand, Subprotocol
 from trio_cable.protocol.codes import CloseCode, DisconnectReason
 from trio_cable.protocol.frames import SPEEDUPS
 from trio_cable.protocol.handshake import Refusal, Request, negotiate, request_from_h11
@@ -73,6 +74,15 @@ KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
 USER_TIMEOUT_MS = 60_000
 _speedups_notice_given = False
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A WebSocket handshake to answer with 101 (no subprotocol: the raw echo endpoint)."""
+
+    request: Request
+    subprotocol: Subprotocol | None
+    headers: list[tuple[str, str]]
 
 
 def new_sid() -> str:
@@ -282,7 +292,8 @@ class Server:
     async def _refuse_early(self, sock: socket.socket, reason: str) -> None:
         try:
             if self.tls_context is None:  # under TLS there is no cheap way to answer
-                await send_response(sock, None, self._overloaded(reason))
+                with trio.move_on_after(self.config.close_timeout):
+                    await send_response(sock, None, self._overloaded(reason))
             else:
                 self._overloaded(reason)
         finally:
@@ -313,16 +324,24 @@ class Server:
     async def _handle_socket(self, sock: socket.socket, addr: Any, nursery: trio.Nursery) -> None:
         """Read one HTTP request and route it: a WebSocket, an HTTP endpoint, or an error.
 
-        An accepted WebSocket continues in a task of its own, so that nothing the handshake
-        needed (h11 state, this frame) stays alive for the connection's lifetime."""
+        Every step is bounded in time: the TLS handshake, the request head and any body
+        together get ``handshake_timeout``, and each answer ``close_timeout`` (a client that
+        stops reading must not keep a pending-handshake slot).  An accepted WebSocket
+        continues in a task of its own, so that nothing the handshake needed (h11 state,
+        this frame) stays alive for the connection's lifetime."""
         remote = _format_addr(addr)
         ip = str(addr[0]) if isinstance(addr, tuple) else remote
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        cfg = self.config
         handed_off = False
         self.pending_handshakes += 1
         pending = True
+        # A TLS socket speaks HTTP only once its handshake is done: before, there is no way
+        # to answer (and trying would wait for the client to go on with TLS).
+        speaks_http = self.tls_context is None
+        outcome: Response | Accepted | None = None
         try:
-            with trio.move_on_after(self.config.handshake_timeout) as scope:
+            with trio.move_on_after(cfg.handshake_timeout) as scope:
                 if self.tls_context is not None:
                     try:
                         sock = self.tls_context.wrap_socket(
@@ -333,70 +352,59 @@ class Server:
                         self.metrics.handshakes_failed_total += 1
                         log.info("%s: TLS handshake failed: %s", remote, exc)
                         return
+                    speaks_http = True
                 try:
                     event = await read_request(sock, conn)
                 except BadRequest as exc:
                     self.metrics.handshakes_failed_total += 1
-                    await send_response(sock, conn, Response.text(exc.status, exc.message))
-                    return
+                    outcome = Response.text(exc.status, exc.message)
+                else:
+                    if event is None:
+                        return  # the client hung up
+                    outcome = await self._route(sock, conn, request_from_h11(event, remote), ip)
             if scope.cancelled_caught:
                 self.metrics.handshakes_failed_total += 1
                 log.info("%s: handshake timeout", remote)
-                await send_response(sock, conn, Response.text(408, "request timeout"))
-                return
-            if event is None:
-                return
-            request = request_from_h11(event, remote)
-            cfg = self.config
-            if request.path in cfg.path or (cfg.echo_path and request.path == cfg.echo_path):
-                echo = request.path == cfg.echo_path
-                outcome = negotiate(
-                    request, allowed_origins=cfg.allowed_origins, require_subprotocol=not echo
-                )
-                if isinstance(outcome, Refusal):
-                    self.metrics.handshakes_failed_total += 1
-                    self.metrics.inc_labeled("handshakes_refused_total", f"http_{outcome.status}")
-                    log.info(
-                        "%s: WebSocket refused (%d %s)", remote, outcome.status, outcome.message
-                    )
-                    await send_response(
-                        sock, conn, Response.text(outcome.status, outcome.message, outcome.headers)
-                    )
+                if not speaks_http:
                     return
-                refusal = self._admit(request, ip)
-                if refusal is not None:
-                    await send_response(sock, conn, refusal)
-                    return
-                response = h11.InformationalResponse(status_code=101, headers=outcome.headers)
+                outcome = Response.text(408, "request timeout")
+            if isinstance(outcome, Response):
+                with trio.move_on_after(cfg.close_timeout):
+                    await send_response(sock, conn, outcome)
+                return
+            if outcome is None:
+                return
+            response = h11.InformationalResponse(status_code=101, headers=outcome.headers)
+            with trio.move_on_after(cfg.close_timeout) as answer_scope:
                 await send_all(sock, conn.send(response) or b"")
-                trailing, _closed = conn.trailing_data
-                budget = TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time())
-                transport = WebSocketTransport(
-                    self._websocket, sock, budget, bytes(trailing), remote=remote
-                )
-                receiver: Session | EchoSession
-                if echo:
-                    receiver = EchoSession(self, transport, ip=ip)
-                else:
-                    subprotocol = outcome.subprotocol
-                    assert subprotocol is not None  # negotiate() requires one off the echo path
-                    receiver = Session(
-                        self,
-                        transport,
-                        wire_format(subprotocol.codec, subprotocol.extended),
-                        request,
-                        new_sid(),
-                        budget,
-                        subprotocol=subprotocol.name,
-                        ip=ip,
-                    )
-                handed_off = True
-                self.pending_handshakes -= 1
-                pending = False
-                nursery.start_soon(self._run_connection, transport, receiver)
+            if answer_scope.cancelled_caught:
+                self.metrics.handshakes_failed_total += 1
+                log.info("%s: the client does not read its 101", remote)
+                return
+            trailing, _closed = conn.trailing_data
+            budget = TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time())
+            transport = WebSocketTransport(
+                self._websocket, sock, budget, bytes(trailing), remote=remote
+            )
+            receiver: Session | EchoSession
+            subprotocol = outcome.subprotocol
+            if subprotocol is None:  # only the echo endpoint goes without one
+                receiver = EchoSession(self, transport, ip=ip)
             else:
-                response_ = await self._http(sock, conn, request)
-                await send_response(sock, conn, response_)
+                receiver = Session(
+                    self,
+                    transport,
+                    wire_format(subprotocol.codec, subprotocol.extended),
+                    outcome.request,
+                    new_sid(),
+                    budget,
+                    subprotocol=subprotocol.name,
+                    ip=ip,
+                )
+            handed_off = True
+            self.pending_handshakes -= 1
+            pending = False
+            nursery.start_soon(self._run_connection, transport, receiver)
         except OSError as exc:
             log.debug("%s: socket error: %s", remote, exc)
         except Exception:
@@ -407,6 +415,30 @@ class Server:
                 self.pending_handshakes -= 1
             if not handed_off:
                 close_socket(sock)
+
+    async def _route(
+        self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
+    ) -> Response | Accepted:
+        """The answer to *request*: a WebSocket accepted, or an HTTP response (an endpoint's,
+        a refusal).  Runs within the handshake deadline (an endpoint may read a body)."""
+        cfg = self.config
+        if request.path not in cfg.path and not (cfg.echo_path and request.path == cfg.echo_path):
+            return await self._http(sock, conn, request)
+        echo = request.path == cfg.echo_path
+        outcome = negotiate(
+            request, allowed_origins=cfg.allowed_origins, require_subprotocol=not echo
+        )
+        if isinstance(outcome, Refusal):
+            self.metrics.handshakes_failed_total += 1
+            self.metrics.inc_labeled("handshakes_refused_total", f"http_{outcome.status}")
+            log.info(
+                "%s: WebSocket refused (%d %s)", request.remote, outcome.status, outcome.message
+            )
+            return Response.text(outcome.status, outcome.message, outcome.headers)
+        refusal = self._admit(request, ip)
+        if refusal is not None:
+            return refusal
+        return Accepted(request, None if echo else outcome.subprotocol, outcome.headers)
 
     async def _run_connection(
         self, transport: WebSocketTransport, receiver: Session | EchoSession

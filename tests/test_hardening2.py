@@ -1,0 +1,175 @@
+"""Hardening II (issue 14): the ways one hostile client could hurt the server, each closed.
+
+Every test runs over real sockets, shows the defect's effect is gone (slots released,
+sockets closed, memory bounded, answers sent), and checks that a fresh client is still served.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from tests.conftest import make_app
+from trio_cable import Config, Server
+
+trustme = pytest.importorskip("trustme", reason="trustme (test certificates) is a dev dependency")
+
+UPGRADE = (
+    "GET /cable HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    "Sec-WebSocket-Protocol: actioncable-v1-json\r\n"
+)
+
+
+async def wait_until(predicate, timeout: float = 30.0) -> None:
+    """Poll *predicate* until it holds (generous: the machine may be busy)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def read_all(sock: socket.socket, timeout: float = 30.0) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    with trio.fail_after(timeout):
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
+def raw_socket(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    return sock
+
+
+async def a_client_is_served(server: Server) -> None:
+    """A fresh client connects, is welcomed and gets a broadcast, in time."""
+    url = server.url.replace("wss://", "ws://") if server.tls_context is None else server.url
+    async with open_websocket_url(url, subprotocols=["actioncable-v1-json"]) as ws:
+        with trio.fail_after(20):
+            assert json.loads(await ws.get_message())["type"] == "welcome"
+
+
+@pytest.fixture
+def tls_config(tmp_path, config: Config) -> tuple[Config, ssl.SSLContext]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    config.tls_cert, config.tls_key = str(cert_path), str(key_path)
+    return config, context
+
+
+# -- 1. an unfinished TLS handshake is released ------------------------------------------------
+
+
+async def test_an_unfinished_tls_handshake_is_released(nursery, tls_config) -> None:
+    config, context = tls_config
+    config.handshake_timeout = 1.0
+    config.max_pending_handshakes = 5
+    server = await nursery.start(Server(config, make_app()).serve)
+    # The first 11 bytes of a ClientHello, then silence: before the fix the 408 answer waited
+    # for the rest of the TLS handshake, for ever, and 5 such sockets locked out every client.
+    socks = [raw_socket(server.port) for _ in range(5)]
+    for sock in socks:
+        sock.send(bytes.fromhex("16030102000100 01fc0303".replace(" ", "")))
+    for sock in socks:
+        assert await read_all(sock) == b""  # closed: there is no way to answer HTTP here
+        sock.close()
+    await wait_until(lambda: server.pending_handshakes == 0)
+    async with open_websocket_url(
+        server.url, ssl_context=context, subprotocols=["actioncable-v1-json"]
+    ) as ws:
+        with trio.fail_after(20):
+            assert json.loads(await ws.get_message())["type"] == "welcome"
+
+
+# -- 5. HTTP bodies are bounded in time; 100 Continue -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "POST /_broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n",
+        "POST /_broadcast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_a_body_that_never_comes_is_cut_at_the_handshake_timeout(
+    nursery, config: Config, head: str
+) -> None:
+    config.handshake_timeout = 1.0
+    config.max_pending_handshakes = 20
+    config.secret = None  # no broadcast key (the default): anyone may try this
+    server = await nursery.start(Server(config, make_app()).serve)
+    socks = [raw_socket(server.port) for _ in range(20)]
+    for sock in socks:
+        sock.send(head.encode())
+    for sock in socks:
+        assert (await read_all(sock)).startswith(b"HTTP/1.1 408")
+        sock.close()
+    await wait_until(lambda: server.pending_handshakes == 0)
+    await a_client_is_served(server)
+
+
+async def test_expect_100_continue_is_answered(nursery, config: Config) -> None:
+    server = await nursery.start(Server(config, make_app()).serve)
+    body = json.dumps({"stream": "s", "data": "1"}).encode()
+    sock = raw_socket(server.port)
+    sock.send(
+        b"POST /_broadcast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + config.secret.encode()  # type: ignore[union-attr]
+        + b"\r\nExpect: 100-continue\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+    )
+    with trio.fail_after(20):
+        await trio.lowlevel.wait_readable(sock)
+    assert sock.recv(4096).startswith(b"HTTP/1.1 100 ")  # before we sent the body
+    sock.send(body)
+    assert (await read_all(sock)).startswith(b"HTTP/1.1 201")
+    sock.close()
+
+
+# -- 12. the request head limit is what the README says ------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "status"), [(16_384, b"101"), (16_385, b"431"), (20_207, b"431")])
+async def test_request_heads_over_16_kib_get_431(
+    nursery, config: Config, size: int, status: bytes
+) -> None:
+    server = await nursery.start(Server(config, make_app()).serve)
+    filler = size - len(UPGRADE) - len("X-Pad: \r\n\r\n")
+    head = (UPGRADE + "X-Pad: " + "p" * filler + "\r\n\r\n").encode()
+    assert len(head) == size
+    sock = raw_socket(server.port)
+    view = memoryview(head)
+    while view:  # non-blocking socket: send in pieces as the server reads
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+    with trio.fail_after(20):
+        answer = b""
+        while b"\r\n" not in answer:
+            await trio.lowlevel.wait_readable(sock)
+            answer += sock.recv(4096)
+    assert answer.split(b" ")[1] == status
+    sock.close()
