@@ -26,9 +26,9 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
 
 def test_fuzz_campaign_smoke(tmp_path: Path) -> None:
     out, md = tmp_path / "fuzz.json", tmp_path / "fuzz.md"
-    # The `trio-cable bench` route (trio_cable.cli -> bench.main); through `python -m` from the
-    # repository root so that `bench` imports even where the editable install predates it.
-    cmd = [sys.executable, "-m", "trio_cable", "bench", "fuzz", "--minutes", "0.12",
+    # `python -m bench` from the repository root: the suite is checkout-only (there is no
+    # `trio-cable bench` any more).
+    cmd = [sys.executable, "-m", "bench", "fuzz", "--minutes", "0.12",
            "--batch", "8", "--quiet", "--json", "--out", str(out), "--md", str(md),
            "--plot", str(tmp_path / "f.png")]  # fmt: skip
     proc = _run(cmd, timeout=120)
