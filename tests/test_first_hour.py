@@ -4,13 +4,97 @@ a real redis-server where it needs one."""
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.procs import ROOT
+from tests.procs import ROOT, running_server
+from trio_cable import CableApp, Channel
+from trio_cable.channels import CallbackNameWarning
 from trio_cable.identity import JWTIdentifier, issue_token
 
 README = (ROOT / "README.md").read_text()
+
+# -- near misses of callback names warn once, at load time --------------------------------------
+
+
+def channel_with(method: str, params: str = "self") -> type[Channel]:
+    namespace: dict[str, Any] = {"Channel": Channel}
+    exec(f"class Chat(Channel):\n    async def {method}({params}):\n        pass\n", namespace)
+    cls: type[Channel] = namespace["Chat"]
+    return cls
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "meant"),
+    [
+        ("subscribe", "self", "subscribed"),
+        ("unsubscribe", "self", "unsubscribed"),
+        ("subscribe_", "self", "subscribed"),
+        ("Subscribed", "self", "subscribed"),
+        ("unsubcribed", "self", "unsubscribed"),
+        ("subscibed", "self", "subscribed"),
+        ("recieve", "self, data", "receive"),
+        ("Receive", "self, data", "receive"),
+        ("recive", "self, data=None", "receive"),
+    ],
+)
+def test_a_near_miss_of_a_callback_name_warns_when_registered(method, params, meant) -> None:
+    cls = channel_with(method, params)
+    with pytest.warns(CallbackNameWarning) as record:
+        CableApp().channel(cls)
+    assert len(record) == 1
+    assert str(record[0].message).startswith(
+        f"Chat.{method} is not a channel callback: did you mean {meant!r}?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("subscribed", "self"),
+        ("receive", "self, data"),
+        ("speak", "self, data"),
+        ("subscribers", "self, data"),  # an action: subscribed takes no data
+        ("_subscribe", "self"),  # private helpers are nobody's callback
+        ("describe", "self"),
+    ],
+)
+def test_callbacks_and_actions_do_not_warn(method, params) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CableApp().channel(channel_with(method, params))
+
+
+def test_the_warning_points_at_the_method_and_comes_once_per_class() -> None:
+    class Room(Channel):
+        def subscribe(self) -> None:  # the typo
+            pass
+
+    line = Room.subscribe.__code__.co_firstlineno
+    with pytest.warns(CallbackNameWarning) as record:
+        CableApp().channel(Room)
+        CableApp.coerce([Room])  # --channels with a list: the same class again
+    assert len(record) == 1
+    assert (Path(record[0].filename), record[0].lineno) == (Path(__file__), line)
+    # A subclass is checked on its own: it inherits the typo.
+    with pytest.warns(CallbackNameWarning, match=r"Lobby\.subscribe "):
+        CableApp.coerce(type("Lobby", (Room,), {}))
+
+
+def test_the_warning_reaches_a_trio_cable_serve_user(tmp_path: Path) -> None:
+    (tmp_path / "myapp.py").write_text(
+        "from trio_cable import CableApp, Channel\n\napp = CableApp()\n\n\n@app.channel\n"
+        "class ChatChannel(Channel):\n    async def unsubscribe(self):\n        pass\n"
+    )
+    args = ["serve", "--port", "0", "--channels", "myapp:app"]
+    with running_server(args, cwd=tmp_path) as (_url, _proc, lines):
+        text = "".join(lines)
+        assert "myapp.py:8: CallbackNameWarning: ChatChannel.unsubscribe is not a channel " in text
+        assert "did you mean 'unsubscribed'?" in text
+
 
 # -- tokens that would be born expired ----------------------------------------------------------
 
