@@ -3,7 +3,10 @@ a real redis-server where it needs one."""
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from tests.procs import ROOT, running_server
 from trio_cable import CableApp, Channel
 from trio_cable.channels import CallbackNameWarning
 from trio_cable.identity import JWTIdentifier, issue_token
+from trio_cable.protocol import frames
 
 README = (ROOT / "README.md").read_text()
 
@@ -94,6 +98,51 @@ def test_the_warning_reaches_a_trio_cable_serve_user(tmp_path: Path) -> None:
         text = "".join(lines)
         assert "myapp.py:8: CallbackNameWarning: ChatChannel.unsubscribe is not a channel " in text
         assert "did you mean 'unsubscribed'?" in text
+
+
+# -- why the pure-Python kernels run ------------------------------------------------------------
+
+_BLOCKED = (
+    "import sys; sys.modules['trio_cable._speedups'] = None\n"  # as if never compiled
+    "from trio_cable.cli import main; raise SystemExit(main())\n"
+)
+
+
+def _startup_lines(command: list[str], env: dict[str, str | None]) -> tuple[list[str], Any]:
+    """Start a server, return its log up to "listening" and its /health."""
+    with running_server([], env, command=command) as (url, _proc, lines):
+        address = url.split("/")[2]
+        with urllib.request.urlopen(f"http://{address}/health", timeout=20) as response:
+            return lines, json.loads(response.read())
+
+
+def test_disabled_speedups_say_they_are_disabled_not_missing() -> None:
+    env: dict[str, str | None] = {"TRIO_CABLE_NO_EXTENSIONS": "1", "TRIO_CABLE_PORT": "0"}
+    lines, health = _startup_lines([sys.executable, "-m", "trio_cable"], env)
+    notice = [line for line in lines if "pure-Python frame kernels" in line]
+    assert len(notice) == 1
+    assert notice[0].rstrip().endswith("speedups disabled by TRIO_CABLE_NO_EXTENSIONS=1")
+    assert health["speedups"] is False
+
+
+def test_missing_speedups_say_why() -> None:
+    env: dict[str, str | None] = {"TRIO_CABLE_NO_EXTENSIONS": None, "TRIO_CABLE_PORT": "0"}
+    lines, health = _startup_lines([sys.executable, "-c", _BLOCKED], env)
+    notice = [line for line in lines if "pure-Python frame kernels" in line]
+    assert len(notice) == 1 and "speedups not compiled (" in notice[0], notice
+    assert "halted; None in sys.modules" in notice[0]  # the ImportError's own words
+    assert health["speedups"] is False
+
+
+@pytest.mark.skipif(not frames.SPEEDUPS, reason="the Cython speedups are not compiled here")
+def test_compiled_speedups_are_quiet() -> None:
+    assert frames.SPEEDUPS_STATUS == "compiled"
+    with running_server(["serve", "--port", "0"], env={"TRIO_CABLE_NO_EXTENSIONS": None}) as (
+        _url,
+        _proc,
+        lines,
+    ):
+        assert not any("pure-Python" in line for line in lines)
 
 
 # -- tokens that would be born expired ----------------------------------------------------------

@@ -35,7 +35,7 @@ from trio_cable.identity import JWTIdentifier
 from trio_cable.metrics import Metrics, prometheus_text
 from trio_cable.protocol import cable
 from trio_cable.protocol.cable import InvalidCommand
-from trio_cable.protocol.frames import OP_BINARY, OP_TEXT, SPEEDUPS, build_frame
+from trio_cable.protocol.frames import OP_BINARY, OP_TEXT, SPEEDUPS, SPEEDUPS_STATUS, build_frame
 from trio_cable.protocol.handshake import Refusal, Request, negotiate, request_from_h11
 from trio_cable.server.admission import AdaptiveLimits, TokenBucket, retry_after
 from trio_cable.server.connection import CLOSE_NORMAL, Connection, State
@@ -186,7 +186,7 @@ class Server:
         global _speedups_notice_given
         if not SPEEDUPS and not _speedups_notice_given:
             _speedups_notice_given = True
-            log.warning("speedups not compiled: running the pure-Python frame kernels")
+            log.warning("running the pure-Python frame kernels: speedups %s", SPEEDUPS_STATUS)
         sock = self.bind()
         if not self.max_connections:
             # Leave room for the listener, logs, broker connections and HTTP requests.
