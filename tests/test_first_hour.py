@@ -4,6 +4,7 @@ a real redis-server where it needs one."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import urllib.request
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from tests.procs import ROOT, running_server
-from trio_cable import CableApp, Channel
+from tests.redis_support import REDIS_SERVER, SKIP_REASON, RedisProcess
+from trio_cable import CableApp, Channel, Config, Server
 from trio_cable.channels import CallbackNameWarning
 from trio_cable.identity import JWTIdentifier, issue_token
 from trio_cable.protocol import frames
@@ -159,3 +162,54 @@ def test_issue_token_refuses_a_ttl_that_is_not_positive_and_finite(ttl: float) -
 def test_issue_token_still_takes_short_and_no_ttls() -> None:
     for ttl in (0.5, None):
         assert JWTIdentifier(SECRET).verify(issue_token(SECRET, {"u": 1}, ttl=ttl)) == {"u": 1}
+
+
+# -- one line per Redis event ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG], ids=["info", "debug"])
+async def test_a_redis_outage_is_one_clear_line_per_event(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, level: int
+) -> None:
+    pytest.importorskip("coredis")
+    from trio_cable.broker.redis import RedisBroker
+
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    caplog.set_level(level)
+
+    def messages(since: int) -> list[str]:
+        return [
+            f"{r.levelname} {r.name}: {r.getMessage()}"
+            for r in caplog.records[since:]
+            if r.levelno >= logging.INFO
+        ]
+
+    async def logged(fragment: str, since: int) -> None:
+        with trio.fail_after(30):
+            while not any(fragment in m for m in messages(since)):
+                await trio.sleep(0.02)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            broker = RedisBroker(redis.url, heartbeat=0.2, command_timeout=0.5, connect_timeout=0.5)
+            await nursery.start(Server(Config(port=0), CableApp(), broker=broker).serve)
+            mark = len(caplog.records)
+            redis.stop()
+            await logged("redis link lost", mark)
+            redis.start()
+            await logged("redis link back", mark)
+            nursery.cancel_scope.cancel()
+        events = messages(mark)
+        assert len(events) == 2, events
+        assert events[0].startswith("WARNING trio_cable.broker.redis: redis link lost (")
+        assert events[1].startswith("WARNING trio_cable.broker.redis: redis link back after ")
+        assert "NoneType: None" not in caplog.text
+        coredis_records = [r for r in caplog.records if r.name.startswith("coredis")]
+        assert all(r.levelno == logging.DEBUG for r in coredis_records)
+        if level == logging.DEBUG:
+            # Still there for whoever debugs, without the empty traceback.
+            assert any("Connection closed unexpectedly" in r.getMessage() for r in coredis_records)
+    finally:
+        redis.stop()
