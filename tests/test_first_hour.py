@@ -3,9 +3,11 @@ a real redis-server where it needs one."""
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
+import re
 import sys
 import urllib.request
 import warnings
@@ -19,6 +21,7 @@ from tests.procs import ROOT, running_server
 from tests.redis_support import REDIS_SERVER, SKIP_REASON, RedisProcess
 from trio_cable import CableApp, Channel, Config, Server
 from trio_cable.channels import CallbackNameWarning
+from trio_cable.config import MIN_SECRET_BYTES
 from trio_cable.identity import JWTIdentifier, issue_token
 from trio_cable.protocol import frames
 
@@ -162,6 +165,56 @@ def test_issue_token_refuses_a_ttl_that_is_not_positive_and_finite(ttl: float) -
 def test_issue_token_still_takes_short_and_no_ttls() -> None:
     for ttl in (0.5, None):
         assert JWTIdentifier(SECRET).verify(issue_token(SECRET, {"u": 1}, ttl=ttl)) == {"u": 1}
+
+
+# -- the README, the examples and the repository ----------------------------------------------
+
+
+def test_install_commands_work_from_a_checkout() -> None:
+    sources = [README, *(p.read_text() for p in (ROOT / "trio_cable").rglob("*.py"))]
+    for text in sources:
+        assert "pip install 'trio-cable[" not in text  # trio-cable is on no index
+        assert "pip install trio-cable" not in text
+    assert "pip install -e '.[redis]'" in README
+    assert "Python 3.11 or newer" in README
+
+
+def test_the_readme_links_only_files_of_the_repository() -> None:
+    assert "../shared" not in README
+    for target in re.findall(r"\]\(((?!https?:)[^)#]+)\)", README):
+        assert (ROOT / target).exists(), target
+    assert "docs/architecture.md" in README
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    assert text.startswith("# trio_cable architecture") and len(text.splitlines()) > 20
+
+
+def test_license_matches_pyproject() -> None:
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n\nCopyright (c) 2026 the trio_cable authors\n")
+    assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
+
+
+def _string_constants(path: Path) -> list[str]:
+    return [
+        node.value
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
+
+
+def test_example_secrets_are_long_enough_for_pyjwt() -> None:
+    # No literal secret in the README: every example reads $TRIO_CABLE_SECRET.
+    assert not re.search(r"--secret\s+(?!\")\S", README)
+    assert not re.search(r"Bearer [^$\s]", README.replace("Bearer <key>", ""))
+    for path in (ROOT / "examples").glob("*.py"):
+        for value in _string_constants(path):
+            if "secret" in value and " " not in value:
+                assert len(value.encode()) >= MIN_SECRET_BYTES, (path, value)
+    from examples.embed import EXAMPLE_SECRET
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # InsecureKeyLengthWarning would be an error
+        JWTIdentifier(EXAMPLE_SECRET).verify(issue_token(EXAMPLE_SECRET, {"u": 1}))
 
 
 # -- one line per Redis event ----------------------------------------------------------------
