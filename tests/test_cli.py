@@ -201,6 +201,8 @@ def test_version() -> None:
     for command in (cli_command(), [sys.executable, "-m", "trio_cable"]):
         out = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30)
         assert (out.returncode, out.stdout, out.stderr) == (0, expected, "")
+    out = _run(["--port", "1", "--version"])
+    assert (out.returncode, out.stdout) == (0, expected)
 
 
 def test_the_commands_are_serve_sign_and_token() -> None:

@@ -129,10 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trio-cable",
         description="A Trio WebSocket server for Action Cable / AnyCable clients.",
     )
-    parser.add_argument("--version", action="version", version=f"trio-cable {package_version()}")
+    version = f"trio-cable {package_version()}"
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command")
 
     serve = sub.add_parser("serve", help="run the server (the default command)")
+    # `trio-cable --port 1 --version` is `trio-cable serve --port 1 --version`.
+    serve.add_argument("--version", action="version", version=version)
     serve.add_argument("--config", metavar="FILE", help="TOML file with settings")
     _add_setting_flags(serve)
 
