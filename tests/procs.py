@@ -21,9 +21,15 @@ def cli_command() -> list[str]:
 
 @contextmanager
 def running_server(
-    args: Sequence[str], env: dict[str, str | None] | None = None, timeout: float = 20.0
+    args: Sequence[str],
+    env: dict[str, str | None] | None = None,
+    timeout: float = 20.0,
+    *,
+    command: Sequence[str] | None = None,
+    cwd: Path = ROOT,
 ) -> Iterator[tuple[str, subprocess.Popen[str], list[str]]]:
-    """Start ``trio-cable <args>``; yield (url, process, start-up log lines).
+    """Start ``trio-cable <args>`` (or ``<command> <args>``, e.g. an example program) in
+    *cwd*; yield (url, process, start-up log lines).
 
     *env* adds to this process's environment; a value of ``None`` removes the variable."""
     full_env = dict(os.environ)
@@ -33,8 +39,8 @@ def running_server(
         else:
             full_env[name] = value
     proc = subprocess.Popen(
-        [*cli_command(), *args],
-        cwd=ROOT,
+        [*(cli_command() if command is None else command), *args],
+        cwd=cwd,
         env=full_env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -112,24 +116,120 @@ def test_python_dash_m_and_help():
         (["serve", "--channels", "no_such_module_xyz:app"], {}, "cannot import"),
         (["serve", "--channels", "examples.chat:nothing"], {}, "no attribute"),
         (["serve"], {"TRIO_CABLE_ENFORCE_JWT": "maybe"}, "TRIO_CABLE_ENFORCE_JWT"),
-        (["serve", "--enforce-jwt"], {}, "enforce_jwt needs"),
+        (["serve", "--enforce-jwt"], {}, "--enforce-jwt: needs a JWT secret"),
         (["serve", "--path", "cable"], {}, "must start with"),
+        (["--port", "abc"], {}, "trio-cable: --port: 'abc' is not an integer"),
+        (["serve"], {"TRIO_CABLE_PORT": "abc"}, "trio-cable: TRIO_CABLE_PORT: 'abc' is not an"),
+        (["--handshake-timeout", "nan"], {}, "--handshake-timeout: 'nan' is not a finite number"),
+        (["--handshake-rate", "nan"], {}, "--handshake-rate: 'nan' is not a finite number"),
+        (["--ping-interval", "inf"], {}, "--ping-interval: 'inf' is not a finite number"),
+        (["--handshake-timeout", "-1"], {}, "--handshake-timeout: must be > 0, not -1"),
+        (["serve"], {"TRIO_CABLE_DRAIN_RATE": "nan"}, "TRIO_CABLE_DRAIN_RATE: 'nan' is not a"),
+        (["serve", "--prot", "1"], {}, "unrecognized arguments: --prot 1 (did you mean --port?)"),
+        (["--config", "no-such-file.toml"], {}, "no-such-file.toml: no such config file"),
+        (["--tls-cert", "no-cert.pem", "--tls-key", "no-key.pem"], {}, "tls_cert/tls_key"),
+        (["token", "{}", "--secret", "x" * 40, "--ttl", "0"], {}, "--ttl: must be a number"),
+        (["token", "{}", "--secret", "x" * 40, "--ttl", "-5"], {}, "not '-5'"),
+        (["token", "{}", "--secret", "x" * 40, "--ttl", "nan"], {}, "not 'nan'"),
+        (["token", "{}", "--secret", "x" * 40, "--ttl", "inf"], {}, "not 'inf'"),
+        (["token", "{}", "--secret", "x" * 40, "--ttl", "soon"], {}, "not a number of"),
+        (["sign"], {}, "trio-cable sign: the following arguments are required: stream"),
+        (["bench", "echo"], {}, "the benchmarks run from a checkout: python -m bench"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(args, env, message):
-    import os
+    out = _run(args, env)
+    assert out.returncode == 2, out
+    assert message in out.stderr
+    _assert_one_line(out.stderr)
 
-    out = subprocess.run(
+
+def _run(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> Any:
+    return subprocess.run(
         [*cli_command(), *args],
         capture_output=True,
         text=True,
-        cwd=ROOT,
-        env={**os.environ, **env},
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
         timeout=30,
     )
-    assert out.returncode == 2, out
+
+
+def _assert_one_line(stderr: str) -> None:
+    assert "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_a_config_file_that_is_not_toml_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "cable.toml").write_text("port = [\n")
+    out = _run(["serve", "--config", "cable.toml"], cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("trio-cable: cable.toml: not valid TOML: ")
+    _assert_one_line(out.stderr)
+    (tmp_path / "cable.toml").write_text("handshake_rate = nan\n")
+    out = _run(["serve", "--config", "cable.toml"], cwd=tmp_path)
+    assert out.stderr == "trio-cable: cable.toml: handshake_rate: nan is not a finite number\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "line", "message"),
+    [
+        ("from trio_cable import CableApp\n\napp = CableApp(\n", 3, "SyntaxError: '(' was never"),
+        ("app = None\n\n\ndef f():\n    raise RuntimeError('boom')\n\n\nf()\n", 5, "Runtime"),
+        ("import json\n\njson.loads('{')\n", 3, "JSONDecodeError: Expecting property name"),
+        ("import no_such_dependency_xyz\n", 1, "ModuleNotFoundError: No module named 'no_such_"),
+    ],
+    ids=["syntax-error", "raises", "raises-in-a-library", "missing-dependency"],
+)
+def test_a_channels_module_that_fails_to_import_is_one_line(
+    tmp_path: Path, source: str, line: int, message: str
+) -> None:
+    (tmp_path / "myapp.py").write_text(source)
+    out = _run(["serve", "--port", "0", "--channels", "myapp:app"], cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"trio-cable: --channels myapp:app: myapp.py line {line}: ")
     assert message in out.stderr
-    assert "Traceback" not in out.stderr
+    _assert_one_line(out.stderr)
+    # The same from the environment names the variable.
+    out = _run(["serve", "--port", "0"], env={"TRIO_CABLE_CHANNELS": "myapp:app"}, cwd=tmp_path)
+    assert out.stderr.startswith(f"trio-cable: TRIO_CABLE_CHANNELS=myapp:app: myapp.py line {line}")
+
+
+def test_version() -> None:
+    expected = f"trio-cable {importlib.metadata.version('trio-cable')}\n"
+    assert expected == "trio-cable 0.1.0\n"
+    for command in (cli_command(), [sys.executable, "-m", "trio_cable"]):
+        out = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30)
+        assert (out.returncode, out.stdout, out.stderr) == (0, expected, "")
+    out = _run(["--port", "1", "--version"])
+    assert (out.returncode, out.stdout) == (0, expected)
+
+
+def test_the_commands_are_serve_sign_and_token() -> None:
+    out = _run(["--help"])
+    assert out.returncode == 0
+    assert "{serve,sign,token}" in out.stdout
+    assert "bench" not in out.stdout
+    assert "--version" in out.stdout
+
+
+def test_short_secrets_are_one_warning_line() -> None:
+    out = _run(["token", '{"user_id": 1}', "--secret", "short", "--ttl", "60"])
+    assert out.returncode == 0
+    assert out.stderr.startswith("trio-cable: warning: the secret is 5 bytes; HMAC-SHA256 keys")
+    assert "InsecureKeyLengthWarning" not in out.stderr
+    _assert_one_line(out.stderr)
+    out = _run(["sign", "chat", "--secret", "short"])
+    assert out.returncode == 0 and "the secret is 5 bytes" in out.stderr
+
+
+def test_the_server_warns_about_a_short_secret_at_start_up() -> None:
+    with running_server(["serve", "--port", "0", "--secret", "short"]) as (_url, _proc, lines):
+        warning = [line for line in lines if "HMAC-SHA256 keys should be 32+" in line]
+        assert len(warning) == 1 and "--secret: the secret is 5 bytes" in warning[0]
+        assert "short" not in warning[0].replace("--secret", "")  # never the secret itself
+    with running_server(["serve", "--port", "0", "--secret", "k" * 32]) as (_url, _proc, lines):
+        assert not any("HMAC-SHA256" in line for line in lines)
 
 
 def test_port_in_use_is_a_clear_error():

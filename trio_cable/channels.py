@@ -19,7 +19,10 @@ the server hands each channel a :class:`ChannelHost` to act through.
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -289,6 +292,74 @@ class BenchmarkChannel(Channel):
         return False
 
 
+# -- load-time checks ---------------------------------------------------------------------------
+
+#: The callbacks the server calls by name; a method named close to one is probably a typo.
+CALLBACK_NAMES = ("subscribed", "unsubscribed", "receive")
+
+
+class CallbackNameWarning(UserWarning):
+    """A channel method's name is a near miss of a callback name (``subscribe`` for
+    ``subscribed``, ``recieve`` for ``receive``...): the server will never call it as that
+    callback.  Silence a deliberate name with ``warnings.filterwarnings("ignore",
+    category=CallbackNameWarning)``."""
+
+
+_checked: weakref.WeakSet[type[Channel]] = weakref.WeakSet()
+
+
+def warn_callback_near_misses(cls: type[Channel]) -> None:
+    """Warn (:class:`CallbackNameWarning`, once per class) about each method of *cls* whose
+    name is close to, but not, one of :data:`CALLBACK_NAMES`.  The warning points at the
+    method's own file and line."""
+    if cls in _checked:
+        return
+    _checked.add(cls)
+    seen: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in Channel.__mro__:
+            continue
+        for name, value in vars(klass).items():
+            if name in seen or name.startswith("_") or name in CALLBACK_NAMES:
+                continue
+            seen.add(name)
+            if hasattr(Channel, name) or not callable(value):
+                continue
+            close = difflib.get_close_matches(name.lower(), CALLBACK_NAMES, n=1, cutoff=0.85)
+            if not close or not _callable_as(value, close[0]):
+                continue  # e.g. an action ``subscribers(self, data)``: not a misspelt callback
+            message = (
+                f"{cls.__name__}.{name} is not a channel callback: did you mean {close[0]!r}? "
+                f"The server never calls it by this name."
+            )
+            code = getattr(inspect.unwrap(value), "__code__", None)
+            if code is None:
+                warnings.warn(message, CallbackNameWarning, stacklevel=3)
+            else:
+                warnings.warn_explicit(
+                    message,
+                    CallbackNameWarning,
+                    code.co_filename,
+                    code.co_firstlineno,
+                    module=klass.__module__,
+                )
+
+
+def _callable_as(method: Any, callback: str) -> bool:
+    """Whether *method* accepts the arguments the server passes to *callback* (self, and
+    ``data`` for ``receive``); True when its signature cannot be read."""
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):
+        return True
+    args = (None, None) if callback == "receive" else (None,)
+    try:
+        signature.bind(*args)
+    except TypeError:
+        return False
+    return True
+
+
 @dataclass
 class CableApp:
     """An application: its channels and an optional connect callback."""
@@ -297,9 +368,13 @@ class CableApp:
     connect_callback: ConnectCallback | None = None
 
     def channel(self, cls: type[Channel]) -> type[Channel]:
-        """Register a channel class (usable as a decorator)."""
+        """Register a channel class (usable as a decorator).
+
+        A method named like a misspelt callback (``subscribe``, ``recieve``...) gets a
+        :class:`CallbackNameWarning` here, once per class."""
         if not (isinstance(cls, type) and issubclass(cls, Channel)):
             raise TypeError(f"{cls!r} is not a Channel subclass")
+        warn_callback_near_misses(cls)
         self.channels[cls.name()] = cls
         return cls
 

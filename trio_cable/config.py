@@ -8,6 +8,8 @@ cannot drift apart.  Precedence, lowest first: defaults, TOML file, environment,
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -18,7 +20,26 @@ ENV_PREFIX = "TRIO_CABLE_"
 
 
 class ConfigError(ValueError):
-    """A setting has a value that cannot be used; the message names the setting."""
+    """A setting has a value that cannot be used; the message names the setting.
+
+    ``setting`` is the :class:`Config` field that is wrong (None when the error is not about
+    one field) and ``detail`` what is wrong with it, so that :func:`load_config` can name the
+    place the value came from (``--port``, ``TRIO_CABLE_PORT`` or ``cable.toml: port``).
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.setting = setting
+        self.detail = detail or message
+
+
+def _bad(setting: str, detail: str) -> ConfigError:
+    """A :class:`ConfigError` about *setting*, worded ``"<setting>: <detail>"``."""
+    return ConfigError(f"{setting}: {detail}", setting=setting, detail=detail)
+
+
+#: HMAC-SHA256 keys shorter than this are weaker than the hash (RFC 7518 3.2; PyJWT warns).
+MIN_SECRET_BYTES = 32
 
 
 @dataclass
@@ -98,52 +119,55 @@ class Config:
         return self.broadcast_key or self.secret
 
     def validate(self) -> Config:
-        """Check cross-field sanity; return self so it chains."""
+        """Check every setting's range and the settings' consistency; return self so it chains.
+
+        Raises :class:`ConfigError` naming the setting.  Floats must be finite everywhere
+        (``nan`` compares false with every bound, so it would slip through the range checks).
+        """
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if setting.kind == "float" and not math.isfinite(value):
+                raise _bad(setting.name, f"must be a finite number, not {value!r}")
         if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port: {self.port} is not a TCP port")
-        for p in [*self.path, *([self.echo_path] if self.echo_path else [])]:
+            raise _bad("port", f"{self.port} is not a TCP port (0-65535)")
+        for p in self.path:
             if not p.startswith("/"):
-                raise ConfigError(f"path: {p!r} must start with '/'")
-        if self.ping_interval <= 0:
-            raise ConfigError("ping_interval: must be > 0")
-        if self.max_message_size < 125:
-            raise ConfigError("max_message_size: must be at least 125 bytes")
+                raise _bad("path", f"{p!r} must start with '/'")
+        if self.echo_path and not self.echo_path.startswith("/"):
+            raise _bad("echo_path", f"{self.echo_path!r} must start with '/'")
+        for name, low, meaning in _LOWER_BOUNDS:
+            value = getattr(self, name)
+            if not (value > low if meaning == ">" else value >= low):
+                raise _bad(name, f"must be {meaning} {low:g}, not {value:g}")
         if self.broker not in ("memory", "redis"):
-            raise ConfigError(f"broker: unknown broker {self.broker!r} (known: memory, redis)")
+            raise _bad("broker", f"unknown broker {self.broker!r} (known: memory, redis)")
         if self.enforce_jwt and not self.effective_jwt_secret:
-            raise ConfigError("enforce_jwt needs --jwt-secret (or --secret)")
-        for name in (
-            "drain_period",
-            "drain_rate",
-            "shutdown_timeout",
-            "reconnect_advice",
-            "handshake_rate",
-            "command_rate",
-            "pong_timeout",
-            "sessions_ttl",
-            "history_ttl",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0")
+            raise _bad("enforce_jwt", "needs a JWT secret: jwt_secret (or secret)")
         if not self.drain_rate and self.drain_period > self.shutdown_timeout:
-            raise ConfigError(
-                f"drain_period ({self.drain_period:g} s) must not exceed shutdown_timeout "
-                f"({self.shutdown_timeout:g} s): the drain would be cut short"
+            raise _bad(
+                "drain_period",
+                f"{self.drain_period:g} s must not exceed shutdown_timeout "
+                f"({self.shutdown_timeout:g} s): the drain would be cut short",
             )
-        for name in ("max_connections", "max_subscriptions", "history_limit"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("tls_cert and tls_key go together")
-        if self.max_connections_per_address < 0:
-            raise ConfigError("max_connections_per_address: must be >= 0")
-        if self.max_pending_handshakes < 1:
-            raise ConfigError("max_pending_handshakes: must be >= 1")
-        if self.lag_target <= 0:
-            raise ConfigError("lag_target: must be > 0")
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise _bad(given, f"needs {missing} too (the two go together)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
-            raise ConfigError(f"log_level: unknown level {self.log_level!r}")
+            raise _bad(
+                "log_level",
+                f"unknown level {self.log_level!r} (debug, info, warning, error, critical)",
+            )
         return self
+
+    def short_secrets(self) -> list[str]:
+        """Names of the configured HMAC secrets (``secret``, ``streams_secret``,
+        ``jwt_secret``) shorter than :data:`MIN_SECRET_BYTES` bytes: keys a brute force can
+        reach, for a start-up warning."""
+        return [
+            name
+            for name in ("secret", "streams_secret", "jwt_secret")
+            if (value := getattr(self, name)) and len(value.encode()) < MIN_SECRET_BYTES
+        ]
 
 
 @dataclass(frozen=True)
@@ -227,41 +251,95 @@ for _f in dataclasses.fields(Config):
         _KINDS[_f.name] = _t
 assert set(_KINDS) == {s.name for s in SETTINGS}, "every Config field needs a Setting"
 
+#: (setting, bound, ">" or ">="): the range of every numeric setting with a lower bound.
+#: Zero is allowed where the README gives it a meaning ("0: off", "0: unlimited", "0: at once").
+_LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
+    ("ping_interval", 0, ">"),
+    ("max_message_size", 125, ">="),
+    ("handshake_timeout", 0, ">"),
+    ("close_timeout", 0, ">="),
+    ("max_send_queue", 1, ">="),
+    ("callback_concurrency", 1, ">="),
+    ("drain_period", 0, ">="),
+    ("drain_rate", 0, ">="),
+    ("shutdown_timeout", 0, ">="),
+    ("reconnect_advice", 0, ">="),
+    ("max_connections", 0, ">="),
+    ("handshake_rate", 0, ">="),
+    ("max_pending_handshakes", 1, ">="),
+    ("lag_target", 0, ">"),
+    ("max_subscriptions", 0, ">="),
+    ("command_rate", 0, ">="),
+    ("pong_timeout", 0, ">="),
+    ("sessions_ttl", 0, ">="),
+    ("history_limit", 0, ">="),
+    ("history_ttl", 0, ">="),
+    ("max_connections_per_address", 0, ">="),
+)
+assert {name for name, _, _ in _LOWER_BOUNDS} == {
+    s.name for s in SETTINGS if s.kind in ("int", "float") and s.name != "port"
+}, "every numeric setting needs a range"
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def parse_value(setting: Setting, raw: Any) -> Any:
+def parse_value(setting: Setting, raw: Any, source: str | None = None) -> Any:
     """Turn a raw value (a string from the environment or a flag, or a TOML value) into the
-    field's type; raise :class:`ConfigError` naming the setting when that is impossible."""
-    kind = setting.kind
+    field's type; raise :class:`ConfigError` naming *source* (where the value came from,
+    e.g. ``--port``; default: the setting's name) when that is impossible."""
     try:
-        if kind == "bool":
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError(f"not a boolean: {raw!r}")
-        if kind == "int":
-            if isinstance(raw, bool):
-                raise ValueError("not an integer")
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        if kind == "list":
-            if isinstance(raw, str):
-                return [part.strip() for part in raw.split(",") if part.strip()]
-            if isinstance(raw, Sequence):
-                return [str(part) for part in raw]
-            raise ValueError("not a list")
-        if kind == "optstr":
-            return None if raw is None or raw == "" else str(raw)
-        return str(raw)
+        return _parse(setting.kind, raw)
     except ValueError as exc:
-        raise ConfigError(f"{setting.name} ({setting.env}): {exc}") from None
+        raise ConfigError(
+            f"{source or setting.name}: {exc}", setting=setting.name, detail=str(exc)
+        ) from None
+
+
+def _parse(kind: str, raw: Any) -> Any:
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError(f"{raw!r} is not a boolean (1/true/yes/on or 0/false/no/off)")
+    if kind == "int":
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"{raw!r} is not an integer")
+    if kind == "float":
+        value: float
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            value = float(raw)
+        elif isinstance(raw, str):
+            try:
+                value = float(raw.strip())
+            except ValueError:
+                raise ValueError(f"{raw!r} is not a number") from None
+        else:
+            raise ValueError(f"{raw!r} is not a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{raw!r} is not a finite number")
+        return value
+    if kind == "list":
+        if isinstance(raw, str):
+            return [part.strip() for part in raw.split(",") if part.strip()]
+        if isinstance(raw, Sequence) and all(isinstance(part, str) for part in raw):
+            return list(raw)
+        raise ValueError(f"{raw!r} is not a list of strings")
+    if isinstance(raw, (dict, list, tuple)):
+        raise ValueError(f"{raw!r} is not a string")
+    if kind == "optstr":
+        return None if raw is None or raw == "" else str(raw)
+    return str(raw)
 
 
 def load_config(
@@ -271,26 +349,64 @@ def load_config(
 ) -> Config:
     """Build a :class:`Config`: defaults, then the TOML file, then ``TRIO_CABLE_*`` variables
     of *environ* (default ``os.environ``), then *flags* (setting name -> raw value; ``None``
-    means "not given")."""
+    means "not given").  A :class:`ConfigError` names where the bad value came from:
+    ``--port``, ``TRIO_CABLE_PORT`` or ``cable.toml: port``."""
+    return load_config_and_sources(flags, environ, toml_path)[0]
+
+
+def load_config_and_sources(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    toml_path: str | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """:func:`load_config`, and where each setting that is not a default came from (setting
+    name -> ``--flag``, ``TRIO_CABLE_NAME`` or ``file: key``), for messages."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     by_name = {s.name: s for s in SETTINGS}
     if toml_path:
-        try:
-            with open(toml_path, "rb") as fh:
-                table = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config file {toml_path}: {exc}") from None
-        table = table.get("trio_cable", table)
-        for key, raw in table.items():
+        for key, raw in _read_toml(toml_path).items():
             name = key.replace("-", "_")
             if name not in by_name:
-                raise ConfigError(f"config file {toml_path}: unknown setting {key!r}")
-            values[name] = parse_value(by_name[name], raw)
+                raise ConfigError(f"{toml_path}: unknown setting {key!r}{_did_you_mean(name)}")
+            sources[name] = f"{toml_path}: {key}"
+            values[name] = parse_value(by_name[name], raw, sources[name])
     for setting in SETTINGS:
         if setting.env in environ:
-            values[setting.name] = parse_value(setting, environ[setting.env])
+            sources[setting.name] = setting.env
+            values[setting.name] = parse_value(setting, environ[setting.env], setting.env)
     for name, raw in (flags or {}).items():
         if raw is not None:
-            values[name] = parse_value(by_name[name], raw)
-    return Config(**values).validate()
+            sources[name] = by_name[name].flag
+            values[name] = parse_value(by_name[name], raw, sources[name])
+    try:
+        config = Config(**values).validate()
+    except ConfigError as exc:
+        if exc.setting in sources:
+            raise ConfigError(
+                f"{sources[exc.setting]}: {exc.detail}", setting=exc.setting, detail=exc.detail
+            ) from None
+        raise
+    return config, sources
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    inner = table.get("trio_cable", table)
+    if not isinstance(inner, dict):
+        raise ConfigError(f"{path}: trio_cable must be a table")
+    return inner
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, [s.name for s in SETTINGS], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

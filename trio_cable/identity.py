@@ -131,9 +131,13 @@ def issue_token(
     """A token for ``identifiers``, valid ``ttl`` seconds from now (``None``: no ``exp``).
 
     ``exp`` is rounded up to the next whole second, so the token lives at least ``ttl`` seconds.
+    A ``ttl`` that is not a finite number > 0 is a :class:`ValueError`: the token would be
+    expired when issued (or, for ``inf``/``nan``, not a token PyJWT can encode).
     """
     if not secret:
         raise ValueError("an empty JWT secret would accept forged tokens")
+    if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
+        raise ValueError(f"ttl must be a finite number of seconds > 0, not {ttl!r}")
     _check_algorithms((algorithm,))
     claims: dict[str, Any] = {"ext": json.dumps(dict(identifiers), separators=(",", ":"))}
     if ttl is not None:

@@ -17,7 +17,8 @@ def create_broker(config: Config) -> Broker:
             from trio_cable.broker.redis import RedisBroker
         except ImportError as exc:
             raise ConfigError(
-                f"broker redis: {exc}; install it with: pip install 'trio-cable[redis]'"
+                f"broker redis: {exc}; install the redis extra from the trio_cable checkout: "
+                f"pip install -e '.[redis]'"
             ) from None
         return RedisBroker(
             config.redis_url,

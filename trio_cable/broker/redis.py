@@ -95,6 +95,30 @@ from trio_cable.protocol import cable
 
 log = logging.getLogger("trio_cable.broker.redis")
 
+
+class _CoredisLogFilter(logging.Filter):
+    """One clear line per Redis event: the broker logs every loss, reconnect and failure
+    itself, so coredis' own records about the same events (``Connection closed
+    unexpectedly!`` at INFO, once per connection) only show when this module's logger is at
+    DEBUG, demoted to DEBUG.  coredis logs them with ``exc_info=True`` from a ``finally``
+    where no exception is being handled, which the logging module prints as a second line,
+    ``NoneType: None``: such empty exception info is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is not None and record.exc_info[0] is None:
+            record.exc_info = None
+            record.exc_text = None
+        if record.levelno < logging.ERROR:
+            if not log.isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_coredis_log = logging.getLogger("coredis")
+if not any(isinstance(f, _CoredisLogFilter) for f in _coredis_log.filters):
+    _coredis_log.addFilter(_CoredisLogFilter())
+
 #: Channel anycable-rails publishes to.
 ANYCABLE_CHANNEL = "__anycable__"
 _META_MIN_TTL = 86400.0  # offsets survive at least a day without publications

@@ -3,7 +3,9 @@
 The work is done by byte kernels: the compiled ``trio_cable._speedups`` when it was built
 and ``TRIO_CABLE_NO_EXTENSIONS`` is not set, else its pure-Python twin
 ``trio_cable._speedups_py``.  Both have the same API and give the same bytes; ``SPEEDUPS``
-says which one is in use.  This module imports no trio.
+says which one is in use and ``SPEEDUPS_STATUS`` why: ``"compiled"``, ``"disabled by
+TRIO_CABLE_NO_EXTENSIONS=1"`` or ``"not compiled (<the ImportError>)"``.  This module
+imports no trio.
 
 Typical server loop::
 
@@ -29,6 +31,7 @@ __all__ = [
     "OP_PONG",
     "OP_TEXT",
     "SPEEDUPS",
+    "SPEEDUPS_STATUS",
     "FrameError",
     "FrameParser",
     "Utf8Validator",
@@ -40,21 +43,24 @@ __all__ = [
 ]
 
 
-def _load_kernels() -> tuple[ModuleType, bool]:
-    """The compiled kernels if allowed and importable, else the pure twin."""
-    if not os.environ.get("TRIO_CABLE_NO_EXTENSIONS"):
+def _load_kernels() -> tuple[ModuleType, bool, str]:
+    """The compiled kernels if allowed and importable, else the pure twin; and why."""
+    disabled = os.environ.get("TRIO_CABLE_NO_EXTENSIONS")
+    if disabled:
+        status = f"disabled by TRIO_CABLE_NO_EXTENSIONS={disabled}"
+    else:
         try:
             from trio_cable import _speedups
-        except ImportError:
-            pass
+        except ImportError as exc:
+            status = f"not compiled ({exc})"
         else:
-            return _speedups, True
+            return _speedups, True, "compiled"
     from trio_cable import _speedups_py
 
-    return _speedups_py, False
+    return _speedups_py, False, status
 
 
-_kernels, SPEEDUPS = _load_kernels()
+_kernels, SPEEDUPS, SPEEDUPS_STATUS = _load_kernels()
 
 if TYPE_CHECKING:
     # Both modules share one API; the pure one carries the annotations.

@@ -37,7 +37,7 @@ from trio_cable.metrics import Metrics, prometheus_text
 from trio_cable.protocol import cable
 from trio_cable.protocol.cable import InvalidCommand, Subprotocol
 from trio_cable.protocol.codes import CloseCode, DisconnectReason
-from trio_cable.protocol.frames import SPEEDUPS
+from trio_cable.protocol.frames import SPEEDUPS, SPEEDUPS_STATUS
 from trio_cable.protocol.handshake import Refusal, Request, negotiate, request_from_h11
 from trio_cable.server.admission import AdaptiveLimits, TokenBucket, retry_after
 from trio_cable.server.drain import Drainer
@@ -210,7 +210,7 @@ class Server:
         global _speedups_notice_given
         if not SPEEDUPS and not _speedups_notice_given:
             _speedups_notice_given = True
-            log.warning("speedups not compiled: running the pure-Python frame kernels")
+            log.warning("running the pure-Python frame kernels: speedups %s", SPEEDUPS_STATUS)
         sock = self.bind()
         if not self.max_connections:
             # Leave room for the listener, logs, broker connections and HTTP requests.
