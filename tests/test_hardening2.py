@@ -173,3 +173,110 @@ async def test_request_heads_over_16_kib_get_431(
             answer += sock.recv(4096)
     assert answer.split(b" ")[1] == status
     sock.close()
+
+
+# -- 4. ?pi= makes a bounded number of ping groups ------------------------------------------------
+
+
+async def test_distinct_ping_intervals_are_rounded_and_empty_groups_dropped(
+    server: Server, connect
+) -> None:
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def client(i: int) -> None:
+            async with connect(query=f"pi=1.{i:07d}"):
+                await done.wait()
+
+        for i in range(1, 60):
+            nursery.start_soon(client, i)
+        await wait_until(lambda: len(server.connections) == 59)
+        # 59 distinct values, one group (plus none for the default: nobody uses it).
+        assert server.ping_intervals == [1.0]
+        done.set()
+    await wait_until(lambda: not server.connections)
+    assert server.ping_intervals == []
+
+
+# -- 8. a FIN that comes with data is not lost ----------------------------------------------------
+
+
+async def test_a_fin_that_arrives_with_data_ends_the_connection(server: Server) -> None:
+    socks = []
+    for _ in range(100):
+        sock = raw_socket(server.port)
+        sock.send((UPGRADE + "\r\n").encode())
+        answer = b""
+        with trio.fail_after(30):
+            while b"welcome" not in answer:
+                await trio.lowlevel.wait_readable(sock)
+                answer += sock.recv(4096)
+        socks.append(sock)
+    await wait_until(lambda: len(server.connections) == 100)
+    await trio.sleep(0.2)  # every connection parks in the reactor
+    # Half a masked frame, then FIN, back to back: one epoll edge reports both.
+    partial = bytes([0x81, 0x85]) + b"\x01\x02\x03\x04" + b"ab"
+    for sock in socks:
+        sock.send(partial)
+        sock.shutdown(socket.SHUT_WR)
+    # Before the fix, most stayed open until TCP keepalive (90 s) noticed.
+    await wait_until(lambda: not server.connections, timeout=30)
+    for sock in socks:
+        sock.close()
+
+
+# -- 10. a malformed history request is answered ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        5,
+        {"since": -1},
+        {"since": "0"},
+        {"streams": {"s": {"epoch": "e", "offset": -1}}},
+        {"streams": {"s": {"epoch": 7, "offset": 1}}},
+    ],
+)
+@pytest.mark.parametrize("command", ["history", "subscribe"])
+async def test_a_malformed_history_request_gets_its_answer(
+    connect, history: object, command: str
+) -> None:
+    from tests.conftest import identifier
+
+    ident = identifier(stream="h")
+    async with connect("actioncable-v1-ext-json") as client:
+        await client.send({"command": command, "identifier": ident, "history": history})
+        expected = "reject_history" if command == "history" else "reject_subscription"
+        assert await client.recv() == {"identifier": ident, "type": expected}
+        # The connection goes on.
+        await client.subscribe(ident)
+
+
+# -- 11. stream names no broker can carry are refused up front ------------------------------------
+
+
+async def test_a_lone_surrogate_stream_name_is_refused_everywhere(
+    server: Server, connect, config: Config
+) -> None:
+    sock = raw_socket(server.port)
+    body = b'{"stream":"\\ud800","data":"1"}'
+    sock.send(
+        b"POST /_broadcast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + config.secret.encode()  # type: ignore[union-attr]
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    answer = await read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400") and b"surrogate" in answer
+    sock.close()
+    with pytest.raises(ValueError):
+        await server.broadcast("\ud800", {"x": 1})
+    async with connect() as client:
+        from tests.conftest import identifier
+
+        await client.subscribe(
+            identifier("$pubsub", stream_name="\ud800"), expect="reject_subscription"
+        )

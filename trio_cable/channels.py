@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from trio_cable.protocol.cable import is_stream_name
 from trio_cable.streams import verify_stream
 
 
@@ -146,7 +147,10 @@ class Channel:
         self.host.transmit(self.identifier, message)
 
     def stream_from(self, stream: str) -> None:
-        """Deliver broadcasts on *stream* to this subscription."""
+        """Deliver broadcasts on *stream* to this subscription.  Raises ``ValueError`` for a
+        name no broker can carry (empty, or a lone surrogate: the subscription is rejected)."""
+        if not is_stream_name(stream):
+            raise ValueError(f"not a usable stream name: {stream[:100]!r}")
         if stream not in self.streams:
             self.streams.append(stream)
             self.host.add_stream(self.identifier, stream)
@@ -233,11 +237,11 @@ class PubSubChannel(Channel):
             stream = verify_stream(secret, signed) if secret else None
         elif settings.public_streams:
             stream = self.params.get("stream_name")
-            if not isinstance(stream, str) or not stream:
+            if not isinstance(stream, str):
                 stream = None
         else:
             stream = None
-        if stream is None:
+        if stream is None or not is_stream_name(stream):
             self.reject()
         else:
             self.stream_from(stream)
@@ -253,7 +257,7 @@ class TurboStreamsChannel(PubSubChannel):
         secret = self.host.settings.effective_streams_secret
         signed = self.params.get("signed_stream_name")
         stream = verify_stream(secret, signed) if secret and isinstance(signed, str) else None
-        if stream is None:
+        if stream is None or not is_stream_name(stream):
             self.reject()
         else:
             self.stream_from(stream)

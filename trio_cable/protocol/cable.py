@@ -57,6 +57,7 @@ __all__ = [
     "decode_broadcast_data",
     "decode_command",
     "disconnect",
+    "is_stream_name",
     "parse_action",
     "parse_identifier",
     "parse_publications",
@@ -768,6 +769,19 @@ class BroadcastEncoder:
         return result
 
 
+def is_stream_name(name: str) -> bool:
+    """True for a usable stream name: a non-empty string that UTF-8 can encode.  JSON's
+    ``"\\ud800"`` escape decodes to a lone surrogate, which no broker but the in-memory one
+    could store; every broker refuses such names alike, up front."""
+    if not name:
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Publication:
     """One message for a stream, from ``POST /_broadcast``, Redis or the application.
@@ -834,6 +848,8 @@ def _parse_publication(obj: Any, where: str) -> Publication | RemoteCommand:
     stream = obj.get("stream")
     if not isinstance(stream, str) or not stream:
         raise InvalidCommand(f"{where}: stream must be a non-empty string")
+    if not is_stream_name(stream):
+        raise InvalidCommand(f"{where}: stream name is not valid UTF-8 (a lone surrogate)")
     if "data" not in obj:
         raise InvalidCommand(f"{where}: publication without data")
     meta = obj.get("meta")

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import resource
 import secrets
 import socket
@@ -195,6 +196,11 @@ class Server:
             host = f"[{host}]"
         scheme = "wss" if self.tls_context else "ws"
         return f"{scheme}://{host}:{self.port}{self.config.path[0]}"
+
+    @property
+    def ping_intervals(self) -> list[float]:
+        """The ping intervals in use by welcomed connections (``?pi=`` makes more than one)."""
+        return sorted(self._ping_groups)
 
     @property
     def draining(self) -> bool:
@@ -513,22 +519,26 @@ class Server:
             group = self._ping_groups.get(client.ping_interval)
             if group is not None:
                 group.discard(client)
+                if not group:
+                    del self._ping_groups[client.ping_interval]
 
     def lookup_channel(self, name: str) -> type[Channel] | None:
         """The channel class clients reach with ``"channel": name``."""
         return self.executor.lookup(name)
 
     def start_pinging(self, session: Session) -> None:
-        """Add a welcomed *session* to the shared ping ticker (honouring ``?pi=<seconds>``)."""
+        """Add a welcomed *session* to the shared ping ticker (honouring ``?pi=<seconds>``,
+        rounded to whole seconds: every distinct interval is a group the ticker walks, so
+        clients must not be able to make more than a few hundred)."""
         interval = self.config.ping_interval
         requested = session.request.query.get("pi")
         if requested:
             try:
                 value = float(requested)
-                if 1 <= value <= 300:
-                    interval = value
             except ValueError:
-                pass
+                value = math.nan
+            if 1 <= value <= 300:
+                interval = float(round(value))
         session.ping_interval = interval
         session.last_pong = trio.current_time()
         self._ping_groups.setdefault(interval, set()).add(session)
@@ -549,6 +559,8 @@ class Server:
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
+            for interval in [i for i in next_due if i not in self._ping_groups]:
+                del next_due[interval]  # that group emptied and was dropped
             for interval, group in list(self._ping_groups.items()):
                 if not group:
                     continue
@@ -617,7 +629,10 @@ class Server:
     # -- public API ----------------------------------------------------------------------
 
     async def broadcast(self, stream: str, data: Any, *, exclude_socket: str | None = None) -> None:
-        """Broadcast *data* (any JSON value) to every subscriber of *stream*, on every node."""
+        """Broadcast *data* (any JSON value) to every subscriber of *stream*, on every node.
+        Raises ``ValueError`` for a stream name no broker can carry (a lone surrogate)."""
+        if not cable.is_stream_name(stream):
+            raise ValueError(f"not a usable stream name: {stream[:100]!r}")
         await self.broker.publish(stream, json.dumps(data), exclude_socket)
 
     async def remote_disconnect(

@@ -44,8 +44,9 @@ class Readable(Protocol):
     @property
     def sock(self) -> socket.socket: ...
 
-    def on_readable(self) -> None:
-        """Read and handle what arrived, without awaiting."""
+    def on_readable(self, hangup: bool) -> None:
+        """Read and handle what arrived, without awaiting.  *hangup*: the peer also closed
+        (its FIN came with this edge, and no later edge will report it)."""
 
     def abort(self) -> None:
         """Drop the connection (after a bug in :meth:`on_readable`)."""
@@ -58,6 +59,7 @@ class Reactor:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._events = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+        self._hangups = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
         self._connections: dict[int, Readable] = {}
 
     def register(self, conn: Readable) -> None:
@@ -78,15 +80,16 @@ class Reactor:
         """Serve readable connections until cancelled."""
         epoll = self._epoll
         connections = self._connections
+        hangups = self._hangups
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll)
-                for fd, _events in epoll.poll(0, _MAX_EVENTS):
+                for fd, events in epoll.poll(0, _MAX_EVENTS):
                     conn = connections.get(fd)
                     if conn is None:
                         continue
                     try:
-                        conn.on_readable()
+                        conn.on_readable(bool(events & hangups))
                     except Exception:
                         # A bug must cost one connection, never the reactor.
                         log.exception("%r: unexpected error in the read fast path", conn)

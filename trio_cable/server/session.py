@@ -407,8 +407,12 @@ class Session:
         self.node.metrics.invalid_requests_total += 1
         if exc.identifier is not None:
             log.info("%r: invalid command for %s: %s", self, exc.identifier[:200], exc.reason)
+            # Answered, not dropped: a client waiting for its answer must not hang.
             if exc.command == "subscribe":
                 self.send(cable.reject_subscription(exc.identifier))
+            elif exc.command == "history":
+                self.node.metrics.history_rejected_total += 1
+                self.send(cable.reject_history(exc.identifier))
             return
         log.info("%r: invalid request: %s", self, exc.reason)
         self.close(

@@ -494,9 +494,10 @@ class WebSocketTransport:
         if task is not None:
             trio.lowlevel.reschedule(task)
 
-    def on_readable(self) -> None:
+    def on_readable(self, hangup: bool = False) -> None:
         """Called by the reactor: read and handle what arrived, synchronously, while that is
-        possible; otherwise wake the connection's task with the rest."""
+        possible; otherwise wake the connection's task with the rest.  *hangup*: the client's
+        FIN came with this edge, so the socket must be read to its end now."""
         if self._parked_task is None:
             return  # the task is busy and will read until the socket is empty
         sock = self.sock
@@ -524,10 +525,12 @@ class WebSocketTransport:
                 if not self._handle_now(*message):
                     self._unpark()
                     return
-            if n < len(buf):
+            if n < len(buf) and not hangup:
                 # A short read emptied the socket: with edge-triggered epoll, anything that
                 # arrives from now on is a new edge, so the recv that would only say EAGAIN
-                # can be skipped (one system call less per message of a small echo).
+                # can be skipped (one system call less per message of a small echo).  Not
+                # after a hangup: the FIN that came with the data is no new edge, and the
+                # end of the stream would be missed until the keepalive found it.
                 return
         # End of stream, an error, or the read budget is spent: the task takes over (edge-
         # triggered epoll will not tell us again about data already waiting).
