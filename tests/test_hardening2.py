@@ -280,3 +280,99 @@ async def test_a_lone_surrogate_stream_name_is_refused_everywhere(
         await client.subscribe(
             identifier("$pubsub", stream_name="\ud800"), expect="reject_subscription"
         )
+
+
+# -- 6. a session resume meets the rules of the login it replaces -------------------------------
+
+
+EXT_PROTOCOL = ["actioncable-v1-ext-json"]
+
+
+async def _welcome(ws) -> dict:
+    with trio.fail_after(20):
+        while True:
+            message = json.loads(await ws.get_message())
+            if message.get("type") != "ping":
+                return message
+
+
+async def test_enforce_jwt_applies_to_a_restore_too(nursery, config: Config) -> None:
+    from trio_cable.identity import issue_token
+
+    config.enforce_jwt = True
+    server = await nursery.start(Server(config).serve)
+    url = f"ws://127.0.0.1:{server.port}/cable"
+    token = issue_token(config.secret, {"user": "ann"}, ttl=60)  # type: ignore[arg-type]
+    async with open_websocket_url(f"{url}?jid={token}", subprotocols=EXT_PROTOCOL) as ws:
+        sid = (await _welcome(ws))["sid"]
+    # No token (it expired, say): the sid does not stand in for it.
+    async with open_websocket_url(f"{url}?sid={sid}", subprotocols=EXT_PROTOCOL) as ws:
+        assert await _welcome(ws) == {
+            "type": "disconnect",
+            "reason": "unauthorized",
+            "reconnect": False,
+        }
+    # The owner, with a valid token, still restores it.
+    async with open_websocket_url(f"{url}?jid={token}&sid={sid}", subprotocols=EXT_PROTOCOL) as ws:
+        assert (await _welcome(ws))["restored"] is True
+
+
+async def test_a_jwt_session_needs_a_jwt_to_be_restored(nursery, config: Config) -> None:
+    from trio_cable.identity import issue_token
+
+    server = await nursery.start(Server(config).serve)
+    url = f"ws://127.0.0.1:{server.port}/cable"
+    alice = issue_token(config.secret, {"user": "alice"}, ttl=60)  # type: ignore[arg-type]
+    mallory = issue_token(config.secret, {"user": "mallory"}, ttl=60)  # type: ignore[arg-type]
+    async with open_websocket_url(f"{url}?jid={alice}", subprotocols=EXT_PROTOCOL) as ws:
+        sid = (await _welcome(ws))["sid"]
+    for attempt in (f"sid={sid}", f"jid={mallory}&sid={sid}"):
+        async with open_websocket_url(f"{url}?{attempt}", subprotocols=EXT_PROTOCOL) as ws:
+            welcome = await _welcome(ws)
+            assert welcome["type"] == "welcome" and "restored" not in welcome
+    # Neither attempt cost Alice her session.
+    async with open_websocket_url(f"{url}?jid={alice}&sid={sid}", subprotocols=EXT_PROTOCOL) as ws:
+        assert (await _welcome(ws))["restored"] is True
+
+
+async def test_restoring_a_live_session_takes_it_over(server: Server, connect) -> None:
+    from tests.conftest import identifier
+
+    ident = identifier(stream="owned")
+    async with connect("actioncable-v1-ext-json", query="user=ann") as owner:
+        sid = owner.welcome["sid"]
+        await owner.subscribe(ident)
+        async with connect(
+            "actioncable-v1-ext-json", query=f"sid={sid}", expect_welcome=False
+        ) as thief:
+            assert (await thief.recv())["restored"] is True
+            # One session, one live connection: the old one is told and closed.
+            assert await owner.recv() == {
+                "type": "disconnect",
+                "reason": "remote",
+                "reconnect": False,
+            }
+            await wait_until(lambda: len(server.connections) == 1)
+    await wait_until(lambda: not server.connections)
+    # The old connection did not save the old sid again on its way out: it restores no more.
+    async with connect("actioncable-v1-ext-json", query=f"sid={sid}") as late:
+        assert "restored" not in late.welcome
+
+
+async def test_no_whole_sid_in_the_log(
+    server: Server, connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from tests.conftest import identifier
+
+    caplog.set_level(logging.DEBUG, logger="trio_cable")
+    async with connect("actioncable-v1-ext-json") as client:
+        sid = client.welcome["sid"]
+        await client.subscribe(identifier("NoSuchChannel"), expect="reject_subscription")
+        await client.send({"command": "message", "identifier": "x", "data": "{}"})
+        await client.subscribe(identifier(stream="s"))
+    await wait_until(lambda: not server.connections)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(sid[:8] in line for line in lines)  # correlatable by its prefix
+    assert not [line for line in lines if sid in line]

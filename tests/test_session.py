@@ -126,6 +126,7 @@ class LocalNode:
     jwt: JWTIdentifier | None = None
     attached: set[Session] = field(default_factory=set)
     pinged: list[Session] = field(default_factory=list)
+    taken: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.hub = Hub(self.metrics)
@@ -142,6 +143,9 @@ class LocalNode:
 
     def start_pinging(self, session: Session) -> None:
         self.pinged.append(session)
+
+    async def take_over(self, sid: str) -> None:
+        self.taken.append(sid)
 
     async def broadcast(self, stream: str, data: Any) -> None:
         await self.broker.publish(stream, json.dumps(data))

@@ -136,6 +136,7 @@ class Server:
         self.executor = ChannelExecutor(self.app, channels, self.callback_limiter, self.metrics)
         # Welcomed sessions by ping interval: the ticker pings, checks pongs, saves sessions.
         self._ping_groups: dict[float, set[Session]] = {}
+        self._sessions: dict[str, Session] = {}  # sid -> open session
         self._listen_socket: socket.socket | None = None
         self._port: int | None = None
         if listen_socket is not None:
@@ -499,6 +500,8 @@ class Server:
     def attach(self, client: Session | EchoSession) -> None:
         """Count an open connection (its transport is ready)."""
         self.connections.add(client)
+        if isinstance(client, Session):
+            self._sessions[client.sid] = client
         self.metrics.connections_total += 1
         by_address = self.connections_by_address
         by_address[client.ip] = by_address.get(client.ip, 0) + 1
@@ -516,6 +519,7 @@ class Server:
         else:
             by_address.pop(client.ip, None)
         if isinstance(client, Session):
+            self._sessions.pop(client.sid, None)
             group = self._ping_groups.get(client.ping_interval)
             if group is not None:
                 group.discard(client)
@@ -617,12 +621,23 @@ class Server:
                         )
                 window_start, worst = now, 0.0
 
+    async def take_over(self, sid: str) -> None:
+        """See :meth:`SessionNode.take_over`: every node ends its connection of *sid*."""
+        await self.broker.publish_command({"command": "session_taken", "sid": sid})
+
     def _on_command(self, command: dict[str, Any]) -> None:
         """A node command from the broker (any node may have sent it)."""
-        if command.get("command") == "disconnect":
+        name = command.get("command")
+        if name == "disconnect":
             self.disconnect_local(
                 command.get("identifiers") or {}, reconnect=bool(command.get("reconnect"))
             )
+        elif name == "session_taken":
+            session = self._sessions.get(str(command.get("sid")))
+            if session is not None and session.is_open:
+                # Restored by another connection: this one is stale (or the sid leaked).
+                log.info("%r: its session was restored by another connection", session)
+                session.close(DisconnectReason.REMOTE, reconnect=False)
         else:
             log.info("ignoring unknown node command %r", str(command.get("command"))[:100])
 

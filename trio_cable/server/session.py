@@ -85,6 +85,11 @@ class SessionNode(Protocol):
     def start_pinging(self, session: Session) -> None:
         """The client was welcomed: ping it from now on."""
 
+    async def take_over(self, sid: str) -> None:
+        """Session *sid* was restored by a new connection: end the old one wherever it is
+        still connected, so that one session has one live connection (and cannot be saved
+        again by the old one, to be restored twice)."""
+
     async def broadcast(self, stream: str, data: Any) -> None:
         """Broadcast *data* to *stream* on every node."""
 
@@ -98,6 +103,7 @@ class Session:
     __slots__ = (
         "_budget",
         "_busy",
+        "_by_jwt",
         "_gate",
         "_pending_close",
         "format",
@@ -142,6 +148,7 @@ class Session:
         self.subscriptions: dict[str, Channel] = {}
         self._budget = budget
         self._gate: HistoryGate | None = None
+        self._by_jwt = False  # identified by a JWT (see session_data)
         # A close requested while a command is being handled waits for the command to end.
         self._busy = False
         self._pending_close: tuple[DisconnectReason | None, bool, int, int | None] | None = None
@@ -156,7 +163,8 @@ class Session:
         self.resumable = True
 
     def __repr__(self) -> str:
-        return f"<Session sid={self.sid} {self.request.remote}>"
+        # Never the whole sid: one copied from a log would restore the session.
+        return f"<Session sid={self.sid[:8]}.. {self.request.remote}>"
 
     @property
     def extended(self) -> bool:
@@ -288,17 +296,19 @@ class Session:
                 log.info("%r: JWT refused: %s", self, exc)
                 self.close(DisconnectReason(exc.reason), reconnect=False)
                 return
+        if token_identifiers is None and config.enforce_jwt:
+            # Also before a restore: a sid is no way around the login it replaces.
+            metrics.unauthorized_total += 1
+            log.info("%r: refused: no JWT (--enforce-jwt)", self)
+            self.close(DisconnectReason.UNAUTHORIZED, reconnect=False)
+            return
         if self.extended:
             restore_sid = req.query.get("sid") or req.headers.get("x-anycable-restore-sid")
             if restore_sid and await self._restore(restore_sid, token_identifiers):
                 return
         if token_identifiers is not None:
             self.identifiers = token_identifiers
-        elif config.enforce_jwt:
-            metrics.unauthorized_total += 1
-            log.info("%r: refused: no JWT (--enforce-jwt)", self)
-            self.close(DisconnectReason.UNAUTHORIZED, reconnect=False)
-            return
+            self._by_jwt = True
         else:
             request = ConnectRequest(
                 path=req.path,
@@ -597,6 +607,8 @@ class Session:
         """Everything a resumed session needs, as plain data a broker can store."""
         return {
             "identifiers": self.identifiers,
+            # Identified by a JWT: only a valid token of the same identity restores it.
+            "jwt": self._by_jwt,
             "subscriptions": [
                 {
                     "identifier": identifier,
@@ -636,18 +648,29 @@ class Session:
         try:
             data = await node.broker.take_session(old_sid)
         except Exception:
-            log.exception("%r: could not read session %s", self, old_sid[:64])
+            log.exception("%r: could not read session %s", self, old_sid[:8])
             data = None
         if not isinstance(data, dict):
             node.metrics.sessions_not_found_total += 1
             log.debug("%r: no session %s to restore", self, old_sid[:8])
             return False
         identifiers = dict(data.get("identifiers") or {})
-        if token_identifiers is not None and token_identifiers != identifiers:
-            log.warning("%r: session %s belongs to another identity", self, old_sid[:8])
+        by_jwt = bool(data.get("jwt"))
+        if (token_identifiers is not None and token_identifiers != identifiers) or (
+            by_jwt and token_identifiers is None
+        ):
+            why = "another identity" if token_identifiers is not None else "a JWT, not shown"
+            log.warning("%r: session %s needs %s: not restored", self, old_sid[:8], why)
             node.metrics.sessions_not_found_total += 1
+            # Put back: a failed attempt must not cost the owner its session.
+            try:
+                await node.broker.save_session(old_sid, data, node.config.sessions_ttl)
+            except Exception:
+                log.exception("%r: could not put session %s back", self, old_sid[:8])
             return False
+        await node.take_over(old_sid)
         self.identifiers = identifiers
+        self._by_jwt = by_jwt
         limit = node.config.max_subscriptions or 1 << 30
         restored: list[str] = []
         for item in data.get("subscriptions") or []:
