@@ -376,3 +376,96 @@ async def test_no_whole_sid_in_the_log(
     lines = [r.getMessage() for r in caplog.records]
     assert any(sid[:8] in line for line in lines)  # correlatable by its prefix
     assert not [line for line in lines if sid in line]
+
+
+# -- 3. the session cache is bounded --------------------------------------------------------------
+
+
+async def test_huge_sessions_are_not_kept(nursery, config: Config, connect) -> None:
+    from tests.conftest import identifier
+
+    config.public_streams = True
+    server = await nursery.start(Server(config, make_app()).serve)
+    broker = server.broker
+    for client_no in range(5):
+        async with connect("actioncable-v1-ext-json", to=server) as client:
+            for i in range(100):
+                # ~3.9 KB identifiers: 100 of them make a ~400 KB session.
+                ident = identifier("$pubsub", stream_name=f"s{i}", pad="p" * 3800)
+                await client.subscribe(ident)
+        await wait_until(lambda: not server.connections)
+        assert server.metrics.sessions_too_large_total >= client_no + 1
+    assert broker.sessions_memory < 64 * 1024  # before: ~400 KB per client, for 300 s
+    await a_client_is_served(server)
+
+
+async def test_the_session_cache_evicts_the_oldest_and_sweeps_on_time(
+    nursery, config: Config, connect
+) -> None:
+    config.sessions_max_memory = 1024
+    config.sessions_ttl = 1.0
+    server = await nursery.start(Server(config, make_app()).serve)
+    broker = server.broker
+    sids = []
+    for _ in range(40):
+        async with connect("actioncable-v1-ext-json", to=server) as client:
+            sids.append(client.welcome["sid"])
+    await wait_until(lambda: not server.connections)
+    assert broker.sessions_memory <= 1024
+    assert broker.stats["sessions_evicted"] > 0
+    # The newest survived the eviction, the oldest did not.
+    async with connect("actioncable-v1-ext-json", query=f"sid={sids[0]}") as client:
+        assert "restored" not in client.welcome
+    # Expired sessions leave on time, without waiting for more writes.
+    await wait_until(lambda: broker.sessions_memory == 0, timeout=30)
+
+
+# -- 9. publications per request, and history, are bounded ---------------------------------------
+
+
+async def _post(server: Server, config: Config, body: bytes) -> bytes:
+    sock = raw_socket(server.port)
+    head = (
+        f"POST /_broadcast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {config.secret}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    view = memoryview(head + body)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+    try:
+        return await read_all(sock)
+    finally:
+        sock.close()
+
+
+async def test_one_request_carries_at_most_1000_publications(
+    server: Server, config: Config, connect
+) -> None:
+    from tests.conftest import identifier
+
+    def body(n: int) -> bytes:
+        return json.dumps([{"stream": "many", "data": json.dumps(i)} for i in range(n)]).encode()
+
+    assert (await _post(server, config, body(30_000))).startswith(b"HTTP/1.1 413")
+    async with connect() as client:
+        await client.subscribe(identifier(stream="many"))
+        assert (await _post(server, config, body(1000))).startswith(b"HTTP/1.1 201")
+        got = [(await client.recv())["message"] for _ in range(1000)]
+        assert got == list(range(1000))  # all of them, in order
+
+
+async def test_history_is_bounded_in_bytes(nursery, config: Config) -> None:
+    config.history_max_memory = 2 << 20
+    server = await nursery.start(Server(config, make_app()).serve)
+    broker = server.broker
+    big = "x" * (1 << 20)
+    for _ in range(30):  # 30 x 1 MB kept 31 MB before
+        await server.broadcast("big", big)
+    assert broker.history_memory <= (1 << 20) + 64 * 1024 + 4096
+    for i in range(20_000):  # distinct stream names: bookkeeping is counted too
+        await server.broadcast(f"name-{i}", i)
+    assert broker.history_memory <= config.history_max_memory
+    assert broker.stats["history_streams_evicted"] > 0

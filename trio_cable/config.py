@@ -91,6 +91,11 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     max_connections_per_address: int = 0
+    # Memory bounds: what clients and publishers can make the server keep.
+    session_max_size: int = 64 * 1024
+    sessions_max_memory: int = 64 * 1024 * 1024
+    history_max_size: int = 1024 * 1024
+    history_max_memory: int = 256 * 1024 * 1024
 
     def __repr__(self) -> str:
         # Secrets never reach a log line, even when a whole Config is logged.
@@ -238,6 +243,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_cert", "PEM certificate chain: serve wss:// and https://"),
     Setting("tls_key", "PEM private key for --tls-cert"),
     Setting("max_connections_per_address", "open connections per client IP (0: no cap)"),
+    Setting("session_max_size", "largest resumable session in bytes (larger ones are not kept)"),
+    Setting("sessions_max_memory", "memory broker: bytes of sessions kept (oldest evicted)"),
+    Setting("history_max_size", "bytes of history kept per stream (oldest messages dropped)"),
+    Setting("history_max_memory", "memory broker: bytes of history kept (idlest streams evicted)"),
 )
 
 _KINDS: dict[str, str] = {}
@@ -275,6 +284,10 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("history_limit", 0, ">="),
     ("history_ttl", 0, ">="),
     ("max_connections_per_address", 0, ">="),
+    ("session_max_size", 1024, ">="),
+    ("sessions_max_memory", 1024, ">="),
+    ("history_max_size", 1024, ">="),
+    ("history_max_memory", 1024, ">="),
 )
 assert {name for name, _, _ in _LOWER_BOUNDS} == {
     s.name for s in SETTINGS if s.kind in ("int", "float") and s.name != "port"

@@ -38,6 +38,7 @@ COUNTERS: dict[str, str] = {
     "drained_total": "connections closed by a slow drain",
     "sessions_resumed_total": "sessions restored from the session cache",
     "sessions_not_found_total": "restore requests whose session was gone or expired",
+    "sessions_too_large_total": "sessions not kept because they were over session_max_size",
     "history_served_total": "history requests answered with confirm_history",
     "history_rejected_total": "history requests answered with reject_history",
     "rate_limited_commands_total": "commands refused by the per-connection rate limit",
@@ -128,6 +129,7 @@ class Metrics:
     drained_total: int
     sessions_resumed_total: int
     sessions_not_found_total: int
+    sessions_too_large_total: int
     history_served_total: int
     history_rejected_total: int
     rate_limited_commands_total: int

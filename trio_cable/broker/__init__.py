@@ -10,6 +10,7 @@ can keep it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,6 +42,19 @@ class HistoryEntry:
 class HistoryUnavailable(Exception):
     """The requested history cannot be served completely (epoch changed, or the position is
     no longer in the window): the client must get ``reject_history``, never a silent gap."""
+
+
+class SessionTooLarge(ValueError):
+    """A session's stored form is over the size limit: it is not kept (its client gets a
+    fresh connect on its next visit)."""
+
+
+def encode_session(data: dict[str, Any], max_size: int) -> str:
+    """The stored form of a session (JSON text), or :class:`SessionTooLarge`."""
+    text = json.dumps(data)
+    if len(text) > max_size:
+        raise SessionTooLarge(f"session of {len(text)} bytes (limit {max_size})")
+    return text
 
 
 #: Called for every broadcast that reaches this node; its return value is ignored.
@@ -113,7 +127,8 @@ class Broker(Protocol):
 
     async def save_session(self, sid: str, data: dict[str, Any], ttl: float) -> None:
         """Keep a resumable session for *ttl* seconds.  *data* is plain JSON-serializable data;
-        a broker keeps a copy (JSON text), never the caller's objects."""
+        a broker keeps a copy (JSON text), never the caller's objects.  Raises
+        :class:`SessionTooLarge` for a session over the broker's size limit."""
 
     async def take_session(self, sid: str) -> dict[str, Any] | None:
         """Return and forget a session (a session restores at most once)."""

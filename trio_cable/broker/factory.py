@@ -11,7 +11,14 @@ def create_broker(config: Config) -> Broker:
     if config.broker == "memory":
         from trio_cable.broker.memory import MemoryBroker
 
-        return MemoryBroker(history_limit=config.history_limit, history_ttl=config.history_ttl)
+        return MemoryBroker(
+            history_limit=config.history_limit,
+            history_ttl=config.history_ttl,
+            history_max_size=config.history_max_size,
+            history_max_memory=config.history_max_memory,
+            session_max_size=config.session_max_size,
+            sessions_max_memory=config.sessions_max_memory,
+        )
     if config.broker == "redis":
         try:
             from trio_cable.broker.redis import RedisBroker
@@ -24,5 +31,6 @@ def create_broker(config: Config) -> Broker:
             config.redis_url,
             history_limit=config.history_limit,
             history_ttl=config.history_ttl,
+            session_max_size=config.session_max_size,
         )
     raise ConfigError(f"broker: unknown broker {config.broker!r}")

@@ -89,6 +89,7 @@ from trio_cable.broker import (
     HistoryEntry,
     HistoryUnavailable,
     LocalNodes,
+    encode_session,
 )
 from trio_cable.config import ConfigError
 from trio_cable.protocol import cable
@@ -237,6 +238,7 @@ class RedisBroker(LocalNodes):
         *,
         history_limit: int = 100,
         history_ttl: float = 300.0,
+        session_max_size: int = 64 << 10,
         prefix: str = "trio_cable",
         connect_timeout: float = 2.0,
         command_timeout: float = 2.0,
@@ -248,6 +250,7 @@ class RedisBroker(LocalNodes):
         self.url = url
         self.history_limit = history_limit
         self.history_ttl = history_ttl
+        self.session_max_size = session_max_size
         self.prefix = prefix
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -700,11 +703,11 @@ class RedisBroker(LocalNodes):
     # -- sessions ------------------------------------------------------------------------
 
     async def save_session(self, sid: str, data: dict[str, Any], ttl: float) -> None:
-        """``SET`` the session with a TTL (idempotent)."""
+        """``SET`` the session with a TTL (idempotent).  The total is Redis' to bound
+        (``maxmemory`` with a ``volatile-*`` policy: every session key has a TTL)."""
+        text = encode_session(data, self.session_max_size)
         with trio.fail_after(self.command_timeout + self.connect_timeout):
-            await self.client.set(
-                self.session_key(sid), json.dumps(data), px=max(1, int(ttl * 1000))
-            )
+            await self.client.set(self.session_key(sid), text, px=max(1, int(ttl * 1000)))
 
     async def take_session(self, sid: str) -> dict[str, Any] | None:
         """``GETDEL``: a session restores at most once, on whichever node."""

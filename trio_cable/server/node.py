@@ -67,6 +67,8 @@ from trio_cable.server.transports.websocket import (
 log = logging.getLogger("trio_cable")
 
 _ACCEPT_BATCH = 64
+#: Publications one ``POST /_broadcast`` may carry (AnyCable's broadcasters batch far fewer).
+MAX_PUBLICATIONS = 1000
 _LAG_PROBE = 0.05  # seconds between event-loop lag probes
 # Half-open detection: probe after 60 s of silence, every 10 s, give up after 3 misses (about
 # 90 s); and give up on data nobody acknowledges for 60 s.
@@ -84,6 +86,13 @@ class Accepted:
     request: Request
     subprotocol: Subprotocol | None
     headers: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Publications a ``POST /_broadcast`` brought, to make once its request was read."""
+
+    items: list[cable.Publication | cable.RemoteCommand]
 
 
 def new_sid() -> str:
@@ -346,7 +355,7 @@ class Server:
         # A TLS socket speaks HTTP only once its handshake is done: before, there is no way
         # to answer (and trying would wait for the client to go on with TLS).
         speaks_http = self.tls_context is None
-        outcome: Response | Accepted | None = None
+        outcome: Response | Accepted | Publish | None = None
         try:
             with trio.move_on_after(cfg.handshake_timeout) as scope:
                 if self.tls_context is not None:
@@ -375,6 +384,10 @@ class Server:
                 if not speaks_http:
                     return
                 outcome = Response.text(408, "request timeout")
+            if isinstance(outcome, Publish):
+                # The client's part is done: publishing is ours, not bounded by its deadline.
+                await self._publish(outcome.items)
+                outcome = Response(201)
             if isinstance(outcome, Response):
                 with trio.move_on_after(cfg.close_timeout):
                     await send_response(sock, conn, outcome)
@@ -425,9 +438,10 @@ class Server:
 
     async def _route(
         self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
-    ) -> Response | Accepted:
-        """The answer to *request*: a WebSocket accepted, or an HTTP response (an endpoint's,
-        a refusal).  Runs within the handshake deadline (an endpoint may read a body)."""
+    ) -> Response | Accepted | Publish:
+        """The answer to *request*: a WebSocket accepted, publications to make, or an HTTP
+        response (an endpoint's, a refusal).  Runs within the handshake deadline (an endpoint
+        may read a body); what it leads to runs after it."""
         cfg = self.config
         if request.path not in cfg.path and not (cfg.echo_path and request.path == cfg.echo_path):
             return await self._http(sock, conn, request)
@@ -458,7 +472,19 @@ class Server:
             # A bug must cost one connection, never the server.
             log.exception("%r: unexpected error", receiver)
 
-    async def _http(self, sock: socket.socket, conn: h11.Connection, request: Request) -> Response:
+    async def _publish(self, items: list[cable.Publication | cable.RemoteCommand]) -> None:
+        """Publish what ``POST /_broadcast`` brought, in order, letting other tasks run
+        between publications (one request's fan-outs must not hold the loop)."""
+        for item in items:
+            if isinstance(item, cable.RemoteCommand):
+                await self.broker.publish_command(item.to_dict())
+            else:
+                await self.broker.publish(item.stream, item.data, item.exclude_socket)
+            await trio.lowlevel.checkpoint()
+
+    async def _http(
+        self, sock: socket.socket, conn: h11.Connection, request: Request
+    ) -> Response | Publish:
         path, method = request.path, request.method
         if path == "/health":
             if method not in ("GET", "HEAD"):
@@ -485,12 +511,11 @@ class Server:
                 items = cable.parse_publications(body)
             except InvalidCommand as exc:
                 return Response.text(400, f"bad publication: {exc.reason}")
-            for item in items:
-                if isinstance(item, cable.RemoteCommand):
-                    await self.broker.publish_command(item.to_dict())
-                else:
-                    await self.broker.publish(item.stream, item.data, item.exclude_socket)
-            return Response(201)
+            if len(items) > MAX_PUBLICATIONS:
+                return Response.text(
+                    413, f"{len(items)} publications in one request (at most {MAX_PUBLICATIONS})"
+                )
+            return Publish(items)
         if request.is_websocket_upgrade:
             return Response.text(404, f"no WebSocket endpoint at {path[:200]}")
         return Response.text(404, f"not found: {path[:200]}")

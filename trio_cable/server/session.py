@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import trio
 
-from trio_cable.broker import Broker, HistoryEntry, HistoryUnavailable
+from trio_cable.broker import Broker, HistoryEntry, HistoryUnavailable, SessionTooLarge
 from trio_cable.channels import Channel, ConnectRequest
 from trio_cable.config import Config
 from trio_cable.identity import JWTIdentifier, TokenError, token_from_request
@@ -630,6 +630,12 @@ class Session:
             await self.node.broker.save_session(
                 self.sid, self.session_data(), self.node.config.sessions_ttl
             )
+        except SessionTooLarge as exc:
+            # Not kept (an older, smaller copy would restore it wrong): the client gets a
+            # fresh connect on its next visit.
+            self.node.metrics.sessions_too_large_total += 1
+            log.info("%r: session not kept: %s", self, exc)
+            await self._forget_session()
         except Exception:
             log.exception("%r: could not save the session", self)
 
