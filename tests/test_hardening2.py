@@ -469,3 +469,64 @@ async def test_history_is_bounded_in_bytes(nursery, config: Config) -> None:
         await server.broadcast(f"name-{i}", i)
     assert broker.history_memory <= config.history_max_memory
     assert broker.stats["history_streams_evicted"] > 0
+
+
+# -- 2. decoding is bounded by the frame's shape, and charged before it runs ----------------------
+
+
+def _msgpack_amplifier() -> bytes:
+    import msgpack
+
+    # {"command":"ping","x":[<array32 of 1,048,536 empty arrays>]}: 1.85 s of CPU before.
+    n = 1_048_536
+    head = b"\x82" + msgpack.packb("command") + msgpack.packb("ping") + msgpack.packb("x")
+    return head + b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+
+
+@pytest.mark.parametrize(
+    ("subprotocol", "opcode", "payload"),
+    [
+        ("actioncable-v1-msgpack", 2, _msgpack_amplifier()),
+        ("actioncable-v1-json", 1, ('{"command":"ping","x":[' + "[]," * 300_000 + "[]]}").encode()),
+        ("actioncable-v1-json", 1, ('{"command":"ping","x":' + "[" * 500_000).encode()),
+    ],
+    ids=["msgpack-1M-arrays", "json-300k-arrays", "json-500k-deep"],
+)
+async def test_amplifying_frames_cost_their_sender_only(
+    nursery, config: Config, connect, subprotocol: str, opcode: int, payload: bytes
+) -> None:
+    from tests.conftest import RawClient, identifier
+
+    config.max_message_size = 2 << 20  # the default is 1 MiB; these are just over it
+    server = await nursery.start(Server(config, make_app()).serve)
+    raw, _head = await RawClient.open(server.port, subprotocol=subprotocol)
+    assert (await raw.read_frame(timeout=20)) is not None  # welcome
+    started = trio.current_time()
+    await raw.send_frame(opcode, payload)
+    # Refused from its shape: invalid_request for the sender, quickly.
+    while (frame := await raw.read_frame(timeout=20)) is not None and frame[0] != 8:
+        pass
+    assert frame is not None and int.from_bytes(frame[1][:2], "big") == 1008
+    assert trio.current_time() - started < 15  # generous: a busy machine; it was 1.85 s of CPU
+    async with connect(to=server) as client:
+        await client.subscribe(identifier(stream="after"))
+        await server.broadcast("after", {"ok": True})
+        assert (await client.recv())["message"] == {"ok": True}
+
+
+async def test_over_the_rate_big_frames_are_not_decoded(nursery, config: Config) -> None:
+    from tests.conftest import RawClient
+
+    config.command_rate = 1.0  # burst 2
+    config.max_message_size = 1 << 20
+    server = await nursery.start(Server(config, make_app()).serve)
+    raw, _head = await RawClient.open(server.port)
+    await raw.read_frame(timeout=20)  # welcome
+    big = json.dumps({"command": "ping", "pad": "x" * 100_000}).encode()
+    for _ in range(50):
+        await raw.send_frame(1, big)
+    await wait_until(lambda: server.metrics.rate_limited_commands_total >= 48)
+    # Dropped unanswered (not decoded to be refused), and the connection goes on.
+    assert server.metrics.commands_total >= 50
+    assert server.metrics.invalid_requests_total == 0
+    assert len(server.connections) == 1

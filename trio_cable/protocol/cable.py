@@ -30,6 +30,7 @@ import msgpack
 __all__ = [
     "DEFAULT_BROADCAST_MAX_DEPTH",
     "DEFAULT_MAX_DEPTH",
+    "DEFAULT_MAX_ELEMENTS",
     "DEFAULT_MAX_IDENTIFIER_SIZE",
     "JSON",
     "MSGPACK",
@@ -100,42 +101,46 @@ class InvalidCommand(Exception):
 
 
 # -------------------------------------------------------------------------------------------------
-# Nesting depth. json.loads recurses once per nesting level in C and blows up with RecursionError
-# (or worse, a stack overflow on small thread stacks) on something like "[" * 100_000, so the depth
-# is measured before decoding, without recursion.
+# Shape limits: nesting depth and element count, checked before or while decoding, in time linear
+# in the payload and at C speed.  json.loads recurses once per nesting level (RecursionError, or a
+# stack overflow on a small thread stack, on "[" * 100_000), and a megabyte of tiny containers
+# costs hundreds of milliseconds to build and walk: one client must not buy that with one frame.
 
-# One token per match (an escape pair, a quote or a bracket) and no alternation that can
-# backtrack: linear on any input.  A pattern matching whole string literals is quadratic on an
-# unterminated string of escaped quotes (each quote restarts a scan to the end), which one
-# client could use to stall the event loop for minutes.
-_DEPTH_TOKENS_STR = re.compile(r'\\.|["\[\]{}]', re.DOTALL)
+#: Elements (containers and their members) a client command or action payload may hold.  Real ones
+#: hold a few dozen; a megabyte of ``[[],[],...]`` holds half a million.
+DEFAULT_MAX_ELEMENTS = 10_000
+
+# A string literal once its escapes are gone (see _json_shape_ok).  Without escapes, a failed match
+# means no quote follows at all, so the search cannot restart at every quote (a pattern over raw
+# JSON strings, escapes included, is quadratic on an unterminated string of escaped quotes).
+_BARE_STRING = re.compile(r'"[^"]*"')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"\[\]|\{\}")
 
 
-def _json_depth_ok(text: str, max_depth: int) -> bool:
-    """True if the JSON text nests at most ``max_depth`` containers deep.
+def _json_shape_ok(text: str, max_depth: int, max_elements: int | None) -> str | None:
+    """None if the JSON text nests at most *max_depth* deep and holds at most *max_elements*
+    elements (None: any number); else why not.
 
-    Fast path: the number of opening brackets (including any inside strings) bounds the depth,
-    and ``str.count`` runs in C. Only texts with many brackets pay for the exact scan, which skips
-    string literals. On invalid JSON the answer may be wrong, but the decoder rejects such text
-    anyway.
+    Fast path: brackets and commas anywhere (strings included) bound both, and ``str.count`` runs
+    in C.  Otherwise string literals are removed (escape pairs first, with ``str.replace``; then
+    whole strings, with a regex that cannot backtrack), and the depth is found by peeling the
+    innermost bracket pairs, one level per pass.  On invalid JSON the answer may be wrong, but the
+    decoder rejects such text anyway.
     """
-    if text.count("[") + text.count("{") <= max_depth:
-        return True
-    depth = 0
-    in_string = False
-    for match in _DEPTH_TOKENS_STR.finditer(text):
-        token = match.group()
-        if token == '"':
-            in_string = not in_string
-        elif in_string or token[0] == "\\":
-            continue  # brackets inside strings, and escapes, do not nest
-        elif token in "[{":
-            depth += 1
-            if depth > max_depth:
-                return False
-        else:
-            depth -= 1
-    return True
+    opens = text.count("[") + text.count("{")
+    limit = max_elements if max_elements is not None else 1 << 62
+    if opens <= max_depth and opens + text.count(",") <= limit:
+        return None
+    bare = _BARE_STRING.sub("0", text.replace("\\\\", "").replace('\\"', ""))
+    if bare.count("[") + bare.count("{") + bare.count(",") > limit:
+        return "too many elements"
+    brackets = _NOT_BRACKETS.sub("", bare)  # short now: at most twice the limit
+    for _ in range(max_depth):
+        if not brackets:
+            return None
+        brackets = _INNERMOST.sub("", brackets)
+    return "too deeply nested" if brackets else None
 
 
 _SCALARS = (str, int, float, type(None))  # bool is an int
@@ -147,7 +152,7 @@ def _check_tree(obj: Any, max_depth: int) -> None:
     msgpack can carry things JSON cannot (bytes, extension types, timestamps, non-string map keys);
     refusing them here keeps every value a command carries re-encodable for JSON clients too (a
     whisper from a msgpack client may go to a JSON client). Iterative, so depth cannot blow the
-    stack.
+    stack; the element budget (enforced while unpacking) bounds its work.
     """
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
@@ -172,6 +177,32 @@ def _check_tree(obj: Any, max_depth: int) -> None:
                     raise InvalidCommand(f"invalid msgpack (unsupported {type(item).__name__})")
         elif not isinstance(value, _SCALARS):
             raise InvalidCommand(f"invalid msgpack (unsupported {type(value).__name__})")
+
+
+class _TooManyElements(Exception):
+    pass
+
+
+class _ElementBudget:
+    """msgpack unpack hooks that count the elements of every container as it is built, and
+    stop the unpacker once there are more than *limit* (before it builds the rest)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def list_hook(self, value: list[Any]) -> list[Any]:
+        self.left -= len(value) + 1
+        if self.left < 0:
+            raise _TooManyElements
+        return value
+
+    def object_hook(self, value: dict[str, Any]) -> dict[str, Any]:
+        self.left -= len(value) + 1
+        if self.left < 0:
+            raise _TooManyElements
+        return value
 
 
 # -------------------------------------------------------------------------------------------------
@@ -249,8 +280,15 @@ class Codec:
         """Encode ``obj`` to a frame payload."""
         raise NotImplementedError
 
-    def decode(self, payload: Payload, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-        """Decode a frame payload; raises :class:`InvalidCommand`."""
+    def decode(
+        self,
+        payload: Payload,
+        *,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_elements: int | None = None,
+    ) -> Any:
+        """Decode a frame payload; raises :class:`InvalidCommand`.  *max_elements* bounds
+        the containers and members it may hold (None: any number)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -266,15 +304,22 @@ class _JSONCodec(Codec):
         except ValueError:  # a non-finite float, or a lone surrogate (UnicodeEncodeError)
             return _json_dumps(_sanitize(obj, ints_to_float=False)).encode("utf-8")
 
-    def decode(self, payload: Payload, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    def decode(
+        self,
+        payload: Payload,
+        *,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_elements: int | None = None,
+    ) -> Any:
         try:
             # Decode UTF-8 explicitly: json.loads(bytes) would also sniff UTF-16/32 and let
             # encoded surrogates through, neither of which is a valid text frame.
             text = payload if isinstance(payload, str) else str(payload, "utf-8")
         except UnicodeDecodeError:
             raise InvalidCommand("invalid JSON") from None
-        if not _json_depth_ok(text, max_depth):
-            raise InvalidCommand("too deeply nested")
+        refusal = _json_shape_ok(text, max_depth, max_elements)
+        if refusal is not None:
+            raise InvalidCommand(refusal)
         try:
             return _json_loads(text)
         except (ValueError, RecursionError):
@@ -290,14 +335,36 @@ class _MsgpackCodec(Codec):
         except (OverflowError, ValueError):  # an int beyond 64 bits, a lone surrogate
             return msgpack.packb(_sanitize(obj, ints_to_float=True), use_bin_type=True)
 
-    def decode(self, payload: Payload, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    def decode(
+        self,
+        payload: Payload,
+        *,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        max_elements: int | None = None,
+    ) -> Any:
         if isinstance(payload, str):
             raise InvalidCommand("invalid msgpack (text payload)")
         try:
             # The C unpacker keeps its own bounded stack (StackError, no recursion), and unpackb
             # caps container and string lengths at the payload size, so garbage cannot make it
-            # allocate much. strict_map_key refuses int/float/... map keys up front.
-            obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+            # allocate much. strict_map_key refuses int/float/... map keys up front.  With an
+            # element budget, a container's announced length is refused from its header, and
+            # the hooks stop the unpacker once the containers built hold too many elements.
+            if max_elements is None:
+                obj = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+            else:
+                budget = _ElementBudget(max_elements)
+                obj = msgpack.unpackb(
+                    payload,
+                    raw=False,
+                    strict_map_key=True,
+                    max_array_len=max_elements,
+                    max_map_len=max_elements,
+                    list_hook=budget.list_hook,
+                    object_hook=budget.object_hook,
+                )
+        except _TooManyElements:
+            raise InvalidCommand("too many elements") from None
         except (ValueError, TypeError, msgpack.UnpackException):
             raise InvalidCommand("invalid msgpack") from None
         _check_tree(obj, max_depth)
@@ -483,6 +550,7 @@ def decode_command(
     *,
     max_identifier_size: int = DEFAULT_MAX_IDENTIFIER_SIZE,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> Command:
     """Decode and validate one client frame.
 
@@ -493,7 +561,7 @@ def decode_command(
     without ``data``, and a malformed ``history``. Once the identifier is valid, errors carry it.
     Unknown extra keys are ignored, as Action Cable does.
     """
-    obj = codec.decode(payload, max_depth=max_depth)
+    obj = codec.decode(payload, max_depth=max_depth, max_elements=max_elements)
     if not isinstance(obj, dict):
         raise InvalidCommand("not an object")
     command = obj.get("command")
@@ -548,7 +616,7 @@ def parse_identifier(
     only: replies echo the original string, never a re-serialization of the result.
     """
     try:
-        obj = JSON.decode(identifier, max_depth=max_depth)
+        obj = JSON.decode(identifier, max_depth=max_depth, max_elements=DEFAULT_MAX_ELEMENTS)
     except InvalidCommand as exc:
         raise InvalidCommand(f"identifier: {exc.reason}", identifier) from None
     if not isinstance(obj, dict):
@@ -568,7 +636,7 @@ def parse_action(
     Action Cable. Errors carry ``identifier`` when given.
     """
     try:
-        obj = JSON.decode(data, max_depth=max_depth)
+        obj = JSON.decode(data, max_depth=max_depth, max_elements=DEFAULT_MAX_ELEMENTS)
     except InvalidCommand as exc:
         raise InvalidCommand(f"message data: {exc.reason}", identifier, "message") from None
     if not isinstance(obj, dict):

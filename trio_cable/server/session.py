@@ -48,6 +48,10 @@ __all__ = ["Session", "SessionNode"]
 log = logging.getLogger("trio_cable.session")
 
 
+# Over the command rate, a command is still decoded to be answered (a client waiting for its
+# confirm must not hang) when it is this small: real subscribes and history requests are.
+_DECODED_WHEN_LIMITED = 8192
+
 # Commands that do not end the wait for history after a restore: history itself, and the
 # keepalives (a client answers the server's pings while its history requests are on the way).
 _KEEPS_WAITING = (cable.History, cable.Ping, cable.Pong)
@@ -365,19 +369,26 @@ class Session:
         metrics = node.metrics
         started = time.perf_counter()
         metrics.commands_total += 1
+        # The budget is spent before decoding: decoding is the work a flood would buy.
+        allowed = self._budget.take(trio.current_time())
+        if not allowed and len(payload) > _DECODED_WHEN_LIMITED:
+            # Over the rate, and too big to decode just to say no: dropped, counted.
+            metrics.rate_limited_commands_total += 1
+            log.info("%r: a %d-byte command dropped: over the command rate", self, len(payload))
+            return None
         try:
             command = cable.decode_command(self.format.codec, payload)
         except InvalidCommand as exc:
             self._invalid(exc)
             return None
+        if not allowed:
+            metrics.rate_limited_commands_total += 1
+            self._refuse_rate_limited(command)
+            return None
         gate = self._gate
         if gate is not None and gate.awaiting and not isinstance(command, _KEEPS_WAITING):
             # The client does something else: it is not going to ask history first.
             self.release_gate()
-        if not self._budget.take(trio.current_time()):
-            metrics.rate_limited_commands_total += 1
-            self._refuse_rate_limited(command)
-            return None
         if isinstance(command, cable.Message):
             return self._message(command, started)
         if isinstance(command, cable.Ping):

@@ -52,9 +52,11 @@ __all__ = ["State", "WebSocketContext", "WebSocketTransport", "wire_format"]
 
 log = logging.getLogger("trio_cable.websocket")
 
-# How many reads in a row may be handled without yielding to other tasks: a client that
-# floods us must not starve everybody else.
+# How many reads in a row, and how many bytes of messages, may be handled without yielding
+# to other tasks: a client that floods us (or sends messages that are costly to decode) must
+# not starve everybody else.
 _READS_PER_CHECKPOINT = 16
+_BYTES_PER_CHECKPOINT = 256 * 1024
 # What _read_loop's recv gave instead of a byte count.
 _WOULD_BLOCK = -1
 _WANTS_WRITE = -2  # TLS must write before it can read
@@ -425,6 +427,7 @@ class WebSocketTransport:
     async def _drain_parser(self) -> bool:
         """Handle every complete frame in the parser; True when the connection is done."""
         parser = self._parser
+        handled = 0
         while True:
             try:
                 message = parser.next_message()
@@ -441,6 +444,10 @@ class WebSocketTransport:
                 return False
             if await self._handle_frame(*message):
                 return True
+            handled += len(message[1])
+            if handled >= _BYTES_PER_CHECKPOINT:
+                handled = 0
+                await trio.lowlevel.checkpoint()
 
     async def _handle_frame(self, opcode: int, payload: bytes) -> bool:
         """Handle one message or control frame; True when the connection is done."""
@@ -504,6 +511,7 @@ class WebSocketTransport:
         parser = self._parser
         buf = self._ctx.recv_buffer
         view = self._ctx.recv_view
+        handled = 0
         for _ in range(_READS_PER_CHECKPOINT):
             try:
                 n = sock.recv_into(buf)
@@ -523,6 +531,11 @@ class WebSocketTransport:
                 if message is None:
                     break
                 if not self._handle_now(*message):
+                    self._unpark()
+                    return
+                handled += len(message[1])
+                if handled >= _BYTES_PER_CHECKPOINT:
+                    # Enough for one turn: the task goes on with the rest, yielding between.
                     self._unpark()
                     return
             if n < len(buf) and not hangup:
