@@ -532,6 +532,12 @@ cdef class FrameParser:
         return self._max
 
     @property
+    def pending(self):
+        """Bytes held for what is not a whole message yet: the unfinished message's payload
+        so far, and received bytes not parsed (a partial header or control frame)."""
+        return (self._m_size if self._m_opcode else 0) + (self._end - self._start)
+
+    @property
     def require_mask(self):
         """Whether unmasked frames are a protocol error (they are for a server)."""
         return self._require_mask

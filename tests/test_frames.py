@@ -683,3 +683,23 @@ def test_implementations_agree_on_random_bytes(data, cuts):
     for require_mask in (True, False):
         compiled = parse_all(_compiled, *chunks, require_mask=require_mask)
         assert compiled == parse_all(_speedups_py, *chunks, require_mask=require_mask)
+
+
+@both
+def test_pending_counts_what_is_not_a_whole_message_yet(k):
+    parser = k.FrameParser(1 << 20)
+    assert parser.pending == 0
+    first = cf(OP_TEXT, b"a" * 1000, fin=False)
+    parser.feed(first[:300])  # a partial frame: header (8 bytes) and part of its payload
+    assert parser.next_message() is None
+    assert parser.pending == 292
+    parser.feed(first[300:])
+    assert parser.next_message() is None
+    assert parser.pending == 1000  # the first fragment, assembled
+    parser.feed(cf(OP_PING, b"p")[:3])  # a control frame's first bytes between fragments
+    assert parser.next_message() is None
+    assert parser.pending == 1003
+    parser.feed(cf(OP_PING, b"p")[3:] + cf(OP_CONT, b"b"))
+    assert parser.next_message() == (OP_PING, b"p")
+    assert parser.next_message() == (OP_TEXT, b"a" * 1000 + b"b")
+    assert parser.pending == 0

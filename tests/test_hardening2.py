@@ -530,3 +530,53 @@ async def test_over_the_rate_big_frames_are_not_decoded(nursery, config: Config)
     assert server.metrics.commands_total >= 50
     assert server.metrics.invalid_requests_total == 0
     assert len(server.connections) == 1
+
+
+# -- 7. an unfinished message is bounded in time and, server-wide, in bytes ---------------------
+
+
+async def test_a_message_that_never_ends_is_closed_after_the_message_timeout(
+    nursery, config: Config
+) -> None:
+    from tests.conftest import RawClient
+
+    config.message_timeout = 1.0
+    server = await nursery.start(Server(config, make_app()).serve)
+    raw, _head = await RawClient.open(server.port)
+    await raw.read_frame(timeout=20)  # welcome
+    await raw.send_frame(1, b'{"command":', fin=False)  # the rest never comes
+    await wait_until(lambda: server.metrics.value("partial_message_bytes") > 0)
+    frame = None
+    with trio.fail_after(30):
+        while frame is None or frame[0] != 8:
+            frame = await raw.read_frame(timeout=30)
+            assert frame is not None
+    assert int.from_bytes(frame[1][:2], "big") == 1008 and b"message timeout" in frame[1]
+    await wait_until(lambda: not server.connections)
+    assert server.metrics.value("partial_message_bytes") == 0
+    await a_client_is_served(server)
+
+
+async def test_unfinished_messages_share_one_server_wide_budget(nursery, config: Config) -> None:
+    from tests.conftest import RawClient
+
+    config.partial_messages_max_memory = 200_000
+    server = await nursery.start(Server(config, make_app()).serve)
+    clients = []
+    for _ in range(10):
+        raw, _head = await RawClient.open(server.port)
+        await raw.read_frame(timeout=20)  # welcome
+        clients.append(raw)
+    for raw in clients:
+        await raw.send_frame(1, b"x" * 50_000, fin=False)  # 10 x 50 KB: over 200 KB together
+    await wait_until(lambda: len(server.connections) <= 4, timeout=30)
+    assert server.metrics.value("partial_message_bytes") <= 200_000
+    codes = []
+    for raw in clients:
+        try:
+            frame = await raw.read_frame(timeout=2)
+        except trio.TooSlowError:
+            continue  # one of those kept
+        if frame is not None and frame[0] == 8:
+            codes.append(int.from_bytes(frame[1][:2], "big"))
+    assert codes and set(codes) == {1013}

@@ -283,6 +283,12 @@ class FrameParser:
         return self._max
 
     @property
+    def pending(self) -> int:
+        """Bytes held for what is not a whole message yet: the unfinished message's payload
+        so far, and received bytes not parsed (a partial header or control frame)."""
+        return (self._m_size if self._m_opcode else 0) + len(self._buf) - self._pos
+
+    @property
     def require_mask(self) -> bool:
         """Whether unmasked frames are a protocol error (they are for a server)."""
         return self._require_mask

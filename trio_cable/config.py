@@ -96,6 +96,8 @@ class Config:
     sessions_max_memory: int = 64 * 1024 * 1024
     history_max_size: int = 1024 * 1024
     history_max_memory: int = 256 * 1024 * 1024
+    message_timeout: float = 30.0
+    partial_messages_max_memory: int = 64 * 1024 * 1024
 
     def __repr__(self) -> str:
         # Secrets never reach a log line, even when a whole Config is logged.
@@ -247,6 +249,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sessions_max_memory", "memory broker: bytes of sessions kept (oldest evicted)"),
     Setting("history_max_size", "bytes of history kept per stream (oldest messages dropped)"),
     Setting("history_max_memory", "memory broker: bytes of history kept (idlest streams evicted)"),
+    Setting("message_timeout", "seconds a message may take from its first byte to its last"),
+    Setting(
+        "partial_messages_max_memory", "bytes all unfinished client messages may hold together"
+    ),
 )
 
 _KINDS: dict[str, str] = {}
@@ -288,6 +294,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("sessions_max_memory", 1024, ">="),
     ("history_max_size", 1024, ">="),
     ("history_max_memory", 1024, ">="),
+    ("message_timeout", 0, ">"),
+    ("partial_messages_max_memory", 1024, ">="),
 )
 assert {name for name, _, _ in _LOWER_BOUNDS} == {
     s.name for s in SETTINGS if s.kind in ("int", "float") and s.name != "port"

@@ -56,6 +56,7 @@ GAUGES: dict[str, str] = {
     "connections": "open WebSocket connections",
     "streams": "streams with at least one local subscriber",
     "send_queue_bytes": "bytes waiting in per-connection send queues",
+    "partial_message_bytes": "bytes held by unfinished client messages, all connections",
     "draining": "1 while the node is draining",
     "pending_handshakes": "connections still in their HTTP handshake",
     "handshake_rate_limit": "handshakes per second admitted now (adaptive)",

@@ -50,6 +50,7 @@ class CloseCode(IntEnum):
     INVALID_PAYLOAD = 1007  # bad UTF-8 in a text message or close reason
     POLICY_VIOLATION = 1008  # bad Action Cable commands, too slow
     MESSAGE_TOO_BIG = 1009
+    TRY_AGAIN_LATER = 1013  # the server is over a budget: come back later
 
 
 #: Close codes a peer may put on the wire: RFC 6455 section 7.4 plus the IANA registry, which

@@ -174,6 +174,8 @@ class Server:
             max_message_size=config.max_message_size,
             max_send_queue=config.max_send_queue,
             close_timeout=config.close_timeout,
+            message_timeout=config.message_timeout,
+            max_partial_memory=config.partial_messages_max_memory,
         )
         m = self.metrics
         m.gauges["connections"] = lambda: float(len(self.connections))
@@ -188,6 +190,7 @@ class Server:
             for key in broker_stats:
                 m.external_counters[f"broker_{key}_total"] = partial(_read_stat, broker_stats, key)
         m.gauges["send_queue_bytes"] = lambda: float(sum(c.queued_bytes for c in self.connections))
+        m.gauges["partial_message_bytes"] = lambda: float(self._websocket.partial.bytes)
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -588,6 +591,8 @@ class Server:
         while True:
             await trio.sleep(tick)
             now = trio.current_time()
+            for transport in self._websocket.partial.expired(now):
+                transport.message_timeout()
             for interval in [i for i in next_due if i not in self._ping_groups]:
                 del next_due[interval]  # that group emptied and was dropped
             for interval, group in list(self._ping_groups.items()):

@@ -87,6 +87,42 @@ class State(Enum):
     CLOSED = "closed"  # close handshake finished, or the socket is gone
 
 
+class PartialMessages:
+    """The unfinished messages of every connection: how many bytes they hold together
+    (bounded server-wide) and since when each has been waiting for its end.
+
+    A client that sends the first fragments of a message, or the first half of a big frame,
+    and never the rest, would otherwise hold that memory for as long as it stays connected;
+    a hundred of them, a hundred megabytes."""
+
+    __slots__ = ("_since", "bytes", "max_bytes", "timeout")
+
+    def __init__(self, max_bytes: int, timeout: float) -> None:
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        #: Bytes held by unfinished messages, all connections together.
+        self.bytes = 0
+        self._since: dict[WebSocketTransport, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def update(self, transport: WebSocketTransport, old: int, new: int) -> bool:
+        """*transport* now holds *new* bytes of unfinished messages (it held *old*); True
+        when that takes the server over its budget."""
+        self.bytes += new - old
+        if new == 0:
+            self._since.pop(transport, None)
+        elif transport not in self._since:
+            self._since[transport] = trio.current_time()
+        return new > old and self.bytes > self.max_bytes
+
+    def expired(self, now: float) -> list[WebSocketTransport]:
+        """The connections whose unfinished message is older than the timeout."""
+        horizon = now - self.timeout
+        return [t for t, since in self._since.items() if since < horizon]
+
+
 @dataclass(eq=False, slots=True)
 class WebSocketContext:
     """What every WebSocket transport of one server shares: settings, metrics, the read
@@ -100,6 +136,7 @@ class WebSocketContext:
     max_message_size: int
     max_send_queue: int
     close_timeout: float
+    partial: PartialMessages
     recv_buffer: bytearray
     recv_view: memoryview
 
@@ -112,6 +149,8 @@ class WebSocketContext:
         max_message_size: int,
         max_send_queue: int,
         close_timeout: float,
+        message_timeout: float = 30.0,
+        max_partial_memory: int = 64 << 20,
         recv_buffer_size: int = 256 * 1024,
     ) -> WebSocketContext:
         buffer = bytearray(recv_buffer_size)
@@ -121,6 +160,7 @@ class WebSocketContext:
             max_message_size,
             max_send_queue,
             close_timeout,
+            PartialMessages(max_partial_memory, message_timeout),
             buffer,
             memoryview(buffer),
         )
@@ -143,6 +183,7 @@ class WebSocketTransport:
         "_nursery",
         "_parked_task",
         "_parser",
+        "_partial",
         "_pending",
         "_queue",
         "_queued_bytes",
@@ -174,6 +215,7 @@ class WebSocketTransport:
         self._budget = budget
         self._receiver: Receiver | None = None
         self._parser = FrameParser(ctx.max_message_size)
+        self._partial = 0  # bytes the parser holds of an unfinished message (see PartialMessages)
         self._initial = initial_data
         self._queue: deque[bytes] | None = None  # only while the socket is backpressured
         self._queued_bytes = 0
@@ -363,6 +405,9 @@ class WebSocketTransport:
                 nursery.cancel_scope.cancel()
         finally:
             self.state = State.CLOSED
+            if self._partial:
+                self._ctx.partial.update(self, self._partial, 0)
+                self._partial = 0
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self._ctx.close_timeout
                 if self._in_reactor and self._ctx.reactor is not None:
@@ -419,6 +464,8 @@ class WebSocketTransport:
             parser.feed(view[:n])
             if await self._drain_parser():
                 return
+            if parser.pending != self._partial:
+                self._track_partial()
             reads += 1
             if reads >= _READS_PER_CHECKPOINT:
                 reads = 0
@@ -480,6 +527,40 @@ class WebSocketTransport:
             await pending()
         return False
 
+    def _track_partial(self) -> None:
+        """The parser's unfinished message grew or ended: tell the server-wide account, and
+        close this connection when it takes the server over its budget."""
+        pending = self._parser.pending
+        over = self._ctx.partial.update(self, self._partial, pending)
+        self._partial = pending
+        if over and self.state is State.OPEN:
+            log.info(
+                "%r: unfinished messages over %d bytes server-wide: closing",
+                self,
+                self._ctx.partial.max_bytes,
+            )
+            self.write(build_close(CloseCode.TRY_AGAIN_LATER, "server busy"))
+            self.state = State.CLOSING
+            self._lost_later()
+
+    def message_timeout(self) -> None:
+        """This connection's unfinished message waited too long for its end (the node's
+        ticker calls this)."""
+        if self.state is State.OPEN:
+            log.info("%r: an unfinished message waited too long: closing", self)
+            self.write(build_close(CloseCode.POLICY_VIOLATION, "message timeout"))
+            self.state = State.CLOSING
+        self._lost_later()
+
+    def _lost_later(self) -> None:
+        """Give the close frame ``close_timeout`` to go out, then drop the connection (the
+        client is not going to finish its message, so no close handshake is waited for)."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.deadline = min(
+                self._nursery.cancel_scope.deadline,
+                trio.current_time() + self._ctx.close_timeout,
+            )
+
     # -- the read fast path (reactor) ------------------------------------------------------
 
     async def _park(self) -> None:
@@ -538,6 +619,8 @@ class WebSocketTransport:
                     # Enough for one turn: the task goes on with the rest, yielding between.
                     self._unpark()
                     return
+            if parser.pending != self._partial:
+                self._track_partial()
             if n < len(buf) and not hangup:
                 # A short read emptied the socket: with edge-triggered epoll, anything that
                 # arrives from now on is a new edge, so the recv that would only say EAGAIN
