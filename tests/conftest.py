@@ -54,7 +54,36 @@ class EchoChannel(Channel):
         UNSUBSCRIBED.append(self.identifier)
 
 
+#: Identifiers whose ``unsubscribed`` ran, in order.  Emptied before every test (see
+#: ``_fresh_recorders``): a call left over from an earlier test must never satisfy a later one.
 UNSUBSCRIBED: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recorders() -> None:
+    """Test applications record their callbacks in module-level lists; start each test empty."""
+    from tests.client_support import SlowChannel
+
+    UNSUBSCRIBED.clear()
+    SlowChannel.intervals.clear()
+
+
+@pytest.fixture
+def unsubscribed() -> list[str]:
+    """The identifiers whose ``unsubscribed`` ran during this test, in order."""
+    return UNSUBSCRIBED
+
+
+async def eventually(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str | None = None
+) -> None:
+    """Wait until ``predicate()`` is true.  The timeout is a deadline for a hung test, not a
+    measurement: it is generous so that a loaded machine does not fail a correct server."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"not true after {timeout} s: {what or predicate}")
 
 
 def make_app() -> CableApp:
