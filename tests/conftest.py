@@ -189,9 +189,25 @@ class CableClient:
         )
 
     async def expect_silence(self, seconds: float = 0.3) -> None:
+        """Nothing arrives for *seconds*.  Prefer :meth:`expect_nothing_before_echo`, which
+        needs no timing; this is for what can only be observed as silence (e.g. traffic that
+        crosses another node)."""
         with trio.move_on_after(seconds):
             message = await self.recv()
             raise AssertionError(f"expected nothing, got {message!r}")
+
+    async def expect_nothing_before_echo(self, ident: str) -> None:
+        """Nothing was sent to this client so far: an ``echo`` on *ident* (a subscribed
+        ``EchoChannel``) is answered by the very next message.  The server handles one
+        connection's commands in order, and a broadcast awaited before is already written,
+        so anything owed to this client comes before that answer: no silence window to
+        time, on a quiet or a loaded machine."""
+        marker = os.urandom(4).hex()
+        await self.perform(ident, "echo", marker=marker)
+        message = await self.recv()
+        assert message == {"identifier": ident, "message": {"action": "echo", "marker": marker}}, (
+            f"expected nothing before the echo, got {message!r}"
+        )
 
 
 ClientFactory = Callable[..., Any]
