@@ -4,6 +4,7 @@ client and the server."""
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,39 @@ def needs_server(*features: str) -> Any:
     return pytest.mark.skipif(
         bool(missing), reason=f"server lacks {', '.join(missing)} (Server.features; issue 4)"
     )
+
+
+class LoopLag:
+    """How late this event loop runs a short timer, sampled all the time.
+
+    A task due at time *t* runs when the loop gets to it: on a busy machine (other processes
+    on the CPU, a full garbage collection, a long batch of other ready tasks) that can be
+    hundreds of milliseconds later.  A time measured in a test is only as exact as the loop
+    was punctual around it, and these samples say how punctual it was, and when.  Run it with
+    ``nursery.start_soon(lag.run)`` and end it with ``lag.stop()``."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        #: (when the probe ran, how late it ran), in time order.
+        self.samples: list[tuple[float, float]] = []
+        self._scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self._scope:
+            while True:
+                due = trio.current_time() + self.interval
+                await trio.sleep_until(due)
+                now = trio.current_time()
+                self.samples.append((now, now - due))
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    def worst(self, start: float, end: float) -> float:
+        """The worst lateness of the probe runs between *start* and *end* (0 if none)."""
+        times = [t for t, _ in self.samples]
+        lo, hi = bisect.bisect_left(times, start), bisect.bisect_right(times, end)
+        return max((late for _, late in self.samples[lo:hi]), default=0.0)
 
 
 class SlowChannel(Channel):
