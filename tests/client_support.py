@@ -76,6 +76,17 @@ class SlowChannel(Channel):
         self.stream_from(str(self.params.get("stream", "slow")))
 
 
+class GateChannel(Channel):
+    """``subscribed`` waits until the test sets ``GateChannel.gate`` (a fresh, closed one in
+    every test): a subscription that is pending for exactly as long as the test wants."""
+
+    gate = trio.Event()
+
+    async def subscribed(self) -> None:
+        await GateChannel.gate.wait()
+        self.stream_from("gate")
+
+
 class PlainChannel(Channel):
     """Streams from ``params["stream"]``; no transmissions of its own.  Actions ``kick``
     (server-initiated disconnect with the given advice) and ``echo``."""
@@ -97,7 +108,7 @@ class PlainChannel(Channel):
 
 def client_app() -> CableApp:
     app = CableApp()
-    for cls in (EchoChannel, SlowChannel, PlainChannel):
+    for cls in (EchoChannel, SlowChannel, GateChannel, PlainChannel):
         app.channel(cls)
 
     @app.connect

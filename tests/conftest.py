@@ -62,10 +62,11 @@ UNSUBSCRIBED: list[str] = []
 @pytest.fixture(autouse=True)
 def _fresh_recorders() -> None:
     """Test applications record their callbacks in module-level lists; start each test empty."""
-    from tests.client_support import SlowChannel
+    from tests.client_support import GateChannel, SlowChannel
 
     UNSUBSCRIBED.clear()
     SlowChannel.intervals.clear()
+    GateChannel.gate = trio.Event()
 
 
 @pytest.fixture
