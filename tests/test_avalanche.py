@@ -284,6 +284,7 @@ async def test_pending_handshakes_cap_answers_at_once(nursery, config):
     assert await _open_welcomed(server.port)
 
 
+@pytest.mark.slow  # five 0.4 s stalls, then seconds of recovery: ~7.5 s
 async def test_adaptive_admission_backs_off_under_loop_lag(nursery, config):
     from trio_cable import CableApp, Channel
 

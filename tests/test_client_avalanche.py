@@ -23,6 +23,9 @@ import trio
 from tests.client_support import SERVER_FEATURES, LoopLag, RestartableServer
 from trio_cable.client import Backoff, CableEvent, open_cable
 
+# 200 clients, a server crash and 200 reconnections per test: ~2.5 s each, CPU-bound.
+pytestmark = pytest.mark.slow
+
 CLIENTS = 200
 # A reconnect attempt may be this much later than its timer, beyond the loop's own measured
 # lateness around it: the probe and the client run in the same batches of ready tasks, so the

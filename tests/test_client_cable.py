@@ -274,6 +274,7 @@ async def test_refused_handshakes_count_as_attempts(server: Server, proxy: TapPr
     assert [e.attempt for e in events2.of("connecting")] == [1, 2, 3]
 
 
+@pytest.mark.slow  # 1.2 s alive, 2 s to notice, then the reconnection: ~4 s
 async def test_stale_connection_is_replaced(server: Server, proxy: TapProxy) -> None:
     events = Recorder()
     lag = LoopLag()

@@ -126,6 +126,7 @@ async def test_slow_reader_is_cut_off_with_too_slow_while_others_receive(nursery
             await trio.sleep(0.01)
 
 
+@pytest.mark.slow  # pings every second, a 1 s pong timeout, then 1.5 s of staying: ~4.5 s
 async def test_no_pong_disconnects_silent_ext_clients(nursery, config, connect):
     config.pong_timeout = 1.0
     server = await nursery.start(Server(config, make_app()).serve)

@@ -350,6 +350,7 @@ def test_cli_exits_non_zero_when_redis_is_unreachable():
     assert f"cannot connect to redis://127.0.0.1:{port}/0" in result.stderr
 
 
+@pytest.mark.slow  # a stalled Redis, its timeouts and its recovery: ~2 s
 async def test_stalled_redis_is_detected_and_commands_time_out(nursery, redis):
     broker = make_broker(redis)
     await nursery.start(broker.run)
@@ -408,7 +409,9 @@ async def _cancel_blocking_reads(client: Any, count: int) -> None:
             await client.blpop(["nothing"], timeout=0)
 
 
-@pytest.mark.parametrize("pool_class", ["coredis", "broker"])
+# The reproductions of coredis' own behaviours wait out their stalls: slow (the broker's
+# workaround runs in the quick loop).
+@pytest.mark.parametrize("pool_class", [pytest.param("coredis", marks=pytest.mark.slow), "broker"])
 async def test_cancelled_blocking_reads_leak_pool_slots(pool_class, redis):
     """coredis 6.9: each cancelled BLPOP loses a pool slot; then every command waits
     forever (no pool timeout by default).  The broker's pool gives the slot back."""
@@ -422,6 +425,7 @@ async def test_cancelled_blocking_reads_leak_pool_slots(pool_class, redis):
         assert scope.cancelled_caught is (pool_class == "coredis")
 
 
+@pytest.mark.slow
 async def test_coredis_default_retries_repeat_a_write_after_a_timeout(redis):
     """coredis 6.9's default retry policy re-sends after a timeout: one INCR applied 3
     times.  The broker's client never retries writes (see the publish test above)."""
@@ -438,6 +442,7 @@ async def test_coredis_default_retries_repeat_a_write_after_a_timeout(redis):
         assert await client.get("counter") == b"3"
 
 
+@pytest.mark.slow
 async def test_coredis_cancelled_write_is_still_applied_and_no_timeout_by_default(redis):
     client = coredis.Redis.from_url(redis.url)  # no timeouts at all by default
     async with client:
@@ -453,6 +458,7 @@ async def test_coredis_cancelled_write_is_still_applied_and_no_timeout_by_defaul
         assert await client.get("counter") == b"1"  # cancelled, yet applied
 
 
+@pytest.mark.slow
 async def test_coredis_pubsub_reconnects_silently_and_loses_messages(redis):
     """With its default retry policy the pub/sub helper resubscribes by itself and says
     nothing about what was published meanwhile: the broker does its own reconnecting and
