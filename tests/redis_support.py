@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import trio
+
 REDIS_SERVER = shutil.which("redis-server")
 SKIP_REASON = "redis-server is not installed (apt-get install redis-server)"
 
@@ -90,3 +92,59 @@ class RedisProcess:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(payload)
             return sock.recv(1 << 16)
+
+
+class CuttableProxy:
+    """A TCP proxy in front of Redis whose link the test controls: ``cut()`` drops every
+    proxied connection and refuses new ones (accepted, then closed) until ``restore()``.
+    Unlike stopping Redis, the moment a client can get back in is the test's to choose."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.refusing = False
+        self._scopes: set[trio.CancelScope] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[CuttableProxy] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self._handle, listeners)
+
+    def cut(self) -> None:
+        self.refusing = True
+        for scope in self._scopes:
+            scope.cancel()
+
+    def restore(self) -> None:
+        self.refusing = False
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        if self.refusing:
+            await client.aclose()
+            return
+        upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        scope = trio.CancelScope()
+        self._scopes.add(scope)
+
+        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+            try:
+                while data := await source.receive_some(65536):
+                    await sink.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            scope.cancel()  # one side ended: end the other
+
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, upstream)
+                nursery.start_soon(pump, upstream, client)
+        self._scopes.discard(scope)
+        await upstream.aclose()
+        await client.aclose()
