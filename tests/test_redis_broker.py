@@ -22,8 +22,8 @@ from tests.procs import ROOT, cli_command
 from tests.redis_support import (
     REDIS_SERVER,
     SKIP_REASON,
-    CuttableProxy,
     RedisProcess,
+    RedisProxy,
     free_port,
 )
 from trio_cable import Config, Server
@@ -49,12 +49,13 @@ def redis(tmp_path: Path) -> Any:
     proc.stop()
 
 
+# Short, for quick fault tests, but not so short that a busy machine trips them: the link
+# is declared lost after 3 heartbeats + command_timeout (1.6 s) without a message.
+BROKER_OPTIONS: dict[str, Any] = {"heartbeat": 0.2, "command_timeout": 1.0, "connect_timeout": 0.5}
+
+
 def make_broker(redis: RedisProcess, **kwargs: Any) -> RedisBroker:
-    # Short, for quick fault tests, but not so short that a busy machine trips them: the link
-    # is declared lost after 3 heartbeats + command_timeout (1.6 s) without a message.
-    options: dict[str, Any] = {"heartbeat": 0.2, "command_timeout": 1.0, "connect_timeout": 0.5}
-    options.update(kwargs)
-    return RedisBroker(redis.url, **options)
+    return RedisBroker(redis.url, **{**BROKER_OPTIONS, **kwargs})
 
 
 @pytest.fixture
@@ -140,27 +141,17 @@ async def test_session_created_on_a_resumes_on_b_with_exactly_the_missed_message
 
 
 async def test_resume_while_other_nodes_keep_publishing_is_exactly_once_in_order(
-    start_nodes, nursery
+    start_nodes, nursery, redis
 ):
-    """History and pub/sub race: node B's pub/sub copies arrive 0.2 s late, so its history
-    reads see messages it has not delivered yet; the read barrier keeps them from arriving
-    twice (as history, then live)."""
-    a, b = await start_nodes(2)
-    dispatch = b.broker._dispatch
-
-    send, receive = trio.open_memory_channel[tuple[float, str, Any]](float("inf"))
-
-    def late_dispatch(channel: str, data: Any) -> None:
-        send.send_nowait((trio.current_time() + 0.2, channel, data))
-
-    async def in_order_later() -> None:
-        async for due, channel, data in receive:
-            await trio.sleep_until(due)
-            dispatch(channel, data)
-
-    nursery.start_soon(in_order_later)
-
-    b.broker._dispatch = late_dispatch  # type: ignore[method-assign]
+    """History and pub/sub race: node B's pub/sub copies arrive 0.2 s late (its pub/sub
+    connection goes through a delaying proxy), so its history reads see messages it has not
+    delivered yet; the read barrier keeps them from arriving twice (as history, then live).
+    (The delay used to be a monkeypatch of the broker's private ``_dispatch``.)"""
+    (a,) = await start_nodes(1)
+    slow_link = await nursery.start(RedisProxy(redis.port, pubsub_delay=0.2).serve)
+    config = Config(port=0, secret="s3Krit", close_timeout=1.0, sessions_ttl=30)
+    broker = RedisBroker(slow_link.url, **BROKER_OPTIONS)
+    b = await nursery.start(Server(config, make_app(), broker=broker).serve)
     ident = identifier(stream="busy")
     total = 150
     # The first connection is a raw WebSocket client, so that it can wait for the server to
@@ -473,7 +464,7 @@ async def test_coredis_pubsub_reconnects_silently_and_loses_messages(redis, nurs
     The link is cut by a proxy, not by restarting Redis: after a restart the client may be
     back before the first publication (it was, on a busy machine), and then nothing is lost
     to show.  Here a publication is made while Redis itself says nobody is subscribed."""
-    proxy = await nursery.start(CuttableProxy(redis.port).serve)
+    proxy = await nursery.start(RedisProxy(redis.port).serve)
     client = coredis.Redis.from_url(proxy.url, stream_timeout=1, connect_timeout=1)
     got: list[bytes] = []
     async with client, client.pubsub(channels=["ch"], ignore_subscribe_messages=True) as ps:
