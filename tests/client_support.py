@@ -78,13 +78,16 @@ class SlowChannel(Channel):
 
 class GateChannel(Channel):
     """``subscribed`` waits until the test sets ``GateChannel.gate`` (a fresh, closed one in
-    every test): a subscription that is pending for exactly as long as the test wants."""
+    every test): a subscription that is pending for exactly as long as the test wants.
+    ``passed`` counts the ``subscribed`` calls that got through (emptied per test too)."""
 
     gate = trio.Event()
+    passed: list[str] = []
 
     async def subscribed(self) -> None:
         await GateChannel.gate.wait()
         self.stream_from("gate")
+        GateChannel.passed.append(self.identifier)
 
 
 class PlainChannel(Channel):

@@ -67,6 +67,7 @@ def _fresh_recorders() -> None:
     UNSUBSCRIBED.clear()
     SlowChannel.intervals.clear()
     GateChannel.gate = trio.Event()
+    GateChannel.passed.clear()
 
 
 @pytest.fixture
