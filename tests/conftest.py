@@ -11,10 +11,17 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+from hypothesis import settings
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trio_cable import CableApp, Channel, Config, ConnectRequest, Server, Unauthorized
 from trio_cable.protocol import frames
+
+# Property tests check results, not speed: hypothesis' default deadline (200 ms per example)
+# fails them on a loaded machine ("DeadlineExceeded", then "Unreliable test timings" when
+# the replay is quick).  Every @given/@settings inherits this profile.
+settings.register_profile("trio_cable", deadline=None)
+settings.load_profile("trio_cable")
 
 SECRET = "s3Krit"
 JSON_PROTOCOLS = ["actioncable-v1-json", "actioncable-v1-ext-json"]
