@@ -4,6 +4,7 @@ client and the server."""
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,39 @@ def needs_server(*features: str) -> Any:
     )
 
 
+class LoopLag:
+    """How late this event loop runs a short timer, sampled all the time.
+
+    A task due at time *t* runs when the loop gets to it: on a busy machine (other processes
+    on the CPU, a full garbage collection, a long batch of other ready tasks) that can be
+    hundreds of milliseconds later.  A time measured in a test is only as exact as the loop
+    was punctual around it, and these samples say how punctual it was, and when.  Run it with
+    ``nursery.start_soon(lag.run)`` and end it with ``lag.stop()``."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        #: (when the probe ran, how late it ran), in time order.
+        self.samples: list[tuple[float, float]] = []
+        self._scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self._scope:
+            while True:
+                due = trio.current_time() + self.interval
+                await trio.sleep_until(due)
+                now = trio.current_time()
+                self.samples.append((now, now - due))
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    def worst(self, start: float, end: float) -> float:
+        """The worst lateness of the probe runs between *start* and *end* (0 if none)."""
+        times = [t for t, _ in self.samples]
+        lo, hi = bisect.bisect_left(times, start), bisect.bisect_right(times, end)
+        return max((late for _, late in self.samples[lo:hi]), default=0.0)
+
+
 class SlowChannel(Channel):
     """``subscribed`` takes ``params["delay"]`` seconds; records its intervals per connection."""
 
@@ -40,6 +74,20 @@ class SlowChannel(Channel):
         await trio.sleep(float(self.params.get("delay", 0.05)))
         SlowChannel.intervals.append((self.identifier, start, trio.current_time()))
         self.stream_from(str(self.params.get("stream", "slow")))
+
+
+class GateChannel(Channel):
+    """``subscribed`` waits until the test sets ``GateChannel.gate`` (a fresh, closed one in
+    every test): a subscription that is pending for exactly as long as the test wants.
+    ``passed`` counts the ``subscribed`` calls that got through (emptied per test too)."""
+
+    gate = trio.Event()
+    passed: list[str] = []
+
+    async def subscribed(self) -> None:
+        await GateChannel.gate.wait()
+        self.stream_from("gate")
+        GateChannel.passed.append(self.identifier)
 
 
 class PlainChannel(Channel):
@@ -63,7 +111,7 @@ class PlainChannel(Channel):
 
 def client_app() -> CableApp:
     app = CableApp()
-    for cls in (EchoChannel, SlowChannel, PlainChannel):
+    for cls in (EchoChannel, SlowChannel, GateChannel, PlainChannel):
         app.channel(cls)
 
     @app.connect

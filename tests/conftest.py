@@ -11,10 +11,17 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+from hypothesis import settings
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from trio_cable import CableApp, Channel, Config, ConnectRequest, Server, Unauthorized
 from trio_cable.protocol import frames
+
+# Property tests check results, not speed: hypothesis' default deadline (200 ms per example)
+# fails them on a loaded machine ("DeadlineExceeded", then "Unreliable test timings" when
+# the replay is quick).  Every @given/@settings inherits this profile.
+settings.register_profile("trio_cable", deadline=None)
+settings.load_profile("trio_cable")
 
 SECRET = "s3Krit"
 JSON_PROTOCOLS = ["actioncable-v1-json", "actioncable-v1-ext-json"]
@@ -54,7 +61,38 @@ class EchoChannel(Channel):
         UNSUBSCRIBED.append(self.identifier)
 
 
+#: Identifiers whose ``unsubscribed`` ran, in order.  Emptied before every test (see
+#: ``_fresh_recorders``): a call left over from an earlier test must never satisfy a later one.
 UNSUBSCRIBED: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _fresh_recorders() -> None:
+    """Test applications record their callbacks in module-level lists; start each test empty."""
+    from tests.client_support import GateChannel, SlowChannel
+
+    UNSUBSCRIBED.clear()
+    SlowChannel.intervals.clear()
+    GateChannel.gate = trio.Event()
+    GateChannel.passed.clear()
+
+
+@pytest.fixture
+def unsubscribed() -> list[str]:
+    """The identifiers whose ``unsubscribed`` ran during this test, in order."""
+    return UNSUBSCRIBED
+
+
+async def eventually(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str | None = None
+) -> None:
+    """Wait until ``predicate()`` is true.  The timeout is a deadline for a hung test, not a
+    measurement: it is generous so that a loaded machine does not fail a correct server."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"not true after {timeout} s: {what or predicate}")
 
 
 def make_app() -> CableApp:
@@ -160,9 +198,25 @@ class CableClient:
         )
 
     async def expect_silence(self, seconds: float = 0.3) -> None:
+        """Nothing arrives for *seconds*.  Prefer :meth:`expect_nothing_before_echo`, which
+        needs no timing; this is for what can only be observed as silence (e.g. traffic that
+        crosses another node)."""
         with trio.move_on_after(seconds):
             message = await self.recv()
             raise AssertionError(f"expected nothing, got {message!r}")
+
+    async def expect_nothing_before_echo(self, ident: str) -> None:
+        """Nothing was sent to this client so far: an ``echo`` on *ident* (a subscribed
+        ``EchoChannel``) is answered by the very next message.  The server handles one
+        connection's commands in order, and a broadcast awaited before is already written,
+        so anything owed to this client comes before that answer: no silence window to
+        time, on a quiet or a loaded machine."""
+        marker = os.urandom(4).hex()
+        await self.perform(ident, "echo", marker=marker)
+        message = await self.recv()
+        assert message == {"identifier": ident, "message": {"action": "echo", "marker": marker}}, (
+            f"expected nothing before the echo, got {message!r}"
+        )
 
 
 ClientFactory = Callable[..., Any]

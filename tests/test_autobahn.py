@@ -16,6 +16,8 @@ from tests.procs import running_server
 
 kosoku = pytest.importorskip("kosoku", reason="kosoku (the Autobahn runner) is a dev dependency")
 
+pytestmark = pytest.mark.slow  # two server processes, ~300 cases each: ~10 s
+
 CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*"]
 ACCEPTED = {"OK", "NON-STRICT", "INFORMATIONAL"}
 ACCEPTED_CLOSE = {"OK", "INFORMATIONAL"}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
 import trio
 
-from tests.conftest import RawClient, make_app
+from tests.conftest import RawClient, eventually, make_app
 from trio_cable import Config, Server
 from trio_cable.protocol import frames
 from trio_cable.server.admission import AdaptiveLimits, TokenBucket, reconnect_after_ms, retry_after
@@ -69,7 +70,9 @@ async def test_drain_spreads_500_disconnects_over_the_period(nursery, config):
         for client in clients:
             watchers.start_soon(watch, client)
         watchers.start_soon(server.drain)
-        await trio.sleep(0.3)
+        # Once the first client is told to go, the drain has begun (and a draining server
+        # keeps refusing after it finished, so no race with its end).
+        await eventually(lambda: received)
         # While draining: new handshakes get 503 + Retry-After, /health is 503.
         status, headers, _ = await _http(
             server.port,
@@ -84,10 +87,18 @@ async def test_drain_spreads_500_disconnects_over_the_period(nursery, config):
 
     assert len(received) == 500
     times = sorted(t - start for t, _, _ in received)
-    # Spread over the period, not all at once: the first tenth and the last tenth are more than
-    # a second apart, and nobody waited much past the period.
-    assert times[450] - times[50] > 1.2, (times[50], times[450])
-    assert times[-1] < 2.0 + 1.0
+    # Spread over the period, not all at once: the drain paces its batches by the clock (a
+    # batch every 0.05 s, up to ceil(500 * (elapsed + 0.05) / 2.0) disconnected so far), and a
+    # client learns of its disconnect only after it was sent.  So, measured here, the k-th
+    # disconnect cannot arrive before the schedule allowed it; a busy machine can only make
+    # it later.  (It was "the first and last tenth > 1.2 s apart", which a stall of the loop
+    # could break: the drain catches up after one, in a bunch.)
+    for k, t in enumerate(times):
+        assert k + 1 <= math.ceil(500 * (t + 0.05) / 2.0), (k, t)
+    assert times[-1] >= 2.0 - 0.05
+    # Nobody waited much past the period: a sanity bound for a loaded machine (waiting for
+    # every close in turn, or for shutdown_timeout, would take far longer).
+    assert times[-1] < 2.0 + 8.0
     advice = []
     for _, message, code in received:
         assert code == 1001
@@ -98,12 +109,13 @@ async def test_drain_spreads_500_disconnects_over_the_period(nursery, config):
     assert all(0 <= a <= 3000 for a in advice)
     assert len(set(advice)) > 400
     assert max(advice) - min(advice) > 2000
-    with trio.fail_after(5):
-        while server.connections:
-            await trio.sleep(0.01)
+    await eventually(lambda: not server.connections, timeout=15)
     assert server.metrics.drained_total == 500
     assert server.metrics.labeled["disconnect_reasons_total"]["server_restart"] == 500
-    assert server.drainer.finished.is_set()
+    # (It also asserted server.drainer.finished.is_set(), true by construction once drain()
+    # had returned.)  The drain is over, and the node still says it is draining.
+    status, _, body = await _http(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 503 and json.loads(body)["status"] == "draining"
 
 
 async def test_drain_rate_caps_disconnects_per_second(nursery, config):
@@ -169,7 +181,8 @@ async def test_second_request_hurries_the_drain(nursery, config):
     nursery.start_soon(server.drain)
     await trio.sleep(0.2)
     server.drain_now()
-    with trio.fail_after(3):
+    # Without the hurry, 20 clients over 30 s take 28 s; 10 s is a deadline, not a timing.
+    with trio.fail_after(10):
         for client in clients:
             _, code = await client.read_until_close()
             assert code == 1001
@@ -187,7 +200,7 @@ async def test_sigterm_drains_then_exits():
         async with open_websocket_url(url, subprotocols=["actioncable-v1-json"]) as ws:
             assert json.loads(await ws.get_message())["type"] == "welcome"
             proc.send_signal(signal.SIGTERM)
-            with trio.fail_after(5):
+            with trio.fail_after(15):
                 while True:
                     message = json.loads(await ws.get_message())
                     if message["type"] == "disconnect":
@@ -205,7 +218,7 @@ async def test_sigterm_drains_then_exits():
 
 
 async def test_handshake_rate_refuses_with_retry_after_and_recovers(nursery, config):
-    config.handshake_rate = 20.0
+    rate = config.handshake_rate = 5.0  # burst 5
     config.adaptive_admission = False
     server = await nursery.start(Server(config).serve)
     statuses: list[int] = []
@@ -221,16 +234,20 @@ async def test_handshake_rate_refuses_with_retry_after_and_recovers(nursery, con
             retry.append(int(line.split(b":")[1]))
         await client.aclose()
 
+    start = trio.current_time()
     async with trio.open_nursery() as n:
         for _ in range(60):
             n.start_soon(attempt)
-    assert statuses.count(101) <= 25  # the burst, plus what refills meanwhile
-    assert statuses.count(503) >= 30
+    elapsed = trio.current_time() - start
+    # The full bucket, plus what refilled while the 60 were handled: measured, since a busy
+    # machine takes longer over them (the fixed "<= 25" at rate 20 broke past 0.25 s).
+    assert rate <= statuses.count(101) <= rate + math.floor(rate * elapsed) + 1, elapsed
+    assert statuses.count(503) == 60 - statuses.count(101) > 0
     assert all(r >= 1 for r in retry)
     assert server.metrics.labeled["handshakes_refused_total"]["handshake_rate"] == statuses.count(
         503
     )
-    await trio.sleep(1.1)
+    await trio.sleep(1.1)  # 5.5 tokens; longer only adds
     _client, head = await RawClient.open(server.port)
     assert head.startswith(b"HTTP/1.1 101")
 
@@ -253,22 +270,20 @@ async def test_pending_handshakes_cap_answers_at_once(nursery, config):
     config.max_pending_handshakes = 3
     server = await nursery.start(Server(config).serve)
     idle = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(3)]
-    with trio.fail_after(5):
-        while server.pending_handshakes < 3:
-            await trio.sleep(0.01)
+    await eventually(lambda: server.metrics.value("pending_handshakes") == 3)
     extra = await trio.open_tcp_stream("127.0.0.1", server.port)
-    with trio.fail_after(2):
+    # "At once" as opposed to after the 10 s handshake timeout.
+    with trio.fail_after(5):
         data = await extra.receive_some(4096)
     assert data.startswith(b"HTTP/1.1 503")
     assert b"retry-after" in data.lower()
     for stream in idle:
         await stream.aclose()
-    with trio.fail_after(5):
-        while server.pending_handshakes:
-            await trio.sleep(0.01)
+    await eventually(lambda: server.metrics.value("pending_handshakes") == 0)
     assert await _open_welcomed(server.port)
 
 
+@pytest.mark.slow  # five 0.4 s stalls, then seconds of recovery: ~7.5 s
 async def test_adaptive_admission_backs_off_under_loop_lag(nursery, config):
     from trio_cable import CableApp, Channel
 
@@ -295,14 +310,15 @@ async def test_adaptive_admission_backs_off_under_loop_lag(nursery, config):
             json.dumps({"command": "message", "identifier": ident, "data": data}).encode(),
         )
         await trio.sleep(0.6)
-    assert server.metrics.admission_decreases_total >= 1
-    assert server.handshake_bucket.rate < 1000
-    assert server.callback_limiter.total_tokens < config.callback_concurrency
+    metrics = server.metrics  # the gauges /metrics exports
+    assert metrics.admission_decreases_total >= 1
+    assert metrics.value("handshake_rate_limit") < 1000
+    assert metrics.value("callback_concurrency_limit") < config.callback_concurrency
     # ... and grows back when the loop is healthy again.
     await trio.sleep(1.2)  # the window holding the last hog has been observed
-    low = server.handshake_bucket.rate
+    low = metrics.value("handshake_rate_limit")
     await trio.sleep(2.5)
-    assert server.handshake_bucket.rate > low
+    assert metrics.value("handshake_rate_limit") > low
 
 
 def test_token_bucket():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,12 +15,15 @@ import trio
 
 from tests.client_support import (
     SECRET,
+    GateChannel,
+    LoopLag,
     RestartableServer,
     SlowChannel,
     TapProxy,
     client_app,
     client_config,
 )
+from tests.conftest import eventually
 from trio_cable import Server
 from trio_cable.client import (
     Backoff,
@@ -27,8 +32,8 @@ from trio_cable.client import (
     MessagesDropped,
     SubscribeTimeout,
     SubscriptionRejected,
-    open_cable,
 )
+from trio_cable.client import open_cable as _open_cable
 from trio_cable.streams import sign_stream
 
 ALL_PROTOCOLS = [
@@ -38,6 +43,18 @@ ALL_PROTOCOLS = [
     "actioncable-v1-ext-msgpack",
 ]
 FAST = Backoff("full_jitter", base=0.05, cap=0.2)
+
+
+def open_cable(url: str, **options: Any) -> Any:
+    """The client's ``open_cable`` with a ``close_timeout`` of 0.2 s instead of 1 s.
+
+    Leaving a cable never completes the close handshake today (the server answers at once;
+    see ``test_leaving_a_cable_completes_the_close_handshake``), so every exit waits out
+    ``close_timeout`` and ends with the stream closed, whatever its length: this costs each
+    test here 1 s of nothing, and a shorter bound changes nothing else.  Remove it with the
+    fix."""
+    options.setdefault("close_timeout", 0.2)
+    return _open_cable(url, **options)
 
 
 @pytest.fixture
@@ -150,6 +167,23 @@ async def test_server_disconnect_with_reconnect_false_raises_in_subscriptions(
             await cable.subscribe("PlainChannel", {"x": 1})
 
 
+@pytest.mark.slow  # waits out a 2 s close timeout while the bug lasts
+@pytest.mark.xfail(
+    strict=True,
+    reason="client bug: leaving a cable waits out close_timeout although the server answers "
+    "the close frame at once (likely: trio-websocket's reader task lives in the connection "
+    "nursery, which is cancelled before ws.aclose() waits for that answer); when this "
+    "passes, drop the xfail and the close_timeout wrapper above",
+)
+async def test_leaving_a_cable_completes_the_close_handshake(server: Server) -> None:
+    async with _open_cable(server.url, close_timeout=2.0) as cable:
+        await cable.subscribe("PlainChannel")
+        start = trio.current_time()
+    # The server answers a close frame at once (test_client_close_is_answered_with_the_same_code):
+    # milliseconds when the handshake completes, 2 s when it never does.
+    assert trio.current_time() - start < 1.0
+
+
 # -- reconnecting --------------------------------------------------------------------------------
 
 
@@ -240,25 +274,34 @@ async def test_refused_handshakes_count_as_attempts(server: Server, proxy: TapPr
     assert [e.attempt for e in events2.of("connecting")] == [1, 2, 3]
 
 
+@pytest.mark.slow  # 1.2 s alive, 2 s to notice, then the reconnection: ~4 s
 async def test_stale_connection_is_replaced(server: Server, proxy: TapProxy) -> None:
     events = Recorder()
-    async with open_cable(
-        proxy.url, ping_interval=1, stale_pings=2, backoff=FAST, on_event=events
-    ) as cable:
-        sub = await cable.subscribe("PlainChannel", {"stream": "st"})
-        await trio.sleep(1.2)
-        assert not events.of("stale")  # pings keep it alive
-        frozen_at = trio.current_time()
-        proxy.freeze()
-        await events.wait_for("stale", timeout=6)
-        detected = events.of("stale")[0].time - frozen_at
-        assert 1.0 <= detected <= 3.5  # 2 intervals without a message, from the last one
-        proxy.frozen = False
-        await events.wait_for("subscribed", 2)
-        await server.broadcast("st", "fresh")
-        with trio.fail_after(5):
-            assert (await sub.receive()).data == "fresh"
-        assert cable.connected
+    lag = LoopLag()
+    async with trio.open_nursery() as probe:
+        probe.start_soon(lag.run)
+        async with open_cable(
+            proxy.url, ping_interval=1, stale_pings=2, backoff=FAST, on_event=events
+        ) as cable:
+            sub = await cable.subscribe("PlainChannel", {"stream": "st"})
+            await trio.sleep(1.2)
+            assert not events.of("stale")  # pings keep it alive
+            proxy.freeze()
+            await events.wait_for("stale", timeout=15)
+            (stale,) = events.of("stale")
+            assert stale.delay == 2.0  # 2 intervals without a message ...
+            # ... counted from the last message the proxy let through (the client read it
+            # after that).  Never earlier; later only by the loop's own lateness.
+            last = proxy.taps[-1].server[-1][0]
+            assert stale.time - last >= 2.0
+            assert stale.time - last <= 2.0 + lag.worst(last, stale.time) + 0.25
+            proxy.frozen = False
+            await events.wait_for("subscribed", 2)
+            await server.broadcast("st", "fresh")
+            with trio.fail_after(5):
+                assert (await sub.receive()).data == "fresh"
+            assert cable.connected
+        lag.stop()
 
 
 # -- subscriptions -------------------------------------------------------------------------------
@@ -268,7 +311,6 @@ async def test_stale_connection_is_replaced(server: Server, proxy: TapProxy) -> 
 async def test_linearized_never_two_subscribes_in_flight(
     server: Server, proxy: TapProxy, linearized: bool
 ) -> None:
-    SlowChannel.intervals.clear()
     async with open_cable(proxy.url, linearized=linearized) as cable:
         async with trio.open_nursery() as nursery:
             for i in range(8):
@@ -279,15 +321,20 @@ async def test_linearized_never_two_subscribes_in_flight(
         assert proxy.max_in_flight == 1
     else:
         assert proxy.max_in_flight > 1
-    # The server saw eight subscribed() calls; linearized ones start only after the previous
-    # confirm crossed the network, concurrent ones back to back.
-    assert len(SlowChannel.intervals) == 8
+    # The server saw eight subscribed() calls, one per subscription.
+    assert len({ident for ident, _, _ in SlowChannel.intervals}) == 8
+    if linearized:
+        # Each one started only after the previous one had finished (its confirm had to
+        # cross the network first): causal, so no timing is needed to check it.
+        spans = sorted((start, end) for _, start, end in SlowChannel.intervals)
+        assert all(b[0] >= a[1] for a, b in itertools.pairwise(spans)), spans
 
 
 async def test_subscribe_retry_after_a_lost_subscribe(server: Server, proxy: TapProxy) -> None:
     events = Recorder()
     proxy.drop_subscribes = 1
-    async with open_cable(proxy.url, subscribe_timeout=0.3, on_event=events) as cable:
+    # The retry must be confirmed within the timeout: 1 s is a round trip on a loaded machine.
+    async with open_cable(proxy.url, subscribe_timeout=1.0, on_event=events) as cable:
         sub = await cable.subscribe("PlainChannel")
         assert sub.status == "confirmed"
     assert len(events.of("subscribe_sent")) == 2
@@ -297,13 +344,15 @@ async def test_subscribe_retry_after_a_lost_subscribe(server: Server, proxy: Tap
 async def test_subscribe_timeout_after_one_retry(server: Server) -> None:
     events = Recorder()
     async with open_cable(server.url, subscribe_timeout=0.2, on_event=events) as cable:
+        # The subscription stays pending until the gate opens, so both attempts time out
+        # however slow the machine is.  (It was a 0.8 s subscribed() against 2 x 0.2 s.)
         with pytest.raises(SubscribeTimeout):
-            await cable.subscribe("SlowChannel", {"delay": 0.8})
+            await cable.subscribe("GateChannel")
         assert len(events.of("subscribe_sent")) == 2
-        # The late confirmation is answered with an unsubscribe: the server lets it go.
-        with trio.fail_after(5):
-            while any(c.subscriptions for c in server.connections):
-                await trio.sleep(0.05)
+        GateChannel.gate.set()
+        # The late confirmation is answered with an unsubscribe: the server lets it go (its
+        # stream came, and went again).
+        await eventually(lambda: GateChannel.passed and not server.hub.subscribers("gate"))
         # Other subscriptions are unaffected.
         await cable.subscribe("PlainChannel")
 
@@ -407,20 +456,45 @@ async def test_provider_returning_expired_tokens_gives_up(jwt_server: Server) ->
     assert info.value.reason == "token_expired"
 
 
+class RecordingRandom(random.Random):
+    """A seeded ``random.Random`` that remembers every ``uniform(a, b)`` it was asked."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.draws: list[tuple[float, float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        value = super().uniform(a, b)
+        self.draws.append((a, b, value))
+        return value
+
+
 async def test_proactive_refresh_between_half_and_ninety_percent(jwt_server: Server) -> None:
     life = 2.0
     issued = time.time()
-    calls: list[float] = []
+    calls: list[tuple[float, float]] = []  # (wall clock, trio clock)
+    rng = RecordingRandom(3)
+    lag = LoopLag()
 
     def provider() -> str:
-        calls.append(time.time())
+        calls.append((time.time(), trio.current_time()))
         return token(600, "next")
 
-    async with open_cable(jwt_server.url, token=token(life, iat=issued), token_provider=provider):
-        with trio.fail_after(5):
-            while not calls:
-                await trio.sleep(0.02)
-    # iat is whole seconds: the window is [iat + 50%, iat + 90%] of exp - iat.
+    async with trio.open_nursery() as probe:
+        probe.start_soon(lag.run)
+        async with open_cable(
+            jwt_server.url, token=token(life, iat=issued), token_provider=provider, rng=rng
+        ):
+            with trio.fail_after(15):
+                while not calls:
+                    await trio.sleep(0.02)
+        lag.stop()
+    # A point drawn in [50 %, 90 %] of the life (iat is whole seconds: exp - iat) ...
+    low, high, fraction = rng.draws[0]  # (the next draws plan the fresh token's refresh)
+    assert (low, high) == (0.5, 0.9)
     iat = int(issued)
-    span = issued + life - iat
-    assert iat + 0.5 * span - 0.05 <= calls[0] <= iat + 0.9 * span + 0.3
+    planned = iat + (issued + life - iat) * fraction
+    # ... and the refresh came then: not before (the wall clock and trio's sleep agree to a
+    # few ms), and later only by the loop's own lateness.
+    wall, mono = calls[0]
+    assert planned - 0.05 <= wall <= planned + lag.worst(mono - 5, mono + 0.5) + 0.25

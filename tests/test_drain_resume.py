@@ -14,6 +14,7 @@ import json
 import os
 import struct
 
+import pytest
 import trio
 
 from tests.conftest import SECRET
@@ -103,6 +104,12 @@ class LeanClient:
                     return message
 
 
+# 2,000 clients and two servers in one process: ~20 s, more on a busy machine.  On a busy
+# machine it also finds a real server bug: a few clients get messages out of order across
+# the resume ([0, 1, 2, 3, 4, 13, 14, 5, 6, ...]; the server holds live broadcasts for a
+# fixed 2 s after a restore, and a client that asks its history later gets live ones first).
+# The ordering assertion stays as it is: the fix belongs in the server.
+@pytest.mark.slow
 async def test_drain_of_2000_clients_under_broadcast_loses_nothing_for_resuming_clients(nursery):
     broker = MemoryBroker(history_limit=MESSAGES + 10, history_ttl=600)
     base = dict(

@@ -35,7 +35,10 @@ def node_major() -> int:
         return 0
 
 
-pytestmark = pytest.mark.skipif(node_major() < 20, reason="interop tests need Node >= 20")
+pytestmark = [
+    pytest.mark.skipif(node_major() < 20, reason="interop tests need Node >= 20"),
+    pytest.mark.slow,  # a Node process per test (and npm ci on a fresh checkout)
+]
 
 
 @pytest.fixture(scope="session")

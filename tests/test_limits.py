@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import socket
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tests.conftest import SECRET, RawClient, identifier, make_app
+from tests.conftest import SECRET, RawClient, eventually, identifier, make_app
 from trio_cable import Server
 from trio_cable.protocol import frames
 
 
 async def test_command_rate_limit_answers_every_subscribe(nursery, config, connect):
-    config.command_rate = 5.0  # burst 10
+    rate = config.command_rate = 5.0  # burst 10
     server = await nursery.start(Server(config, make_app()).serve)
     from trio_websocket import open_websocket_url
 
@@ -24,16 +25,20 @@ async def test_command_rate_limit_answers_every_subscribe(nursery, config, conne
     ) as ws:
         await ws.get_message()
         idents = [identifier(stream=f"s{i}") for i in range(30)]
+        start = trio.current_time()
         for ident in idents:
             await ws.send_message(json.dumps({"command": "subscribe", "identifier": ident}))
         answers: dict[str, str] = {}
-        with trio.fail_after(5):
+        with trio.fail_after(15):
             while len(answers) < 30:
                 message = json.loads(await ws.get_message())
                 if message.get("type") in ("confirm_subscription", "reject_subscription"):
                     answers[message["identifier"]] = message["type"]
+        elapsed = trio.current_time() - start
         confirmed = sum(1 for t in answers.values() if t == "confirm_subscription")
-        assert 10 <= confirmed <= 14
+        # The burst, plus what refilled while the server worked through them: bounded by the
+        # time measured around it (the fixed "<= 14" broke once that took over 0.8 s).
+        assert 2 * rate <= confirmed <= 2 * rate + math.floor(rate * elapsed) + 1, elapsed
         assert server.metrics.rate_limited_commands_total == 30 - confirmed
         # The bucket refills: after a second, commands work again.
         await trio.sleep(1.0)
@@ -121,6 +126,7 @@ async def test_slow_reader_is_cut_off_with_too_slow_while_others_receive(nursery
             await trio.sleep(0.01)
 
 
+@pytest.mark.slow  # pings every second, a 1 s pong timeout, then 1.5 s of staying: ~4.5 s
 async def test_no_pong_disconnects_silent_ext_clients(nursery, config, connect):
     config.pong_timeout = 1.0
     server = await nursery.start(Server(config, make_app()).serve)
@@ -141,14 +147,16 @@ async def test_no_pong_disconnects_silent_ext_clients(nursery, config, connect):
 
         async with trio.open_nursery() as n:
             n.start_soon(answer_pings)
-            with trio.fail_after(6):
+            with trio.fail_after(15):
                 while True:
                     message = json.loads(await silent.get_message())
                     if message["type"] == "disconnect":
                         break
             assert message == {"type": "disconnect", "reason": "no_pong", "reconnect": True}
+            await eventually(lambda: len(server.connections) == 2)
+            # Polite and plain (plain needs no pongs) stay for longer than a pong timeout.
             await trio.sleep(1.5)
-            assert len(server.connections) == 2  # polite and plain (plain needs no pongs)
+            assert len(server.connections) == 2
             n.cancel_scope.cancel()
 
 

@@ -224,7 +224,7 @@ async def test_http_broadcast_exclude_socket(server, connect):
         body = {"stream": "ex", "data": "1", "meta": {"exclude_socket": a.welcome["sid"]}}
         assert (await _post(server, json.dumps(body).encode()))[0] == 201
         assert (await b.recv())["message"] == 1
-        await a.expect_silence()
+        await a.expect_nothing_before_echo(ident)
 
 
 @pytest.mark.parametrize(("key", "status"), [(None, 401), ("wrong", 401), (SECRET, 201)])
