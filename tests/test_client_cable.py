@@ -32,8 +32,8 @@ from trio_cable.client import (
     MessagesDropped,
     SubscribeTimeout,
     SubscriptionRejected,
+    open_cable,
 )
-from trio_cable.client import open_cable as _open_cable
 from trio_cable.streams import sign_stream
 
 ALL_PROTOCOLS = [
@@ -43,18 +43,6 @@ ALL_PROTOCOLS = [
     "actioncable-v1-ext-msgpack",
 ]
 FAST = Backoff("full_jitter", base=0.05, cap=0.2)
-
-
-def open_cable(url: str, **options: Any) -> Any:
-    """The client's ``open_cable`` with a ``close_timeout`` of 0.2 s instead of 1 s.
-
-    Leaving a cable never completes the close handshake today (the server answers at once;
-    see ``test_leaving_a_cable_completes_the_close_handshake``), so every exit waits out
-    ``close_timeout`` and ends with the stream closed, whatever its length: this costs each
-    test here 1 s of nothing, and a shorter bound changes nothing else.  Remove it with the
-    fix."""
-    options.setdefault("close_timeout", 0.2)
-    return _open_cable(url, **options)
 
 
 @pytest.fixture
@@ -167,16 +155,10 @@ async def test_server_disconnect_with_reconnect_false_raises_in_subscriptions(
             await cable.subscribe("PlainChannel", {"x": 1})
 
 
-@pytest.mark.slow  # waits out a 2 s close timeout while the bug lasts
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: leaving a cable waits out close_timeout although the server answers "
-    "the close frame at once (likely: trio-websocket's reader task lives in the connection "
-    "nursery, which is cancelled before ws.aclose() waits for that answer); when this "
-    "passes, drop the xfail and the close_timeout wrapper above",
-)
 async def test_leaving_a_cable_completes_the_close_handshake(server: Server) -> None:
-    async with _open_cable(server.url, close_timeout=2.0) as cable:
+    # It used to wait out close_timeout: trio-websocket's aclose() woke the cable's read loop,
+    # which cancelled the reader task before it could read the server's answer.
+    async with open_cable(server.url, close_timeout=2.0) as cable:
         await cable.subscribe("PlainChannel")
         start = trio.current_time()
     # The server answers a close frame at once (test_client_close_is_answered_with_the_same_code):

@@ -395,6 +395,7 @@ class Cable:
         self._closed = trio.Event()
         self._close_error: CableClosed | None = None
         self._closing = False
+        self._leaving: trio.Event | None = None  # set while the program closes the cable
         self._token_changed = trio.Event()
         if buffer_size < 1:
             raise ValueError("buffer_size must be >= 1")
@@ -695,8 +696,28 @@ class Cable:
                 # stale peer would only make us wait, so its socket is just closed
                 # (trio-websocket closes the stream when aclose is cut short).
                 with trio.move_on_after(0 if outcome.stale else self.close_timeout):
+                    if self._leaving is not None:
+                        await self._leaving.wait()  # the program's close (see _leave)
                     await ws.aclose()
             nursery.cancel_scope.cancel()
+
+    async def _leave(self) -> None:
+        """The program is done with the cable: close the connection's WebSocket while its
+        reader task still runs, so that the server's answer to the close frame is read and
+        the handshake completes at once (cancelled first, the close would wait out
+        ``close_timeout`` for an answer nobody reads)."""
+        conn = self._conn
+        if conn is None:
+            return
+        # trio-websocket's aclose() wakes our read loop at once (ConnectionClosed), before the
+        # server's answer arrives; _connection then waits for this event before it cancels the
+        # nursery that runs trio-websocket's reader, which reads that answer.
+        self._leaving = left = trio.Event()
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.close_timeout):
+                await conn.ws.aclose()
+        finally:
+            left.set()
 
     def _handshake_params(self) -> tuple[str, list[str], list[tuple[bytes, bytes]]]:
         query: dict[str, str] = {}
@@ -1040,6 +1061,7 @@ async def open_cable(
                 yield cable
             finally:
                 cable._closing = True
+                await cable._leave()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Strict exception groups wrap everything leaving a nursery; give the caller the one
