@@ -142,6 +142,9 @@ class Metrics:
             setattr(self, name, 0)
         self.labeled: dict[str, dict[str, int]] = {name: {} for name in LABELED_COUNTERS}
         self.histograms: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
+        #: The histogram every command is timed in, as an attribute: it is observed on the
+        #: path every message takes, where a dict lookup and a call less are measurable.
+        self.command_seconds = self.histograms["command_seconds"]
         self.gauges: dict[str, Callable[[], float]] = {}
         #: Counters kept elsewhere (e.g. a broker's own statistics): name -> reader.
         self.external_counters: dict[str, Callable[[], float]] = {}

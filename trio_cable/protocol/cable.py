@@ -130,7 +130,9 @@ def _json_shape_ok(text: str, max_depth: int, max_elements: int | None) -> str |
     """
     opens = text.count("[") + text.count("{")
     limit = max_elements if max_elements is not None else 1 << 62
-    if opens <= max_depth and opens + text.count(",") <= limit:
+    # Every element takes two characters at least (a digit and a comma), so a text of up to
+    # twice the limit cannot hold too many: the common case needs no count of its commas.
+    if opens <= max_depth and (len(text) <= 2 * limit or opens + text.count(",") <= limit):
         return None
     bare = _BARE_STRING.sub("0", text.replace("\\\\", "").replace('\\"', ""))
     if bare.count("[") + bare.count("{") + bare.count(",") > limit:

@@ -34,7 +34,19 @@ from trio_cable.config import Config
 from trio_cable.identity import JWTIdentifier, TokenError, token_from_request
 from trio_cable.metrics import Metrics
 from trio_cable.protocol import cable
-from trio_cable.protocol.cable import BroadcastEncoder, Command, InvalidCommand
+from trio_cable.protocol.cable import (
+    BroadcastEncoder,
+    Command,
+    History,
+    InvalidCommand,
+    Message,
+    Ping,
+    Pong,
+    Subscribe,
+    Unsubscribe,
+    decode_command,
+    parse_action,
+)
 from trio_cable.protocol.codes import CloseCode, DisconnectReason
 from trio_cable.protocol.handshake import Request
 from trio_cable.server.admission import TokenBucket
@@ -54,7 +66,7 @@ _DECODED_WHEN_LIMITED = 8192
 
 # Commands that do not end the wait for history after a restore: history itself, and the
 # keepalives (a client answers the server's pings while its history requests are on the way).
-_KEEPS_WAITING = (cable.History, cable.Ping, cable.Pong)
+_KEEPS_WAITING = (History, Ping, Pong)
 
 
 class SessionNode(Protocol):
@@ -188,9 +200,16 @@ class Session:
     # -- sending -------------------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
-        """Encode and send an Action Cable message (through the history gate)."""
+        """Encode and send an Action Cable message (through the history gate; written out
+        rather than through send_frame: this is the path of every transmission)."""
         fmt = self.format
-        self.send_frame(fmt.frame(fmt.codec.encode(message)))
+        frame = fmt.frame(fmt.codec.encode(message))
+        gate = self._gate
+        if gate is not None:
+            if gate.hold(frame):
+                self._gate_full()
+            return
+        self.transport.write(frame)
 
     def send_frame(self, frame: bytes) -> None:
         """Send a message framed in this session's format (through the history gate)."""
@@ -377,7 +396,7 @@ class Session:
             log.info("%r: a %d-byte command dropped: over the command rate", self, len(payload))
             return None
         try:
-            command = cable.decode_command(self.format.codec, payload)
+            command = decode_command(self.format.codec, payload)
         except InvalidCommand as exc:
             self._invalid(exc)
             return None
@@ -389,20 +408,23 @@ class Session:
         if gate is not None and gate.awaiting and not isinstance(command, _KEEPS_WAITING):
             # The client does something else: it is not going to ask history first.
             self.release_gate()
-        if isinstance(command, cable.Message):
-            return self._message(command, started)
-        if isinstance(command, cable.Ping):
+        # Exact types: the command classes are never subclassed, and `type() is` is the
+        # cheapest test on the path every message takes.
+        kind = type(command)
+        if kind is Message:
+            return self._message(command, started)  # type: ignore[arg-type]
+        if kind is Ping:
             self._send_now(cable.pong())  # a keepalive passes the history gate, as pings do
-        elif isinstance(command, cable.Pong):
+        elif kind is Pong:
             self.last_pong = trio.current_time()
-        elif isinstance(command, cable.Subscribe):
+        elif isinstance(command, Subscribe):
             return self._later(self._subscribe, command)
-        elif isinstance(command, cable.Unsubscribe):
+        elif isinstance(command, Unsubscribe):
             return self._later(self._unsubscribe, command)
-        elif isinstance(command, cable.History):
+        elif isinstance(command, History):
             return self._later(self._history, command.identifier, command.history)
         # Whisper: accepted and ignored.
-        metrics.observe("command_seconds", time.perf_counter() - started)
+        metrics.command_seconds.observe(time.perf_counter() - started)
         return None
 
     def _later(self, fn: Callable[..., Awaitable[None]], *args: Any) -> Work:
@@ -418,7 +440,7 @@ class Session:
             await fn(*args)
         finally:
             self._busy = False
-            self.node.metrics.observe("command_seconds", time.perf_counter() - started)
+            self.node.metrics.command_seconds.observe(time.perf_counter() - started)
         if self._pending_close is not None:
             reason, reconnect, code, after = self._pending_close
             self._pending_close = None
@@ -442,10 +464,10 @@ class Session:
 
     def _refuse_rate_limited(self, command: Command) -> None:
         # Answered, not dropped: a client waiting for a confirm must not hang.
-        if isinstance(command, cable.Subscribe):
+        if isinstance(command, Subscribe):
             if command.identifier not in self.subscriptions:
                 self._reject(command.identifier, "over the command rate")
-        elif isinstance(command, cable.History):
+        elif isinstance(command, History):
             self.node.metrics.history_rejected_total += 1
             self.send(cable.reject_history(command.identifier))
         else:
@@ -456,21 +478,22 @@ class Session:
                 self.node.config.command_rate,
             )
 
-    def _message(self, command: cable.Message, started: float) -> Work | None:
+    def _message(self, command: Message, started: float) -> Work | None:
         channel = self.subscriptions.get(command.identifier)
         if channel is None:
             log.info("%r: message for unknown %r", self, command.identifier[:200])
             return None
         try:
-            action, data = cable.parse_action(command.data)
+            action, data = parse_action(command.data)
         except InvalidCommand as exc:
             self.node.metrics.invalid_requests_total += 1
             log.info("%r: bad message data: %s", self, exc.reason)
             return None
-        executor = self.node.executor
+        node = self.node
+        executor = node.executor
         done = executor.perform_now(channel, action, data)
         if done is True:
-            self.node.metrics.observe("command_seconds", time.perf_counter() - started)
+            node.metrics.command_seconds.observe(time.perf_counter() - started)
             return None
         if done is False:
             return self._later(executor.perform, channel, action, data)
@@ -481,7 +504,7 @@ class Session:
         log.info("%r: subscription %s rejected: %s", self, identifier[:200], why)
         self.send(cable.reject_subscription(identifier))
 
-    async def _subscribe(self, command: cable.Subscribe) -> None:
+    async def _subscribe(self, command: Subscribe) -> None:
         identifier = command.identifier
         if identifier in self.subscriptions:
             return  # Rails clients re-send subscribe until confirmed: not an error
@@ -522,7 +545,7 @@ class Session:
         if command.history is not None and self.extended:
             await self._history(identifier, command.history)
 
-    async def _unsubscribe(self, command: cable.Unsubscribe) -> None:
+    async def _unsubscribe(self, command: Unsubscribe) -> None:
         channel = self.subscriptions.pop(command.identifier, None)
         if channel is None:
             log.info("%r: unsubscribe from unknown %r", self, command.identifier[:200])
