@@ -377,11 +377,21 @@ def write(
         "- Avalanche experiments (restart matrix, celebrity, subscribe, backoff simulation): "
         f"[avalanche/RESULTS.md]({link('avalanche/RESULTS.md')})",
         f"- Fuzz campaign and soak: [RESULTS-hardening.md]({link('RESULTS-hardening.md')})",
+        *(
+            f"- {_title(path)}: [{path.parent.name}]({link(str(path.relative_to(BENCH_DIR)))})"
+            for path in sorted((BENCH_DIR / "results").glob("*/README.md"))
+        ),
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     return out
+
+
+def _title(path: Path) -> str:
+    """The first heading of a results write-up."""
+    first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+    return first.lstrip("# ").strip() or path.parent.name
 
 
 def avalanche_section(path: Path, link: Any = lambda name: name) -> list[str]:
