@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,14 @@ class Options:
         its baselines."""
         if self.targets:
             chosen = [t for t in self.targets if t.partition("@")[0] in default]
+            if not chosen:
+                # Not an error (`all --targets X` runs X where it can), but never silent: a
+                # run with nothing to compare would otherwise pass for a result.
+                print(
+                    f"python -m bench: none of --targets {','.join(self.targets)} runs here "
+                    f"(the targets here: {', '.join(default)})",
+                    file=sys.stderr,
+                )
         else:
             chosen = list(default)
         out: list[str] = []
