@@ -127,6 +127,7 @@ class LocalNode:
     attached: set[Session] = field(default_factory=set)
     pinged: list[Session] = field(default_factory=list)
     taken: list[str] = field(default_factory=list)
+    changed: list[Session] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.hub = Hub(self.metrics)
@@ -146,6 +147,9 @@ class LocalNode:
 
     async def take_over(self, sid: str) -> None:
         self.taken.append(sid)
+
+    def session_changed(self, session: Session) -> None:
+        self.changed.append(session)
 
     async def broadcast(self, stream: str, data: Any) -> None:
         await self.broker.publish(stream, json.dumps(data))

@@ -44,6 +44,7 @@ from trio_cable.server.admission import AdaptiveLimits, TokenBucket, retry_after
 from trio_cable.server.drain import Drainer
 from trio_cable.server.echo import EchoSession
 from trio_cable.server.executor import ChannelExecutor
+from trio_cable.server.housekeeping import PingRounds
 from trio_cable.server.http import (
     MAX_HEAD_BYTES,
     BadRequest,
@@ -67,6 +68,10 @@ from trio_cable.server.transports.websocket import (
 log = logging.getLogger("trio_cable")
 
 _ACCEPT_BATCH = 64
+# Housekeeping runs in slices of this many seconds (see _housekeeper), saving at most this
+# many changed sessions a slice.
+_SLICE = 0.02
+_SAVES_PER_SLICE = 64
 #: Publications one ``POST /_broadcast`` may carry (AnyCable's broadcasters batch far fewer).
 MAX_PUBLICATIONS = 1000
 _LAG_PROBE = 0.05  # seconds between event-loop lag probes
@@ -146,6 +151,8 @@ class Server:
         # Welcomed sessions by ping interval: the ticker pings, checks pongs, saves sessions.
         self._ping_groups: dict[float, set[Session]] = {}
         self._sessions: dict[str, Session] = {}  # sid -> open session
+        self._ping_rounds: PingRounds[Session] = PingRounds(_SLICE)
+        self._dirty: set[Session] = set()  # sessions changed since they were last saved
         self._listen_socket: socket.socket | None = None
         self._port: int | None = None
         if listen_socket is not None:
@@ -241,7 +248,7 @@ class Server:
                     nursery.start_soon(self.reactor.run)
                 self.broker.bind(self.hub.deliver, self._on_command)
                 nursery.start_soon(self.hub.run_flusher)
-                nursery.start_soon(self._ping_ticker)
+                nursery.start_soon(self._housekeeper)
                 nursery.start_soon(self._lag_monitor)
                 log.info("trio_cable listening on %s", self.url)
                 task_status.started(self)
@@ -548,6 +555,7 @@ class Server:
             by_address.pop(client.ip, None)
         if isinstance(client, Session):
             self._sessions.pop(client.sid, None)
+            self._dirty.discard(client)  # it saves itself on its way out
             group = self._ping_groups.get(client.ping_interval)
             if group is not None:
                 group.discard(client)
@@ -574,6 +582,7 @@ class Server:
         session.ping_interval = interval
         session.last_pong = trio.current_time()
         self._ping_groups.setdefault(interval, set()).add(session)
+        self._ping_rounds.joined(interval, session)
         if session.extended:
             # A first ping right after the welcome tells the client the server's clock: a
             # client that loses the connection before the ticker's first ping, with nothing
@@ -582,46 +591,49 @@ class Server:
             fmt = session.format
             session.send_ping(fmt.frame(fmt.codec.encode(cable.ping(int(time.time())))))
 
-    async def _ping_ticker(self) -> None:
-        # One task pings every connection: per interval group, one frame per format per tick.
-        # It also saves changed sessions (in one batch per tick) and checks pong deadlines.
-        next_due: dict[float, float] = {}
-        tick = min(1.0, self.config.ping_interval)
+    async def _housekeeper(self) -> None:
+        """Pings, pong deadlines, session saves and message timeouts, a slice at a time.
+
+        Every _SLICE seconds: the members of each ping group due by then (see
+        housekeeping.PingRounds: each is pinged once per interval, and no slice does more than
+        its share of a round), at most _SAVES_PER_SLICE changed sessions saved, and once a
+        second the unfinished messages checked.  Connections with nothing due cost nothing."""
+        rounds = self._ping_rounds
         pong_timeout = self.config.pong_timeout
+        frames: dict[WireFormat, bytes] = {}  # this second's ping, per format
+        frames_second = -1
+        message = cable.ping(0)
+        next_partial_check = 0.0
         while True:
-            await trio.sleep(tick)
+            await trio.sleep(_SLICE)
             now = trio.current_time()
-            for transport in self._websocket.partial.expired(now):
-                transport.message_timeout()
-            for interval in [i for i in next_due if i not in self._ping_groups]:
-                del next_due[interval]  # that group emptied and was dropped
-            for interval, group in list(self._ping_groups.items()):
-                if not group:
+            if now >= next_partial_check:
+                next_partial_check = now + 1.0
+                for transport in self._websocket.partial.expired(now):
+                    transport.message_timeout()
+            second = int(time.time())
+            if second != frames_second:
+                frames_second = second
+                frames.clear()
+                message = cable.ping(second)
+            for interval, session in rounds.due(self._ping_groups, now):
+                if not session.is_open:
                     continue
-                due = next_due.setdefault(interval, now + interval - tick)
-                if now < due:
+                if (
+                    pong_timeout
+                    and session.extended
+                    and now - session.last_pong > interval + pong_timeout
+                ):
+                    session.close(DisconnectReason.NO_PONG, reconnect=True)
                     continue
-                next_due[interval] = now + interval - tick / 2
-                message = cable.ping(int(time.time()))
-                frames: dict[WireFormat, bytes] = {}
-                for session in list(group):
-                    if not session.is_open:
-                        continue
-                    if (
-                        pong_timeout
-                        and session.extended
-                        and now - session.last_pong > interval + pong_timeout
-                    ):
-                        session.close(DisconnectReason.NO_PONG, reconnect=True)
-                        continue
-                    fmt = session.format
-                    frame = frames.get(fmt)
-                    if frame is None:
-                        frame = frames[fmt] = fmt.frame(fmt.codec.encode(message))
-                    session.send_ping(frame)
-            dirty = [s for group in self._ping_groups.values() for s in group if s.session_dirty]
-            for session in dirty:
-                await session.save_session()
+                fmt = session.format
+                frame = frames.get(fmt)
+                if frame is None:
+                    frame = frames[fmt] = fmt.frame(fmt.codec.encode(message))
+                session.send_ping(frame)
+            dirty = self._dirty
+            for _ in range(min(len(dirty), _SAVES_PER_SLICE)):
+                await dirty.pop().save_session()
 
     async def _lag_monitor(self) -> None:
         # How late does a short timer fire?  That is how long every ready task waits for the
@@ -650,6 +662,10 @@ class Server:
                             self.callback_limiter.total_tokens,
                         )
                 window_start, worst = now, 0.0
+
+    def session_changed(self, session: Session) -> None:
+        """*session* changed (subscribed, unsubscribed): the housekeeper saves it soon."""
+        self._dirty.add(session)
 
     async def take_over(self, sid: str) -> None:
         """See :meth:`SessionNode.take_over`: every node ends its connection of *sid*."""

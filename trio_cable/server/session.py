@@ -101,6 +101,9 @@ class SessionNode(Protocol):
     def start_pinging(self, session: Session) -> None:
         """The client was welcomed: ping it from now on."""
 
+    def session_changed(self, session: Session) -> None:
+        """*session* changed: save it soon (ext protocols)."""
+
     async def take_over(self, sid: str) -> None:
         """Session *sid* was restored by a new connection: end the old one wherever it is
         still connected, so that one session has one live connection (and cannot be saved
@@ -130,7 +133,6 @@ class Session:
         "ping_interval",
         "request",
         "resumable",
-        "session_dirty",
         "sid",
         "subprotocol",
         "subscriptions",
@@ -170,8 +172,6 @@ class Session:
         self._pending_close: tuple[DisconnectReason | None, bool, int, int | None] | None = None
         self.ping_interval = node.config.ping_interval
         self.last_pong = trio.current_time()
-        #: The session changed since it was last saved (ext protocols only).
-        self.session_dirty = False
         #: The client got its welcome (it was identified).
         self.welcomed = False
         #: False once the server ended the connection with ``reconnect: false``
@@ -541,7 +541,8 @@ class Session:
         node.metrics.subscriptions_total += 1
         log.debug("%r: subscribed to %s (%s)", self, identifier[:200], channel.streams)
         self.send(cable.confirm_subscription(identifier))
-        self.session_dirty = self.extended
+        if self.extended:
+            node.session_changed(self)
         if command.history is not None and self.extended:
             await self._history(identifier, command.history)
 
@@ -550,7 +551,8 @@ class Session:
         if channel is None:
             log.info("%r: unsubscribe from unknown %r", self, command.identifier[:200])
             return
-        self.session_dirty = self.extended
+        if self.extended:
+            self.node.session_changed(self)
         await self._end_subscription(channel)
 
     async def _end_subscription(self, channel: Channel) -> None:
@@ -659,7 +661,6 @@ class Session:
         """Store this session under its sid (ext protocols only)."""
         if not self.extended:
             return
-        self.session_dirty = False
         try:
             await self.node.broker.save_session(
                 self.sid, self.session_data(), self.node.config.sessions_ttl
