@@ -44,6 +44,7 @@ COUNTERS: dict[str, str] = {
     "rate_limited_commands_total": "commands refused by the per-connection rate limit",
     "remote_disconnects_total": "connections closed by a remote disconnect",
     "admission_decreases_total": "times adaptive admission lowered the limits",
+    "gc_full_collections_total": "full (generation 2) garbage collections in this process",
 }
 
 # name -> (help, label name): counters split by a label.
@@ -57,6 +58,7 @@ GAUGES: dict[str, str] = {
     "streams": "streams with at least one local subscriber",
     "send_queue_bytes": "bytes waiting in per-connection send queues",
     "partial_message_bytes": "bytes held by unfinished client messages, all connections",
+    "gc_frozen_objects": "objects moved out of the collector's way (gc.freeze) after full passes",
     "draining": "1 while the node is draining",
     "pending_handshakes": "connections still in their HTTP handshake",
     "handshake_rate_limit": "handshakes per second admitted now (adaptive)",
@@ -66,6 +68,7 @@ GAUGES: dict[str, str] = {
 HISTOGRAMS: dict[str, str] = {
     "command_seconds": "time to handle one Action Cable command, callbacks included",
     "loop_lag_seconds": "event-loop lag: how late a timer fired",
+    "gc_full_pause_seconds": "how long each full garbage collection stopped the process",
 }
 
 _DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -136,6 +139,7 @@ class Metrics:
     rate_limited_commands_total: int
     remote_disconnects_total: int
     admission_decreases_total: int
+    gc_full_collections_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:

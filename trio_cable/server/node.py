@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from trio_cable.server.admission import AdaptiveLimits, TokenBucket, retry_after
 from trio_cable.server.drain import Drainer
 from trio_cable.server.echo import EchoSession
 from trio_cable.server.executor import ChannelExecutor
+from trio_cable.server.gc_control import GcControl
 from trio_cable.server.housekeeping import PingRounds
 from trio_cable.server.http import (
     MAX_HEAD_BYTES,
@@ -198,6 +200,8 @@ class Server:
                 m.external_counters[f"broker_{key}_total"] = partial(_read_stat, broker_stats, key)
         m.gauges["send_queue_bytes"] = lambda: float(sum(c.queued_bytes for c in self.connections))
         m.gauges["partial_message_bytes"] = lambda: float(self._websocket.partial.bytes)
+        m.gauges["gc_frozen_objects"] = lambda: float(gc.get_freeze_count())
+        self.gc_control = GcControl(m)
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -241,6 +245,7 @@ class Server:
         if not self.max_connections:
             # Leave room for the listener, logs, broker connections and HTTP requests.
             self.max_connections = max(16, _raise_open_file_limit() - 128)
+        self.gc_control.install()
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.broker.run)
@@ -256,6 +261,7 @@ class Server:
                 # Not accepting any more (stop_accepting): serve the connections we have.
                 await trio.sleep_forever()
         finally:
+            self.gc_control.uninstall()
             self.broker.unbind(self.hub.deliver)
             close_socket(sock)
 
@@ -606,6 +612,7 @@ class Server:
         next_partial_check = 0.0
         while True:
             await trio.sleep(_SLICE)
+            self.gc_control.tick()
             now = trio.current_time()
             if now >= next_partial_check:
                 next_partial_check = now + 1.0

@@ -413,9 +413,18 @@ class WebSocketTransport:
                 if self._in_reactor and self._ctx.reactor is not None:
                     self._ctx.reactor.unregister(self)
                     self._in_reactor = False
-                await receiver.closing()
-                close_socket(self.sock)
-                await receiver.closed()
+                try:
+                    await receiver.closing()
+                    close_socket(self.sock)
+                    await receiver.closed()
+                finally:
+                    # No reference cycles outlive a connection (receiver <-> transport, the
+                    # nursery's scopes and tasks): a closed connection is freed by reference
+                    # counting, and the collector never has to find it.
+                    self._receiver = None
+                    self._nursery = None
+                    self._pending = None
+                    self._parked_task = None
 
     async def _read_loop(self) -> None:
         sock = self.sock
