@@ -440,7 +440,7 @@ class Server:
             handed_off = True
             self.pending_handshakes -= 1
             pending = False
-            nursery.start_soon(self._run_connection, transport, receiver)
+            nursery.start_soon(transport.run, receiver)
         except OSError as exc:
             log.debug("%s: socket error: %s", remote, exc)
         except Exception:
@@ -476,17 +476,6 @@ class Server:
         if refusal is not None:
             return refusal
         return Accepted(request, None if echo else outcome.subprotocol, outcome.headers)
-
-    async def _run_connection(
-        self, transport: WebSocketTransport, receiver: Session | EchoSession
-    ) -> None:
-        try:
-            await transport.run(receiver)
-        except OSError as exc:
-            log.debug("%r: socket error: %s", receiver, exc)
-        except Exception:
-            # A bug must cost one connection, never the server.
-            log.exception("%r: unexpected error", receiver)
 
     async def _publish(self, items: list[cable.Publication | cable.RemoteCommand]) -> None:
         """Publish what ``POST /_broadcast`` brought, in order, letting other tasks run
@@ -577,7 +566,7 @@ class Server:
         rounded to whole seconds: every distinct interval is a group the ticker walks, so
         clients must not be able to make more than a few hundred)."""
         interval = self.config.ping_interval
-        requested = session.request.query.get("pi")
+        requested = session.request.query.get("pi") if session.request is not None else None
         if requested:
             try:
                 value = float(requested)

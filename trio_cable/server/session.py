@@ -131,6 +131,7 @@ class Session:
         "last_pong",
         "node",
         "ping_interval",
+        "remote",
         "request",
         "resumable",
         "sid",
@@ -158,7 +159,10 @@ class Session:
         self.transport = transport
         #: How this client's messages are encoded and framed.
         self.format = wire
-        self.request = request
+        #: The handshake's request, until the client was identified (then None: its headers
+        #: and query are a few hundred bytes, times every idle connection).
+        self.request: Request | None = request
+        self.remote = request.remote
         self.sid = sid
         self.subprotocol = subprotocol
         self.ip = ip
@@ -180,7 +184,7 @@ class Session:
 
     def __repr__(self) -> str:
         # Never the whole sid: one copied from a log would restore the session.
-        return f"<Session sid={self.sid[:8]}.. {self.request.remote}>"
+        return f"<Session sid={self.sid[:8]}.. {self.remote}>"
 
     @property
     def extended(self) -> bool:
@@ -309,6 +313,7 @@ class Session:
         config = node.config
         metrics = node.metrics
         req = self.request
+        assert req is not None  # opened() comes first
         token = token_from_request(req.headers, req.subprotocols, req.query, param=config.jwt_param)
         token_identifiers: dict[str, Any] | None = None
         if token is not None and node.jwt is not None:
@@ -356,10 +361,8 @@ class Session:
 
     def _welcomed(self) -> None:
         self.welcomed = True
-        # The headers served identification; a long-lived connection need not keep them
-        # (a few hundred bytes each, times every idle connection).
-        self.request.headers = {}
-        self.node.start_pinging(self)
+        self.node.start_pinging(self)  # (reads ?pi= from the request)
+        self.request = None
 
     def farewell(self, reason: DisconnectReason) -> bytes | None:
         fmt = self.format

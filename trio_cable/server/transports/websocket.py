@@ -394,7 +394,8 @@ class WebSocketTransport:
 
     async def run(self, receiver: Receiver) -> None:
         """Serve the connection with *receiver* until it closes; the socket is closed on
-        return."""
+        return.  Errors end this connection only: a lost socket quietly, a bug with its
+        traceback in the log."""
         self._receiver = receiver
         try:
             async with trio.open_nursery() as nursery:
@@ -403,6 +404,11 @@ class WebSocketTransport:
                 await self._read_loop()
                 await self._flush()
                 nursery.cancel_scope.cancel()
+        except* OSError as group:
+            log.debug("%r: socket error: %s", receiver, group.exceptions[0])
+        except* Exception:
+            # A bug must cost one connection, never the server.
+            log.exception("%r: unexpected error", receiver)
         finally:
             self.state = State.CLOSED
             if self._partial:
@@ -456,7 +462,15 @@ class WebSocketTransport:
                 if not parkable:
                     await trio.lowlevel.wait_readable(sock)
                     continue
-                await self._park()
+                # Park: the socket waits in the reactor until it hands work back.  (Written
+                # out here rather than as a coroutine of its own: one object less per idle
+                # connection for the garbage collector.)
+                if not self._in_reactor:
+                    assert self._ctx.reactor is not None
+                    self._ctx.reactor.register(self)
+                    self._in_reactor = True
+                self._parked_task = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_park)
                 # Woken: finish what the reactor handed over, then what it left parsed.
                 if self._pending is not None and await self._resume_pending():
                     return
@@ -572,19 +586,10 @@ class WebSocketTransport:
 
     # -- the read fast path (reactor) ------------------------------------------------------
 
-    async def _park(self) -> None:
-        """Wait, with the socket in the reactor, until the reactor hands work back."""
-        if not self._in_reactor:
-            assert self._ctx.reactor is not None
-            self._ctx.reactor.register(self)
-            self._in_reactor = True
-        self._parked_task = trio.lowlevel.current_task()
-
-        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
-            self._parked_task = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    def _abort_park(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        """A parked task is cancelled: the reactor must not wake it any more."""
+        self._parked_task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def _unpark(self) -> None:
         task, self._parked_task = self._parked_task, None
