@@ -58,6 +58,7 @@ GAUGES: dict[str, str] = {
     "streams": "streams with at least one local subscriber",
     "send_queue_bytes": "bytes waiting in per-connection send queues",
     "partial_message_bytes": "bytes held by unfinished client messages, all connections",
+    "pending_fanouts": "broadcasts to big audiences waiting for the fan-out task",
     "gc_frozen_objects": "objects moved out of the collector's way (gc.freeze) after full passes",
     "draining": "1 while the node is draining",
     "pending_handshakes": "connections still in their HTTP handshake",

@@ -11,7 +11,7 @@ can keep it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,8 +57,10 @@ def encode_session(data: dict[str, Any], max_size: int) -> str:
     return text
 
 
-#: Called for every broadcast that reaches this node; its return value is ignored.
-Deliver = Callable[[Broadcast], object]
+#: Called for every broadcast that reaches this node.  It returns None when the broadcast was
+#: written to the node's subscribers, or a function to await until it is (a big fan-out the
+#: node writes in slices); the in-memory broker's ``publish`` awaits it.
+Deliver = Callable[[Broadcast], "Callable[[], Awaitable[None]] | None"]
 #: Called for every node command (e.g. a remote disconnect) that reaches this node.
 CommandHandler = Callable[[dict[str, Any]], object]
 

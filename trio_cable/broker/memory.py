@@ -116,8 +116,9 @@ class MemoryBroker(LocalNodes):
 
     async def publish(self, stream: str, data: Any, exclude_socket: str | None = None) -> None:
         broadcast = self.store(stream, data, exclude_socket)
-        for deliver in list(self._nodes):
-            deliver(broadcast)
+        waits = [wait for deliver in list(self._nodes) if (wait := deliver(broadcast))]
+        for wait in waits:
+            await wait()  # a big fan-out, written in slices: the publisher is paced by it
 
     def store(self, stream: str, data: Any, exclude_socket: str | None = None) -> Broadcast:
         """Append to the stream's history; return the broadcast with its position."""

@@ -201,6 +201,7 @@ class Server:
         m.gauges["send_queue_bytes"] = lambda: float(sum(c.queued_bytes for c in self.connections))
         m.gauges["partial_message_bytes"] = lambda: float(self._websocket.partial.bytes)
         m.gauges["gc_frozen_objects"] = lambda: float(gc.get_freeze_count())
+        m.gauges["pending_fanouts"] = lambda: float(self.hub.pending_fanouts)
         self.gc_control = GcControl(m)
 
     # -- addresses -----------------------------------------------------------------------
@@ -253,6 +254,7 @@ class Server:
                     nursery.start_soon(self.reactor.run)
                 self.broker.bind(self.hub.deliver, self._on_command)
                 nursery.start_soon(self.hub.run_flusher)
+                nursery.start_soon(self.hub.run_fanout)
                 nursery.start_soon(self._housekeeper)
                 nursery.start_soon(self._lag_monitor)
                 log.info("trio_cable listening on %s", self.url)

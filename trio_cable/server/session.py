@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -232,6 +232,17 @@ class Session:
                 self._gate_full()
             return
         self.transport.write(frame)
+
+    def send_broadcasts(
+        self, joined: bytes, frames: Sequence[tuple[bytes, int | None]], stream: str
+    ) -> None:
+        """Several broadcasts of *stream* at once (the hub's big fan-outs): *joined* is
+        *frames* back to back, written in one go unless the history gate holds them."""
+        if self._gate is not None:
+            for frame, offset in frames:  # one at a time through the gate
+                self.send_broadcast(frame, stream, offset)
+            return
+        self.transport.write(joined)
 
     def send_ping(self, frame: bytes) -> None:
         """Send a ping framed in this session's format.  Pings pass the history gate: they
