@@ -360,3 +360,32 @@ async def test_echo_endpoint_compresses_its_echoes(server: Server) -> None:
 
     await eventually(lambda: server.metrics.compressed_messages_total >= 1)
     await client.aclose()
+
+
+# -- the trio_cable client --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offer", [True, False])
+async def test_the_client_negotiates_when_asked(server: Server, offer: bool) -> None:
+    from trio_cable.client import open_cable
+
+    big = {"text": "words for the wire " * 100}
+    before = server.metrics.compressed_frames_total
+    inflated_before = server.metrics.compressed_messages_total
+    async with open_cable(server.url, compression=offer) as cable:
+        sub = await cable.subscribe("EchoChannel", {"stream": "client"})
+        await server.broadcast("client", big)
+        with trio.fail_after(30):
+            async for message in sub:
+                if message.data == big:
+                    break
+        await sub.perform("echo", {"text": "é" * 500})
+        with trio.fail_after(30):
+            async for message in sub:
+                if message.data == {"text": "é" * 500, "action": "echo"}:
+                    break
+    if offer:
+        assert server.metrics.compressed_frames_total >= before + 2  # broadcast and echo
+        assert server.metrics.compressed_messages_total > inflated_before
+    else:
+        assert server.metrics.compressed_frames_total == before
