@@ -389,3 +389,20 @@ async def test_the_client_negotiates_when_asked(server: Server, offer: bool) -> 
         assert server.metrics.compressed_messages_total > inflated_before
     else:
         assert server.metrics.compressed_frames_total == before
+
+
+async def test_not_negotiated_while_shedding_load(server: Server) -> None:
+    """While adaptive admission holds the limits down, new connections go uncompressed (a
+    compressing client's replies are deflated for it alone); afterwards they compress again."""
+    limiter = server.adaptive.limiter
+    full = limiter.total_tokens
+    limiter.total_tokens = max(1, full // 2)  # as adaptive admission does when the loop lags
+    assert server.adaptive.shedding
+    client, head = await RawClient.open(server.port, extra_headers=OFFER)
+    assert b"sec-websocket-extensions" not in head.lower()
+    await client.aclose()
+    limiter.total_tokens = full
+    assert not server.adaptive.shedding
+    client, head = await RawClient.open(server.port, extra_headers=OFFER)
+    assert b"permessage-deflate" in head
+    await client.aclose()

@@ -488,7 +488,9 @@ class Server:
             request,
             allowed_origins=cfg.allowed_origins,
             require_subprotocol=not echo,
-            compression=self._deflate,
+            # Not while shedding load: a compressing client's history replay and
+            # transmissions are deflated for it alone, CPU a late loop does not have.
+            compression=None if self.adaptive.shedding else self._deflate,
         )
         if isinstance(outcome, Refusal):
             self.metrics.handshakes_failed_total += 1
