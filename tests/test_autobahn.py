@@ -49,14 +49,14 @@ def echo_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture(params=_kernels())
-def deflate_echo_url(request: pytest.FixtureRequest) -> Iterator[str]:
+def deflate_echo_url(request: pytest.FixtureRequest) -> Iterator[tuple[str, bool]]:
     # Threshold 0: every echo is compressed.  Autobahn's compression cases check each echo's
     # bytes, and kosoku hands an uncompressed text echo on a compressed connection to the
     # case as str, which the case cannot hash (a runner quirk: RFC 7692 allows uncompressed
     # messages there, and the server sends short ones so by default).
-    yield from _echo_server(
-        request.param == "pure", "--compression", "--compression-threshold", "0"
-    )
+    pure = request.param == "pure"
+    for url in _echo_server(pure, "--compression", "--compression-threshold", "0"):
+        yield url, pure
 
 
 def _run(url: str, cases: list[str], concurrency: int = 2) -> list:
@@ -85,11 +85,21 @@ def test_autobahn_framing_cases(echo_url: str) -> None:
     assert not bad, "\n".join(bad)
 
 
-def test_autobahn_compression_cases(deflate_echo_url: str) -> None:
+#: The pure kernel's share of the compression cases: one corpus of 12 and every parameter
+#: combination of 13 at its first sizes.  The whole of 12 and 13 passes with both kernels
+#: (run it with PURE_DEFLATE_CASES = COMPRESSION_CASES); CI runs this part for time: the
+#: kernels differ in the frame parser only, which the compiled run covers at every size.
+COMPRESSION_CASES = ["12.*", "13.*"]
+PURE_DEFLATE_CASES = ["12.1.*", *(f"13.{k}.{n}" for k in range(1, 8) for n in range(1, 6))]
+
+
+def test_autobahn_compression_cases(deflate_echo_url: tuple[str, bool]) -> None:
     """12.*: 1,000 messages each of five corpora at 18 sizes, auto-fragmented or not;
     13.*: the same over the offer/accept parameter combinations (window bits, no context
     takeover).  Every case must negotiate (UNIMPLEMENTED is a failure) and echo exactly."""
-    results = _run(deflate_echo_url, ["12.*", "13.*"], concurrency=4)
-    assert len(results) > 200, f"only {len(results)} cases ran"
+    url, pure = deflate_echo_url
+    cases = PURE_DEFLATE_CASES if pure else COMPRESSION_CASES
+    results = _run(url, cases, concurrency=4)
+    assert len(results) >= (50 if pure else 200), f"only {len(results)} cases ran"
     bad = _failures(results)
     assert not bad, "\n".join(bad)
