@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from tests.redis_support import REDIS_SERVER, SKIP_REASON, RedisProcess
-from tests.rpc_support import BROADCAST_KEY, RPC_KEY, make_app, serve_asgi, serve_wsgi
+from tests.rpc_sdk_support import BROADCAST_KEY, RPC_KEY, make_app, serve_asgi, serve_wsgi
 from trio_cable import Config, Server
 from trio_cable.client import open_cable
 from trio_cable.rpc import (
