@@ -108,18 +108,23 @@ async def test_the_websocket_user_is_the_django_session_user(tmp_path: Path) -> 
         nursery.cancel_scope.cancel()
 
 
-async def _scenario(
-    browser: httpx.AsyncClient, cable_server: httpx.AsyncClient, site: str, cable_url: str
-) -> None:
-    # A browser logs in with Django's own form: CSRF token, session cookie.
+async def log_in(browser: httpx.AsyncClient, site: str, name: str) -> str:
+    """Log in with the site's own form (CSRF token first); the session cookie's value."""
     form = await browser.get(f"{site}/login")
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)
     assert token is not None, form.text
     response = await browser.post(
-        f"{site}/login", data={"username": "ann", "csrfmiddlewaretoken": token.group(1)}
+        f"{site}/login", data={"username": name, "csrfmiddlewaretoken": token.group(1)}
     )
     assert response.status_code == 302, response.text
-    session = browser.cookies["sessionid"]
+    session: str = browser.cookies["sessionid"]
+    return session
+
+
+async def _scenario(
+    browser: httpx.AsyncClient, cable_server: httpx.AsyncClient, site: str, cable_url: str
+) -> None:
+    session = await log_in(browser, site, "ann")
     me = (await browser.get(f"{site}/me")).json()
     assert me["user"] == "ann"
     # what the page hands the client: a signed stream and a token the real-time server accepts
