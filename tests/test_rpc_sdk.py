@@ -13,6 +13,7 @@ import hmac
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +421,62 @@ def test_importable_without_trio() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["200", "['trio']"]  # the None placeholder only
+
+
+async def test_mounted_in_starlette() -> None:
+    # Under a Starlette (and so FastAPI) Mount, next to the site's own routes.
+    starlette = pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    assert starlette.__version__
+    rpc = make_app("http://127.0.0.1:9/_broadcast", [])
+
+    async def home(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("the site")
+
+    site = Starlette(routes=[Route("/", home), Mount("/anycable", app=rpc.asgi)])
+    with serve_asgi(site, prefix="") as base:
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await client.get(f"{base}/")).text == "the site"
+            answer = await call(client, f"{base}/anycable", "connect", {"env": env()})
+            assert answer["identifiers"] == '{"user_id":"ann"}'
+            assert (await post(client, f"{base}/anycable", "nothing", {})).status_code == 404
+
+
+async def test_served_async_sync_callbacks_run_in_a_worker_thread() -> None:
+    # A plain def callback may block (an ORM, a sync broadcaster): under ASGI it runs in a
+    # worker thread, and async def callbacks run on the loop itself.
+    threads: dict[str, int] = {}
+    rpc = RPCApp(rpc_secret="k")
+
+    @rpc.connect
+    def connect(conn: Connection) -> dict[str, Any]:
+        threads["connect"] = threading.get_ident()
+        return {}
+
+    @rpc.channel
+    class Mixed(Channel):
+        async def subscribed(self) -> None:
+            threads["subscribed"] = threading.get_ident()
+
+        def unsubscribed(self) -> None:
+            threads["unsubscribed"] = threading.get_ident()
+
+    headers = {"authorization": "Bearer k"}
+    command = {"command": "subscribe", "identifier": '{"channel":"Mixed"}'}
+    for path, body in [("/connect", {}), ("/command", command)]:
+        response = await rpc.handle_async(path, headers, json.dumps(body).encode())
+        assert json.loads(response.body)["status"] == 1
+    await rpc.handle_async(
+        "/command", headers, json.dumps({**command, "command": "unsubscribe"}).encode()
+    )
+    here = threading.get_ident()
+    assert threads["subscribed"] == here
+    assert threads["connect"] != here and threads["unsubscribed"] != here
+    # Served from sync code (WSGI), everything runs in the caller's thread.
+    threads.clear()
+    for path, body in [("/connect", {}), ("/command", command)]:
+        rpc.handle(path, headers, json.dumps(body).encode())
+    assert threads == {"connect": here, "subscribed": here}
