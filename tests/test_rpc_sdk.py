@@ -480,3 +480,46 @@ async def test_served_async_sync_callbacks_run_in_a_worker_thread() -> None:
     for path, body in [("/connect", {}), ("/command", command)]:
         rpc.handle(path, headers, json.dumps(body).encode())
     assert threads == {"connect": here, "subscribed": here}
+
+
+def test_what_json_cannot_carry_fails_the_call() -> None:
+    class User:
+        id = 42
+
+    rpc = RPCApp(rpc_secret="k")
+
+    @rpc.connect
+    def connect(conn: Connection) -> dict[str, Any]:
+        return {"user": User()}  # a classic slip: identifiers travel as JSON
+
+    @rpc.channel
+    class Stateful(Channel):
+        def subscribed(self) -> None:
+            self.stream_from("s", whisper=True)
+            self.state["when"] = {1, 2}  # a set: not JSON
+
+    answer = _handle(rpc, "connect", {"env": env()})
+    assert answer["status"] == 0 and "not JSON serializable" in answer["error_msg"]
+    identifier = '{"channel":"Stateful"}'
+    answer = _handle(rpc, "command", {"command": "subscribe", "identifier": identifier})
+    assert answer["status"] == 0
+    assert answer["transmissions"] == [
+        json.dumps({"identifier": identifier, "type": "reject_subscription"}, separators=(",", ":"))
+    ]
+
+
+def test_a_rejected_subscribe_starts_nothing() -> None:
+    rpc = RPCApp(rpc_secret="k")
+
+    @rpc.channel
+    class Fickle(Channel):
+        def subscribed(self) -> None:
+            self.stream_from("s", whisper=True)
+            self.join_presence(1)
+            self.state["x"] = 1
+            self.reject()
+
+    answer = _handle(rpc, "command", {"command": "subscribe", "identifier": '{"channel":"Fickle"}'})
+    assert answer["status"] == 2
+    assert answer["streams"] == [] and "presence" not in answer
+    assert answer["env"] == {"cstate": {}, "istate": {}}

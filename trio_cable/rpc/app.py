@@ -345,6 +345,12 @@ class Channel(BaseChannel):
         method: Callable[[dict[str, Any]], Any] = getattr(self, name)
         return method
 
+    def _discard(self) -> None:
+        """Forget what this call started: a refused or failed subscribe starts nothing."""
+        self.streams.clear()
+        self.presence = None
+        self.state, self._special = _decode_state(self._istate)
+
     def _state_changes(self) -> dict[str, str]:
         changes = _state_changes(self._istate, self.state)
         for key in (WHISPER_STATE, PRESENCE_STATE):
@@ -578,6 +584,12 @@ class RPCApp:
         if not isinstance(identifiers, Mapping):
             log.error("connect callback returned %r, not a dict of identifiers", identifiers)
             return {"status": ERROR, "error_msg": "connect callback returned no dict"}
+        try:
+            encoded, cstate = _dumps(dict(identifiers)), conn._state_changes()
+        except (TypeError, ValueError) as exc:
+            # e.g. {"user": <User object>}: identifiers travel as JSON, give the user's id.
+            log.exception("connect callback returned identifiers or state that are not JSON")
+            return {"status": ERROR, "error_msg": f"identifiers or state: {exc}"[:200]}
         welcome: dict[str, Any] = {"type": "welcome"}
         if sid:
             welcome["sid"] = sid
@@ -585,9 +597,9 @@ class RPCApp:
         conn.transmissions.insert(0, _dumps(welcome))
         return {
             "status": SUCCESS,
-            "identifiers": _dumps(dict(identifiers)),
+            "identifiers": encoded,
             "transmissions": conn.transmissions,
-            "env": {"cstate": conn._state_changes()},
+            "env": {"cstate": cstate},
         }
 
     def _identifiers(self, value: Any, field: str) -> dict[str, Any]:
@@ -658,10 +670,19 @@ class RPCApp:
             if status == ERROR or channel.rejected:
                 if status == SUCCESS:
                     status, error = FAILURE, "subscription rejected"
-                channel.streams.clear()
+                channel._discard()
                 channel.transmissions.append(_dumps(cable.reject_subscription(identifier)))
             else:
                 channel.transmissions.append(_dumps(cable.confirm_subscription(identifier)))
+        try:
+            changes = {"cstate": conn._state_changes(), "istate": channel._state_changes()}
+        except (TypeError, ValueError) as exc:
+            # State the application set that JSON cannot carry: the call failed.
+            log.exception("%s on %s set state that is not JSON", command, identifier[:200])
+            reply = []
+            if command == "subscribe":
+                reply.append(_dumps(cable.reject_subscription(identifier)))
+            return {"status": ERROR, "transmissions": reply, "error_msg": f"state: {exc}"[:200]}
         answer: dict[str, Any] = {
             "status": status,
             "disconnect": conn.closed,
@@ -670,7 +691,7 @@ class RPCApp:
             "stopped_streams": channel.stopped_streams,
             # The connection's own transmissions first, as they were made outside the channel.
             "transmissions": conn.transmissions + channel.transmissions,
-            "env": {"cstate": conn._state_changes(), "istate": channel._state_changes()},
+            "env": changes,
         }
         if channel.presence is not None:
             answer["presence"] = channel.presence
