@@ -102,6 +102,10 @@ class Config:
     compression: bool = False
     compression_threshold: int = 1024
     compression_level: int = 1
+    # Rebalancing across nodes (off by default).
+    rebalance: bool = False
+    rebalance_tolerance: float = 0.15
+    rebalance_rate: float = 20.0
 
     def __repr__(self) -> str:
         # Secrets never reach a log line, even when a whole Config is logged.
@@ -262,6 +266,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("compression", "negotiate permessage-deflate with clients that offer it"),
     Setting("compression_threshold", "messages shorter than this many bytes go uncompressed"),
     Setting("compression_level", "zlib level 1 (fastest) .. 9 (smallest)"),
+    Setting("rebalance", "hand connections over the cluster mean on to other nodes"),
+    Setting("rebalance_tolerance", "share over the mean (0.15: 15 %) before a node rebalances"),
+    Setting("rebalance_rate", "most rebalancing disconnects per second per node"),
 )
 
 _KINDS: dict[str, str] = {}
@@ -307,6 +314,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("partial_messages_max_memory", 1024, ">="),
     ("compression_threshold", 0, ">="),
     ("compression_level", 1, ">="),
+    ("rebalance_tolerance", 0, ">"),
+    ("rebalance_rate", 0, ">"),
 )
 assert {name for name, _, _ in _LOWER_BOUNDS} == {
     s.name for s in SETTINGS if s.kind in ("int", "float") and s.name != "port"

@@ -50,6 +50,7 @@ COUNTERS: dict[str, str] = {
         "bytes deflate saved, per frame built (a broadcast frame is built once per group)"
     ),
     "compressed_messages_total": "compressed client messages inflated",
+    "rebalanced_total": "connections handed on to other nodes by rebalancing",
 }
 
 # name -> (help, label name): counters split by a label.
@@ -149,6 +150,7 @@ class Metrics:
     compressed_frames_total: int
     compression_saved_bytes_total: int
     compressed_messages_total: int
+    rebalanced_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:

@@ -59,6 +59,7 @@ from trio_cable.server.http import (
 )
 from trio_cable.server.hub import Hub
 from trio_cable.server.reactor import Reactor, reactor_available
+from trio_cable.server.rebalance import Rebalancer
 from trio_cable.server.session import Session
 from trio_cable.server.sockio import close_socket, send_all, tls_handshake
 from trio_cable.server.transport import WireFormat
@@ -177,6 +178,21 @@ class Server:
         self.connections_by_address: dict[str, int] = {}
         self.tls_context = _tls_context(config)
         self.drainer = Drainer(config, self.metrics, self.connections)
+        #: With ``--rebalance``: this node's share of the cluster's connections kept fair.
+        self.rebalancer: Rebalancer | None = (
+            Rebalancer(
+                secrets.token_hex(6),
+                tolerance=config.rebalance_tolerance,
+                rate=config.rebalance_rate,
+                reconnect_advice=config.reconnect_advice,
+                metrics=self.metrics,
+                connections=self.connections,
+                draining=lambda: self.draining,
+                publish=self.broker.publish_command,
+            )
+            if config.rebalance
+            else None
+        )
         self.reactor: Reactor | None = Reactor() if reactor_available() else None
         self._websocket = WebSocketContext.create(
             self.metrics,
@@ -264,6 +280,8 @@ class Server:
                 nursery.start_soon(self.hub.run_fanout)
                 nursery.start_soon(self._housekeeper)
                 nursery.start_soon(self._lag_monitor)
+                if self.rebalancer is not None:
+                    nursery.start_soon(self.rebalancer.run)
                 log.info("trio_cable listening on %s", self.url)
                 task_status.started(self)
                 await self._accept_loop(sock, nursery)
@@ -703,6 +721,9 @@ class Server:
             self.disconnect_local(
                 command.get("identifiers") or {}, reconnect=bool(command.get("reconnect"))
             )
+        elif name == "load":
+            if self.rebalancer is not None:
+                self.rebalancer.on_load(command)
         elif name == "session_taken":
             session = self._sessions.get(str(command.get("sid")))
             if session is not None and session.is_open:
