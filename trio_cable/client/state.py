@@ -628,6 +628,11 @@ class ClientSession:
                 pos.give_up(out, identifier, stream, "epoch_changed")
             pos = StreamPosition(epoch)
             sub.positions[stream] = pos
+        elif not pos.held and pos.delivered is not None and offset == pos.delivered + 1:
+            # The usual case, kept short: the next message, nothing held.
+            pos.delivered = offset
+            sub.received += 1
+            return [Data(identifier, msg["message"], stream, epoch, offset)]
         if pos.seen(offset):
             sub.duplicates += 1
             out.append(Duplicate(identifier, stream, epoch, offset))
