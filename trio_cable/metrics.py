@@ -45,6 +45,11 @@ COUNTERS: dict[str, str] = {
     "remote_disconnects_total": "connections closed by a remote disconnect",
     "admission_decreases_total": "times adaptive admission lowered the limits",
     "gc_full_collections_total": "full (generation 2) garbage collections in this process",
+    "sse_connections_total": "Server-Sent Events streams opened",
+    "long_poll_sessions_total": "long-polling sessions opened",
+    "long_poll_requests_total": "long-polling requests served",
+    "long_poll_stale_requests_total": "polls naming a session that is gone (answered 401)",
+    "long_poll_timeouts_total": "long-polling sessions ended because no poll came",
 }
 
 # name -> (help, label name): counters split by a label.
@@ -54,7 +59,9 @@ LABELED_COUNTERS: dict[str, tuple[str, str]] = {
 }
 
 GAUGES: dict[str, str] = {
-    "connections": "open WebSocket connections",
+    "connections": "open connections (WebSocket, SSE, long-polling sessions)",
+    "sse_connections": "open Server-Sent Events streams",
+    "long_poll_sessions": "open long-polling sessions",
     "streams": "streams with at least one local subscriber",
     "send_queue_bytes": "bytes waiting in per-connection send queues",
     "partial_message_bytes": "bytes held by unfinished client messages, all connections",
@@ -141,6 +148,11 @@ class Metrics:
     remote_disconnects_total: int
     admission_decreases_total: int
     gc_full_collections_total: int
+    sse_connections_total: int
+    long_poll_sessions_total: int
+    long_poll_requests_total: int
+    long_poll_stale_requests_total: int
+    long_poll_timeouts_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:
