@@ -120,7 +120,7 @@ class HTTPConnection:
             if event is not h11.NEED_DATA:
                 return event
             data = await self.stream.receive_some(65536)
-            self.conn.receive_data(data)  # b"" is the end of the stream
+            self.conn.receive_data(bytes(data))  # b"" is the end of the stream
 
     async def head(self) -> HTTPResponse:
         while True:
