@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from tests.browser_support import ASSETS, CHROMIUM, SKIP_REASON, chromium_page, static_server
 from tests.conftest import eventually, make_app
-from tests.redis_support import REDIS_SERVER, RedisProcess
+from tests.redis_support import REDIS_SERVER, RedisProcess, redis_fixture  # noqa: F401
 from tests.redis_support import SKIP_REASON as NO_REDIS
 from trio_cable import Config, Server
 
@@ -22,15 +20,6 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON),
     pytest.mark.skipif(REDIS_SERVER is None, reason=NO_REDIS),
 ]
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Any:
-    proc = RedisProcess(tmp_path / "redis")
-    (tmp_path / "redis").mkdir()
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 def node_config(redis: RedisProcess, port: int = 0) -> Config:
