@@ -22,7 +22,8 @@ from trio_cable.client.http import request
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SKIP_REASON = "chromium is not installed (apt-get install chromium)"
-ASSETS = Path(__file__).resolve().parent / "assets"
+#: What the test pages are served from: tests/ (assets/ and interop/node_modules/).
+TESTS = Path(__file__).resolve().parent
 FLAGS = [
     "--headless",
     "--no-sandbox",
