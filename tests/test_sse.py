@@ -144,6 +144,8 @@ async def test_refusals_have_statuses_eventsource_gives_up_on(sse_server):
     assert unauthorized.head.status == 401
     events = await unauthorized.rest()
     assert [e.event for e in events] == ["disconnect"] and events[0].retry == 31_536_000_000
+    raw = await SSEClient.open(sse_server, f"raw=1&identifier={quote(identifier(reject=1))}")
+    assert raw.head.status == 400  # also in raw mode, where the rejection is no event
     nothing = await SSEClient.open(sse_server, "")
     assert nothing.head.status == 400
     bad_id = await SSEClient.open(sse_server, "stream=x", [("last-event-id", "nonsense")])

@@ -65,7 +65,8 @@ log = logging.getLogger("trio_cable.sse")
 #: come back (anycable-go's value).
 RETRY_NEVER_MS = 31_536_000_000
 _RETRY_NEVER_LINE = b"retry: %d" % RETRY_NEVER_MS
-_REJECTED = b"event: reject_subscription\n"
+# How a rejected subscription starts, in either format (see _answer).
+_REJECTED = (b"event: reject_subscription\n", b": reject_subscription\n")
 # Query parameters that are the transport's, not an application channel's params.
 _RESERVED = frozenset(
     {"stream", "signed_stream", "turbo_signed_stream_name", "channel", "identifier", "raw"}
@@ -135,6 +136,8 @@ def encode_raw_event(payload: bytes) -> bytes:
     if kind == "disconnect":
         retry = _retry(message)
         return retry + b"\n\n" if retry is not None else b""
+    if kind == "reject_subscription":
+        return b": reject_subscription\n\n"  # a comment, no event: the transport answers 400
     if kind is not None or "message" not in message:
         return b""
     data = message["message"]
