@@ -174,6 +174,29 @@ async def test_last_event_id_resumes_with_history_once_and_in_order(sse_server):
     await stale.aclose()
 
 
+async def test_a_client_with_no_position_yet_comes_back_with_the_confirm_time(sse_server):
+    """A connection that drops before any broadcast has no stream position: its confirm
+    carries the time as the event id, and coming back with it brings what was missed."""
+    client = await SSEClient.open(sse_server, "stream=early")
+    confirm = (await client.until("confirm_subscription"))[-1]
+    assert confirm.id is not None and confirm.id.startswith("@")
+    await client.aclose()
+    for n in range(2):
+        await sse_server.broadcast("early", n)
+    again = await SSEClient.open(sse_server, "stream=early", [("last-event-id", confirm.id)])
+    events = await again.until("confirm_history")
+    assert data_of(events) == [0, 1]
+    confirm_again = next(e for e in events if e.event == "confirm_subscription")
+    assert confirm_again.id is None  # no new mark (a fresh parser): the client has a position
+    await again.aclose()
+    raw = await SSEClient.open(sse_server, "stream=early&raw=1")
+    await eventually(lambda: sse_server.hub.subscribers("early") == 1, what="subscribed")
+    await sse_server.broadcast("early", 2)
+    assert (await raw.event()).data == "2"
+    assert raw.parser.last_event_id.startswith("3/")  # after an id-only event with the time
+    await raw.aclose()
+
+
 async def test_history_since(sse_server):
     await sse_server.broadcast("old", "before")
     client = await SSEClient.open(sse_server, "stream=old&history_since=1")

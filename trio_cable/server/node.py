@@ -82,6 +82,7 @@ from trio_cable.server.transports.sse import (
     BadQuery,
     SSEContext,
     SSETransport,
+    last_event_id,
     refusal_event,
     sse_format,
     subscribe_command,
@@ -490,7 +491,12 @@ class Server:
             budget = TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time())
             if isinstance(outcome, EventStream):
                 stream = SSETransport(
-                    self._sse, sock, [outcome.command], outcome.headers, remote=remote
+                    self._sse,
+                    sock,
+                    [outcome.command],
+                    outcome.headers,
+                    remote=remote,
+                    mark_confirm=not last_event_id(outcome.request),
                 )
                 session = Session(
                     self,

@@ -20,8 +20,13 @@ Each message is one event (the format is anycable-go's)::
     data: {"type":"disconnect","reason":"server_restart","reconnect":true,"reconnect_after":2100}
     retry: 2100                    the reconnect advice (a year when reconnect is false)
 
+A client that has no position yet (no ``Last-Event-ID``) gets ``id: @<unix seconds>`` on its
+confirm: should its connection drop before any broadcast reaches it, it comes back with that,
+and gets the stream's history since then instead of nothing (anycable-go leaves that gap).
+
 With ``?raw=1`` only the broadcasts' data is sent (no envelope, no protocol events), pings
-become ``: ping`` comments, and a disconnect is only its ``retry:``.
+become ``: ping`` comments, the confirm's id comes in an event without data (which sets
+``EventSource``'s last id and dispatches nothing), and a disconnect is only its ``retry:``.
 
 Until the subscription is answered nothing is written: the response head depends on it
 (anycable-go answers 401 to a refused connection and 400 to a rejected subscription, so that
@@ -35,6 +40,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +60,7 @@ __all__ = [
     "BadQuery",
     "SSEContext",
     "SSETransport",
+    "last_event_id",
     "refusal_event",
     "sse_format",
     "subscribe_command",
@@ -67,6 +74,7 @@ RETRY_NEVER_MS = 31_536_000_000
 _RETRY_NEVER_LINE = b"retry: %d" % RETRY_NEVER_MS
 # How a rejected subscription starts, in either format (see _answer).
 _REJECTED = (b"event: reject_subscription\n", b": reject_subscription\n")
+_CONFIRMED = (b"event: confirm_subscription\n", b": confirm_subscription\n")
 # Query parameters that are the transport's, not an application channel's params.
 _RESERVED = frozenset(
     {"stream", "signed_stream", "turbo_signed_stream_name", "channel", "identifier", "raw"}
@@ -138,6 +146,8 @@ def encode_raw_event(payload: bytes) -> bytes:
         return retry + b"\n\n" if retry is not None else b""
     if kind == "reject_subscription":
         return b": reject_subscription\n\n"  # a comment, no event: the transport answers 400
+    if kind == "confirm_subscription":
+        return b": confirm_subscription\n\n"  # room for the transport's id (see write)
     if kind is not None or "message" not in message:
         return b""
     data = message["message"]
@@ -215,8 +225,14 @@ def _history(request: Request) -> dict[str, Any] | None:
     """The history to ask with the subscribe: from ``Last-Event-ID`` (where the client got
     to), else from ``?history_since=`` (unix seconds)."""
     history: dict[str, Any] = {}
-    last_id = request.headers.get("last-event-id") or request.query.get("last_event_id")
-    if last_id:
+    last_id = last_event_id(request)
+    if last_id and last_id.startswith("@"):
+        # The time of the confirm (see SSETransport.write): no broadcast came after it.  A
+        # second earlier, as publication times are whole seconds on some nodes' clocks.
+        if not last_id[1:].isdigit():
+            raise BadQuery("Last-Event-ID is not @<unix seconds>")
+        history["since"] = int(last_id[1:]) - 1
+    elif last_id:
         offset, _, rest = last_id.partition("/")
         epoch, _, stream = rest.partition("/")
         if not (offset.isdigit() and epoch and stream):
@@ -225,10 +241,17 @@ def _history(request: Request) -> dict[str, Any] | None:
     since = request.query.get("history_since")
     if since:
         try:
-            history["since"] = int(since)
+            # EventSource comes back with its first URL: the later of the two times wins.
+            history["since"] = max(int(since), history.get("since", 0))
         except ValueError:
             raise BadQuery("history_since must be unix seconds") from None
     return history or None
+
+
+def last_event_id(request: Request) -> str | None:
+    """Where the client got to (``Last-Event-ID``, or ``?last_event_id=`` for clients that
+    cannot set headers)."""
+    return request.headers.get("last-event-id") or request.query.get("last_event_id") or None
 
 
 def subscribe_command(request: Request, jwt_param: str = "jid") -> bytes:
@@ -276,6 +299,7 @@ class SSETransport:
         "_done",
         "_drained",
         "_head",
+        "_mark_confirm",
         "_nursery",
         "_queue",
         "_queued_bytes",
@@ -294,15 +318,18 @@ class SSETransport:
         head: list[tuple[str, str]],
         *,
         remote: str = "",
+        mark_confirm: bool = False,
     ) -> None:
         """*commands* are handed to the receiver after it opened (the subscribe); *head* are
-        the response's extra headers (CORS)."""
+        the response's extra headers (CORS).  *mark_confirm*: the client has no position yet
+        (no ``Last-Event-ID``), so the confirm carries one (see :meth:`write`)."""
         self._ctx = ctx
         self.sock = sock
         self.remote = remote
         self.state = State.OPEN
         self._commands = list(commands)
         self._head = head
+        self._mark_confirm = mark_confirm
         # What is written before the response head: the head's status depends on it.
         self._backlog: list[bytes] | None = []
         self._cork: list[bytes] | None = None
@@ -330,6 +357,12 @@ class SSETransport:
     def write(self, data: bytes) -> None:
         if self.state is not State.OPEN or not data:
             return
+        if self._mark_confirm and data.startswith(_CONFIRMED):
+            # A client without a position yet gets the time of its confirm as its event id:
+            # if its connection drops before any broadcast (whose ids are positions), its
+            # EventSource comes back with that, and gets what it missed since then.
+            self._mark_confirm = False
+            data = data[:-1] + b"id: @%d\n\n" % int(time.time())
         if self._backlog is not None:
             self._backlog.append(data)
         elif self._cork is not None:
