@@ -32,6 +32,8 @@ async def post(
     url = f"http://127.0.0.1:{server.port}/lp{query}"
     with trio.fail_after(30):
         response = await request(url, "POST", headers, body)
+    if response.headers.get("content-type") != "application/x-ndjson":
+        return response, []  # a refusal's text
     return response, [json.loads(line) for line in response.body.splitlines() if line.strip()]
 
 
@@ -185,3 +187,25 @@ async def test_poll_mode_client_resumes_after_a_drain_with_nothing_lost(nursery,
     assert new.metrics.sessions_resumed_total == 1
     assert new.metrics.long_poll_sessions_total == 1
     assert [restored for kind, restored in events if kind == "connected"] == [False, True]
+
+
+async def test_a_session_whose_client_does_not_collect_is_dropped_too_slow(nursery):
+    server = await nursery.start(
+        Server(lp_config(max_send_queue=16 * 1024, ping_interval=60.0), make_app()).serve
+    )
+    response, _ = await post(server, [{"command": "subscribe", "identifier": identifier()}])
+    for _ in range(3):
+        await server.broadcast("echo", "x" * 8 * 1024)  # EchoChannel streams from "echo"
+    await eventually(lambda: server.metrics.too_slow_total == 1, what="too_slow")
+    _, messages = await post(server, [], response.headers[POLL_ID])
+    assert messages == [{"type": "disconnect", "reason": "too_slow", "reconnect": True}]
+
+
+async def test_admission_control_applies_to_new_sessions_not_to_polls(nursery):
+    server = await nursery.start(Server(lp_config(max_connections=1), make_app()).serve)
+    first, _ = await post(server, [])
+    refused, _ = await post(server, [])
+    assert refused.status == 503 and int(refused.headers["retry-after"]) >= 1
+    assert server.metrics.labeled["handshakes_refused_total"]["max_connections"] == 1
+    again, _ = await post(server, [], first.headers[POLL_ID])  # the admitted session polls on
+    assert again.status == 200

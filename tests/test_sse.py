@@ -263,3 +263,17 @@ async def test_cors_and_origin_check(nursery):
     await ok.aclose()
     refused = await SSEClient.open(server, "stream=c", [("origin", "https://evil.example")])
     assert refused.head.status == 403
+
+
+async def test_admission_control_answers_a_retry(nursery):
+    server = await nursery.start(
+        Server(sse_config(max_connections=1, reconnect_advice=1.0), make_app()).serve
+    )
+    first = await SSEClient.open(server, "stream=a")
+    await first.until("confirm_subscription")
+    second = await SSEClient.open(server, "stream=a")
+    assert second.head.status == 200
+    (refusal,) = await second.rest()
+    assert json.loads(refusal.data)["reason"] == "server_busy" and refusal.retry is not None
+    assert server.metrics.labeled["handshakes_refused_total"]["max_connections"] == 1
+    await first.aclose()
