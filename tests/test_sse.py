@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -12,6 +13,8 @@ import trio
 
 from tests.conftest import eventually, identifier, make_app
 from trio_cable import Config, Server
+from trio_cable.broker.memory import MemoryBroker
+from trio_cable.client import CableClosed, open_event_stream
 from trio_cable.client.http import Event, EventStreamParser, HTTPResponse, open_request
 from trio_cable.streams import sign_stream
 
@@ -277,3 +280,52 @@ async def test_admission_control_answers_a_retry(nursery):
     assert json.loads(refusal.data)["reason"] == "server_busy" and refusal.retry is not None
     assert server.metrics.labeled["handshakes_refused_total"]["max_connections"] == 1
     await first.aclose()
+
+
+# -- the Python client (open_event_stream) ---------------------------------------------------
+
+
+async def test_python_event_stream_follows_a_stream_across_a_drain_and_takeover(nursery):
+    broker = MemoryBroker()
+    listener = socket.create_server(("127.0.0.1", 0))
+    config = sse_config(drain_period=0, reconnect_advice=0.5)
+    old = await nursery.start(
+        Server(config, make_app(), broker=broker, listen_socket=listener).serve
+    )
+    port = old.port
+    kinds: list[str] = []
+    received: list[int] = []
+    async with open_event_stream(
+        f"http://127.0.0.1:{port}/events", stream="py/feed", on_event=lambda e: kinds.append(e.kind)
+    ) as feed:
+
+        async def until(n: int) -> None:
+            with trio.fail_after(20):
+                while len(received) < n:
+                    received.append((await feed.receive()).data)
+
+        await eventually(lambda: old.hub.subscribers("py/feed") == 1, what="subscribed")
+        for n in range(1, 4):
+            await old.broadcast("py/feed", n)
+        await until(3)
+        old.stop_accepting()
+        config.port = port
+        new = await nursery.start(Server(config, make_app(), broker=broker).serve)
+        await old.drain()
+        for n in range(4, 7):
+            await new.broadcast("py/feed", n)
+        await until(6)
+        await trio.sleep(0.2)  # a duplicate would arrive right behind
+        assert feed.last_event_id.startswith("6/")
+    assert received == [1, 2, 3, 4, 5, 6]
+    assert kinds.count("connected") == 2 and "history_confirmed" in kinds
+    assert new.metrics.history_served_total == 1
+
+
+async def test_python_event_stream_stops_on_a_refusal(sse_server):
+    async with open_event_stream(
+        f"http://127.0.0.1:{sse_server.port}/events", channel="EchoChannel", params={"reject": "1"}
+    ) as feed:
+        with pytest.raises(CableClosed) as info:
+            await feed.receive()
+    assert info.value.reason in ("unauthorized", "refused")

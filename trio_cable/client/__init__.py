@@ -29,6 +29,7 @@ from trio_cable.client.cable import (
     SubscriptionRejected,
     open_cable,
 )
+from trio_cable.client.sse import EventStream, open_event_stream
 
 __all__ = [
     "STRATEGIES",
@@ -38,6 +39,7 @@ __all__ = [
     "CableClosed",
     "CableError",
     "CableEvent",
+    "EventStream",
     "Message",
     "MessagesDropped",
     "SubscribeTimeout",
@@ -45,4 +47,5 @@ __all__ = [
     "SubscriptionRejected",
     "compute_delay",
     "open_cable",
+    "open_event_stream",
 ]

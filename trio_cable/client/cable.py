@@ -21,8 +21,8 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -1114,7 +1114,7 @@ async def open_cable(
         poll_url=poll_url,
         fallback_after=fallback_after,
     )
-    try:
+    with unwrap_group():
         async with trio.open_nursery() as nursery:
             await nursery.start(cable._run)
             try:
@@ -1123,9 +1123,15 @@ async def open_cable(
                 cable._closing = True
                 await cable._leave()
                 nursery.cancel_scope.cancel()
+
+
+@contextmanager
+def unwrap_group() -> Iterator[None]:
+    """Strict exception groups wrap everything leaving a nursery; give the caller the one
+    real exception (its own, or CableClosed) rather than a group."""
+    try:
+        yield
     except BaseExceptionGroup as group:
-        # Strict exception groups wrap everything leaving a nursery; give the caller the one
-        # real exception (its own, or CableClosed) rather than a group.
         error = _single(group)
         if error is group:
             raise
