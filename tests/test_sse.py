@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -329,3 +330,25 @@ async def test_python_event_stream_stops_on_a_refusal(sse_server):
         with pytest.raises(CableClosed) as info:
             await feed.receive()
     assert info.value.reason in ("unauthorized", "refused")
+
+
+async def test_sse_over_tls_with_big_messages(nursery, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    config = sse_config(tls_cert=str(cert_path), tls_key=str(key_path))
+    server = await nursery.start(Server(config, make_app()).serve)
+    url = f"https://127.0.0.1:{server.port}/events"
+    async with open_event_stream(url, stream="tls", ssl_context=context) as feed:
+        await eventually(lambda: server.hub.subscribers("tls") == 1, what="subscribed")
+        big = "z" * 300_000  # several TLS records, partial writes
+        for n in range(3):
+            await server.broadcast("tls", {"n": n, "big": big})
+        with trio.fail_after(20):
+            got = [(await feed.receive()).data for _ in range(3)]
+    assert [m["n"] for m in got] == [0, 1, 2] and all(m["big"] == big for m in got)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -52,8 +53,10 @@ class EventStream:
         connect_timeout: float,
         on_event: Callable[[CableEvent], None] | None,
         rng: random.Random | None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl_context = ssl_context
         self.headers = list(headers)
         self.connect_timeout = connect_timeout
         self.on_event = on_event
@@ -104,7 +107,9 @@ class EventStream:
         parser = EventStreamParser(self.last_event_id)
         try:
             with trio.fail_after(self.connect_timeout):
-                connection = await open_request(self.url, headers=headers)
+                connection = await open_request(
+                    self.url, headers=headers, ssl_context=self.ssl_context
+                )
                 head = await connection.head()
         except (OSError, trio.TooSlowError) as exc:
             self.timer.failed()
@@ -168,6 +173,7 @@ async def open_event_stream(
     connect_timeout: float = 10.0,
     on_event: Callable[[CableEvent], None] | None = None,
     rng: random.Random | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[EventStream]:
     """Follow one subscription over SSE at *url* (the server's ``/events``): a public
     ``stream``, a ``signed_stream``, a ``channel`` with ``params``, or an ``identifier``;
@@ -187,7 +193,13 @@ async def open_event_stream(
             query[key] = value
     extra = [*headers, *([("x-jid", token)] if token else [])]
     events = EventStream(
-        _with_query(url, query), extra, backoff or Backoff(), connect_timeout, on_event, rng
+        _with_query(url, query),
+        extra,
+        backoff or Backoff(),
+        connect_timeout,
+        on_event,
+        rng,
+        ssl_context,
     )
     with unwrap_group():
         async with trio.open_nursery() as nursery:

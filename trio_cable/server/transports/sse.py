@@ -40,6 +40,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ from trio_cable.metrics import Metrics
 from trio_cable.protocol.cable import JSON
 from trio_cable.protocol.codes import DisconnectReason
 from trio_cable.protocol.handshake import Request
-from trio_cable.server.sockio import WOULD_BLOCK, WOULD_BLOCK_READ, close_socket
+from trio_cable.server.sockio import WOULD_BLOCK, close_socket, recv_some
 from trio_cable.server.transport import Receiver, WireFormat
 
 __all__ = [
@@ -304,6 +305,7 @@ class SSETransport:
         "_queue",
         "_queued_bytes",
         "_receiver",
+        "_tls",
         "_writer_running",
         "remote",
         "sock",
@@ -327,6 +329,7 @@ class SSETransport:
         self.sock = sock
         self.remote = remote
         self.state = State.OPEN
+        self._tls = isinstance(sock, ssl.SSLSocket)
         self._commands = list(commands)
         self._head = head
         self._mark_confirm = mark_confirm
@@ -428,7 +431,8 @@ class SSETransport:
                 await trio.lowlevel.wait_writable(self.sock)
                 chunk = [queue.popleft()]
                 size = len(chunk[0])
-                while queue and size < _COALESCE_BYTES:
+                # Not under TLS: OpenSSL wants a refused write retried with the same bytes.
+                while queue and size < _COALESCE_BYTES and not self._tls:
                     size += len(queue[0])
                     chunk.append(queue.popleft())
                 data = b"".join(chunk)
@@ -535,20 +539,11 @@ class SSETransport:
 
     async def _read_until_eof(self) -> None:
         # The client has nothing to say; its side closing (EOF, reset) ends the stream.
-        sock = self.sock
-        while True:
-            try:
-                data = sock.recv(4096)
-            except WOULD_BLOCK_READ:
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                if self.state is State.OPEN:
-                    self.state = State.CLOSED
-                self._done.set()
-                return
+        while await recv_some(self.sock, 4096):
+            pass
+        if self.state is State.OPEN:
+            self.state = State.CLOSED
+        self._done.set()
 
     async def _flush(self) -> None:
         """Write what is queued (at most ``close_timeout``), then end the stream."""
