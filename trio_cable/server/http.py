@@ -2,8 +2,9 @@
 
 Endpoints: ``GET /health`` (JSON status), ``GET /metrics`` (Prometheus), ``POST /_broadcast``
 (publications, bearer key when configured); the SSE and long-polling endpoints are the
-transports' (``transports/sse.py``, ``transports/longpoll.py``), routed by the node.  Anything else gets a clear 404, or 426 on a
-WebSocket path without an upgrade; a malformed request gets 400.  Every answer closes the
+transports' (``transports/sse.py``, ``transports/longpoll.py``), routed by the node.  Anything
+else gets a clear 404, or 426 on a WebSocket path without an upgrade; a malformed request gets
+400.  Every answer closes the
 connection: these endpoints serve load balancers and back ends, not browsers, and one
 request per connection keeps the code and the failure modes small.
 """
