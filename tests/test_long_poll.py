@@ -75,28 +75,36 @@ async def test_a_session_over_polls(nursery):
     assert server.metrics.long_poll_stale_requests_total == 1
 
 
-async def test_a_newer_poll_makes_the_waiting_one_answer(nursery):
+async def test_a_newer_poll_makes_the_waiting_one_answer_empty(nursery):
+    """A client sends commands without waiting for its long poll to end; the waiting poll
+    answers at once and empty (AnyCable's client aborts it: what it carried would be lost),
+    and the new poll gets what the commands produced."""
     server = await nursery.start(
         Server(lp_config(poll_interval=20.0, ping_interval=60.0), make_app()).serve
     )
     response, _ = await post(server, [])
     poll_id = response.headers[POLL_ID]
+    answers: list[list[dict[str, Any]]] = []
     answered = trio.Event()
 
     async def waiting(done: trio.Event) -> None:
-        await post(server, [], poll_id)
+        answers.append((await post(server, [], poll_id))[1])
         done.set()
 
     for _ in range(5):  # the ticker's first ping of a new session may answer the first one
+        answers.clear()
         answered = trio.Event()
         nursery.start_soon(waiting, answered)
         await trio.sleep(0.3)
         if not answered.is_set():
             break
     assert not answered.is_set(), "a poll with nothing to answer returned"
-    await post(server, [{"command": "subscribe", "identifier": identifier()}], poll_id)
+    ident = identifier()
+    _, newer = await post(server, [{"command": "subscribe", "identifier": ident}], poll_id)
     with trio.fail_after(10):  # long before the 20 s poll interval
         await answered.wait()
+    assert answers == [[]]
+    assert {"identifier": ident, "type": "confirm_subscription"} in newer
 
 
 async def test_a_session_nobody_polls_ends(nursery, unsubscribed):

@@ -8,9 +8,10 @@ nothing waits for messages up to ``--poll-interval`` (a *long* poll), and its an
 the session's poll id (``X-Anycable-Poll-ID``), which the next poll sends back.
 
 A poll that arrives while an older one of the same session is still waiting makes the older
-one answer at once (with what is queued, maybe nothing): a client sends its commands without
-waiting for the end of a long poll, and the answers, read in the order the polls were sent,
-hold every message once and in order.
+one answer at once, and empty: a client sends its commands without waiting for the end of a
+long poll, and what is queued goes to the newest poll.  Never to the older one: AnyCable's
+JavaScript client aborts its waiting poll to send commands, so an answer given to it would be
+lost on the way.
 
 A session that no poll has reached for ``--poll-keepalive-timeout`` ends like an idle
 connection (nobody is there to be told).  The session lives in this node: a client that polls
@@ -76,6 +77,7 @@ class LongPollTransport:
         "_ended",
         "_last_seen",
         "_lock",
+        "_newest",
         "_outbox",
         "_outbox_bytes",
         "_receiver",
@@ -102,6 +104,7 @@ class LongPollTransport:
         self._collected = trio.Event()  # a poll took the last messages
         self._lock = trio.Lock()  # one poll's commands at a time, in order
         self._active = 0  # polls being served
+        self._newest = 0  # polls received: a waiting poll that is not the newest answers empty
         self._last_seen = trio.current_time()
         self._receiver: Receiver | None = None
         self._scope: trio.CancelScope | None = None
@@ -230,6 +233,8 @@ class LongPollTransport:
         ctx = self._ctx
         self._active += 1
         self._last_seen = trio.current_time()
+        self._newest += 1
+        number = self._newest
         try:
             self._wake_poll()  # an older poll that still waits answers now
             async with self._lock:
@@ -246,6 +251,8 @@ class LongPollTransport:
                     await wake.wait()
                 if self._outbox and self.state == "open":
                     await trio.sleep(_FLUSH_DELAY)
+            if number != self._newest:
+                return []  # superseded: the newer poll takes what is queued
             if self.state != "open":
                 # Answer the last messages only once the session is stored: the client
                 # may resume it elsewhere as soon as it reads the disconnect.
