@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 # name -> help.  Counters are monotonically increasing totals.
 COUNTERS: dict[str, str] = {
-    "connections_total": "WebSocket connections accepted (after the handshake)",
+    "connections_total": "connections accepted (WebSockets, SSE streams, long-polling sessions)",
     "handshakes_failed_total": "HTTP requests that did not become a WebSocket (any reason)",
     "disconnects_total": "connections closed, for any reason",
     "unauthorized_total": "connections refused by JWT or the connect callback",
@@ -54,7 +54,7 @@ COUNTERS: dict[str, str] = {
 
 # name -> (help, label name): counters split by a label.
 LABELED_COUNTERS: dict[str, tuple[str, str]] = {
-    "handshakes_refused_total": ("WebSocket handshakes refused, by reason", "reason"),
+    "handshakes_refused_total": ("new connections refused (any transport), by reason", "reason"),
     "disconnect_reasons_total": ("server-initiated disconnect messages, by reason", "reason"),
 }
 
