@@ -352,3 +352,23 @@ async def test_sse_over_tls_with_big_messages(nursery, tmp_path):
         with trio.fail_after(20):
             got = [(await feed.receive()).data for _ in range(3)]
     assert [m["n"] for m in got] == [0, 1, 2] and all(m["big"] == big for m in got)
+
+
+async def test_post_carries_several_subscribes_as_json_lines(sse_server):
+    body = b"".join(
+        json.dumps({"command": "subscribe", "identifier": identifier(stream=name)}).encode() + b"\n"
+        for name in ("p1", "p2")
+    )
+    url = f"http://127.0.0.1:{sse_server.port}/events"
+    connection = await open_request(url, "POST", [("accept", "text/event-stream")], body)
+    client = SSEClient(connection, await connection.head())
+    assert client.head.status == 200
+    await client.until("confirm_subscription")
+    await client.until("confirm_subscription")
+    await sse_server.broadcast("p1", "one")
+    await sse_server.broadcast("p2", "two")
+    assert data_of([await client.event(), await client.event()]) == ["one", "two"]
+    await client.aclose()
+    empty = await open_request(url, "POST", [], b"")
+    assert (await empty.head()).status == 400
+    await empty.aclose()

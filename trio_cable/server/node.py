@@ -130,12 +130,14 @@ class Publish:
 
 @dataclass(frozen=True, slots=True)
 class EventStream:
-    """An SSE request to answer with an event stream: the subscribe it stands for."""
+    """An SSE request to answer with an event stream: the commands it stands for (a GET's
+    subscribe, a POST's JSON lines)."""
 
     request: Request
-    command: bytes
+    commands: list[bytes]
     raw: bool
     headers: list[tuple[str, str]]
+    mark_confirm: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,10 +495,10 @@ class Server:
                 stream = SSETransport(
                     self._sse,
                     sock,
-                    [outcome.command],
+                    outcome.commands,
                     outcome.headers,
                     remote=remote,
-                    mark_confirm=not last_event_id(outcome.request),
+                    mark_confirm=outcome.mark_confirm,
                 )
                 session = Session(
                     self,
@@ -564,7 +566,7 @@ class Server:
         after it."""
         cfg = self.config
         if cfg.sse_path and request.path == cfg.sse_path:
-            return self._sse_request(request, ip)
+            return await self._sse_request(sock, conn, request, ip)
         if cfg.poll_path and request.path == cfg.poll_path:
             return await self._poll_request(sock, conn, request, ip)
         if request.path not in cfg.path and not (cfg.echo_path and request.path == cfg.echo_path):
@@ -614,20 +616,33 @@ class Server:
             ],
         )
 
-    def _sse_request(self, request: Request, ip: str) -> Response | EventStream:
+    async def _sse_request(
+        self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
+    ) -> Response | EventStream:
         cors = self._cors(request)
         if cors is None:
             self.metrics.handshakes_failed_total += 1
             return Response.text(403, "origin not allowed")
         if request.method == "OPTIONS":
             return self._preflight(request, cors)
-        if request.method != "GET":
-            return Response.text(405, "use GET", [("allow", "GET"), *cors])
-        try:
-            command = subscribe_command(request, self.config.jwt_param)
-        except BadQuery as exc:
-            self.metrics.handshakes_failed_total += 1
-            return Response.text(400, str(exc), cors)
+        if request.method == "POST":
+            # anycable-go's other form: the commands (subscribes) as JSON lines in the body,
+            # for clients that can send a body (fetch, curl), not EventSource.
+            try:
+                body = await read_body(sock, conn, self.config.max_message_size)
+            except BadRequest as exc:
+                return Response.text(exc.status, exc.message, cors)
+            commands = [line for line in body.split(b"\n") if line.strip()]
+            if not commands:
+                return Response.text(400, "POST the commands as JSON lines", cors)
+        elif request.method == "GET":
+            try:
+                commands = [subscribe_command(request, self.config.jwt_param)]
+            except BadQuery as exc:
+                self.metrics.handshakes_failed_total += 1
+                return Response.text(400, str(exc), cors)
+        else:
+            return Response.text(405, "use GET or POST", [("allow", "GET, POST"), *cors])
         refusal = self._admission(ip)
         if refusal is not None:
             # 200 and a retry: EventSource gives up for good on a 503, and comes back after
@@ -638,8 +653,9 @@ class Server:
             after = max(1000, reconnect_after_ms(base, self.config.reconnect_advice))
             why = DisconnectReason.SERVER_RESTART if reason == "draining" else "server_busy"
             return Response(200, refusal_event(str(why), after), _EVENT_STREAM, cors)
-        raw = request.query.get("raw", "").lower() in _TRUE
-        return EventStream(request, command, raw, cors)
+        raw = request.method == "GET" and request.query.get("raw", "").lower() in _TRUE
+        fresh = request.method == "GET" and not last_event_id(request)
+        return EventStream(request, commands, raw, cors, fresh)
 
     async def _poll_request(
         self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
