@@ -50,6 +50,11 @@ COUNTERS: dict[str, str] = {
     "long_poll_requests_total": "long-polling requests served",
     "long_poll_stale_requests_total": "polls naming a session that is gone (answered 401)",
     "long_poll_timeouts_total": "long-polling sessions ended because no poll came",
+    "compressed_frames_total": "frames sent deflated (permessage-deflate), each built once",
+    "compression_saved_bytes_total": (
+        "bytes deflate saved, per frame built (a broadcast frame is built once per group)"
+    ),
+    "compressed_messages_total": "compressed client messages inflated",
 }
 
 # name -> (help, label name): counters split by a label.
@@ -153,6 +158,9 @@ class Metrics:
     long_poll_requests_total: int
     long_poll_stale_requests_total: int
     long_poll_timeouts_total: int
+    compressed_frames_total: int
+    compression_saved_bytes_total: int
+    compressed_messages_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:

@@ -5,10 +5,11 @@ below were verified against exactly that version).
 
 Layout in Redis (``prefix`` defaults to ``trio_cable``):
 
-``<prefix>:m:<stream>``  hash ``e`` (epoch), ``n`` (last offset); lives ``max(history_ttl,
-                         1 day)`` after the last publication, so offsets keep counting
-                         across quiet periods like the in-memory broker's do.
-``<prefix>:h:<stream>``  Redis Stream of the last messages: fields ``o`` (offset) and ``d``
+``<prefix>:m:{<stream>}``  hash ``e`` (epoch), ``n`` (last offset), ``r`` (the replication
+                         id of the primary that wrote it); lives ``max(history_ttl, 1 day)``
+                         after the last publication, so offsets keep counting across quiet
+                         periods like the in-memory broker's do.
+``<prefix>:h:{<stream>}``  Redis Stream of the last messages: fields ``o`` (offset) and ``d``
                          (the data as JSON); ``XADD MAXLEN ~ history_limit`` plus
                          ``PEXPIRE history_ttl``.  The entry id's milliseconds are the
                          publication time (Redis' clock).
@@ -17,6 +18,30 @@ Layout in Redis (``prefix`` defaults to ``trio_cable``):
                          stream position) and node commands, in publication order.
 ``<prefix>:ping:<node>`` per-node channel for heartbeats and read barriers.
 ``__anycable__``         publications of anycable-rails apps (``PUBLISH __anycable__``).
+
+The stream name is the keys' hash tag (``{...}``), so on a Redis Cluster the two keys the
+publish script touches live in one slot.  The first ``{`` of both keys is the one before the
+stream name and the text up to the next ``}`` is the same in both, so this holds whatever the
+stream name contains.
+
+Deployments (``redis_url``): a single server (``redis://``, ``rediss://``), a primary found
+through Sentinel (``redis+sentinel://[:password@]host:port[,host:port...]/<service>[/<db>]``;
+failover is followed: connections to the old primary are dropped and the new one is asked
+of the sentinels), or a Cluster (``redis+cluster://host:port[,host:port...]``).  On a Cluster
+the publish script runs on the stream's shard and its ``PUBLISH`` reaches every node over the
+cluster bus, in order per shard, which is the order that matters (a stream's broadcasts come
+from its shard); read-barrier markers therefore go out through the stream's shard too.
+Sharded pub/sub (``SPUBLISH``) is not used: it would need a channel per shard and a
+subscription per shard on every node, for no gain while every node receives every broadcast
+anyway (the reason for the one channel below).
+
+Failover and history: Redis replicates asynchronously, so a replica promoted to primary may
+lack the last publications of the old one, whose offsets clients have already seen; counting
+on from the replica's counter would give new messages offsets already used, and clients would
+drop them as duplicates.  So each stream remembers the replication id of the primary that last
+wrote it (``r``), and the first publication on a primary with another id starts a new epoch:
+clients that resume with the old epoch get ``reject_history`` (and resubscribe knowing they
+may have missed messages), never a silent gap.
 
 Why one channel for every broadcast rather than a channel per stream: every node receives
 every broadcast and the hub drops streams with no local subscriber.  That costs some
@@ -68,20 +93,22 @@ coredis 6.9 behaviours handled here (see tests/test_redis_broker.py, which repro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import random
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import coredis
 import trio
+from coredis.connection import TCPLocation
 from coredis.exceptions import NoScriptError
-from coredis.pool import ConnectionPool
+from coredis.pool import ConnectionPool, SentinelConnectionPool
 from coredis.retry import NoRetryPolicy
 
 from trio_cable.broker import (
@@ -127,12 +154,19 @@ _BACKOFF_MAX = 5.0
 
 # KEYS: history, meta.  ARGV: candidate epoch, history limit, history ttl ms, meta ttl ms,
 # channel, header JSON ([stream, exclude]), data JSON.  Returns {epoch, offset}.
+# A stream last written by another primary (a failover: see the module docstring) starts a
+# new epoch, as one with no epoch at all does; a stream without ``r`` (written before this
+# field existed) just takes the current id.
 _PUBLISH = """
-local epoch = redis.call('HGET', KEYS[2], 'e')
-if not epoch then
+local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+local meta = redis.call('HMGET', KEYS[2], 'e', 'r')
+local epoch = meta[1]
+if not epoch or (meta[2] and meta[2] ~= replid) then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'e', epoch, 'n', 0)
+  redis.call('HSET', KEYS[2], 'e', epoch, 'n', 0, 'r', replid)
+elseif not meta[2] then
+  redis.call('HSET', KEYS[2], 'r', replid)
 end
 local offset = redis.call('HINCRBY', KEYS[2], 'n', 1)
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -144,6 +178,13 @@ end
 local nl = '\\n'
 redis.call('PUBLISH', ARGV[5], 'B' .. epoch .. nl .. offset .. nl .. ARGV[6] .. nl .. ARGV[7])
 return {epoch, offset}
+"""
+
+# KEYS: meta (it routes the marker through the stream's shard on a Cluster).  ARGV: channel,
+# marker.
+_MARKER = """
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
 """
 
 # KEYS: history, meta.  ARGV: history limit.  Returns {epoch|nil, last|nil, secs, usecs,
@@ -163,12 +204,15 @@ class RedisUnavailable(ConfigError):
     """Redis cannot be reached (at start) or is not usable (too old, wrong URL)."""
 
 
-class _Pool(ConnectionPool[Any]):
-    """coredis' pool, minus the slot leak: an unusable connection gives its slot back."""
+class _ReleaseFix:
+    """coredis' pool release, minus the slot leak: an unusable connection gives its slot
+    back (a mixin for the plain and the Sentinel pools)."""
+
+    _available_connections: Any
 
     def release(self, connection: Any) -> None:
         usable = connection.usable
-        super().release(connection)
+        super().release(connection)  # type: ignore[misc]
         if not usable:
             # coredis 6.9 drops it without returning the slot (its queue holds a ``None``
             # placeholder per slot that may open a new connection).
@@ -176,21 +220,76 @@ class _Pool(ConnectionPool[Any]):
                 self._available_connections.append_nowait(None)
 
 
+class _Pool(_ReleaseFix, ConnectionPool[Any]):
+    """The plain pool, with the release fix."""
+
+
+class _SentinelPool(_ReleaseFix, SentinelConnectionPool):
+    """The pool of a Sentinel-managed primary, with the release fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisTarget:
+    """Where the broker's Redis is, parsed from ``redis_url``: one server, a primary behind
+    Sentinel, or a Cluster."""
+
+    kind: str  # "single", "sentinel" or "cluster"
+    url: str  # as given (single: passed to coredis as is)
+    hosts: tuple[tuple[str, int], ...] = ()  # sentinels, or cluster startup nodes
+    service: str = ""  # the Sentinel service (primary) name
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> RedisTarget:
+        """Parse *url*; ``ValueError`` with a message naming what is wrong."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme in ("redis", "rediss", "unix"):
+            return cls("single", url)
+        if scheme not in ("redis+sentinel", "redis+cluster"):
+            raise ValueError(
+                f"unknown scheme {parts.scheme!r} (redis://, rediss://, unix://, "
+                "redis+sentinel://, redis+cluster://)"
+            )
+        userinfo, _, hostlist = parts.netloc.rpartition("@")
+        username, _, password = userinfo.partition(":")
+        hosts = []
+        for item in hostlist.split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{item.strip()!r} is not host:port")
+            hosts.append((host.strip("[]"), int(port)))
+        query = dict(parse_qsl(parts.query))
+        user, secret = unquote(username) or None, unquote(password) or None
+        if scheme == "redis+cluster":
+            return cls("cluster", url, tuple(hosts), username=user, password=secret)
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("a Sentinel URL names its service: redis+sentinel://host:port/name")
+        db = path[1] if len(path) > 1 else "0"
+        if not db.isdigit():
+            raise ValueError(f"database {db!r} is not a number")
+        return cls(
+            "sentinel", url, tuple(hosts), service=unquote(path[0]), db=int(db),
+            username=user, password=secret, sentinel_password=query.get("sentinel_password"),
+        )  # fmt: skip
+
+
 class _LinkLost(Exception):
     """The pub/sub link stopped delivering (error, or heartbeat not seen in time)."""
 
 
 def redact_url(url: str) -> str:
-    """*url* without its password, for messages."""
+    """*url* without its password, for messages (any scheme, several hosts too)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
-    user = parts.username or ""
-    netloc = f"{user}:***@{netloc}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -248,6 +347,11 @@ class RedisBroker(LocalNodes):
     ) -> None:
         super().__init__()
         self.url = url
+        try:
+            #: The deployment :attr:`url` names (one server, Sentinel, Cluster).
+            self.target = RedisTarget.parse(url)
+        except ValueError as exc:
+            raise RedisUnavailable(f"broker redis: bad URL {redact_url(url)}: {exc}") from None
         self.history_limit = history_limit
         self.history_ttl = history_ttl
         self.session_max_size = session_max_size
@@ -283,7 +387,9 @@ class RedisBroker(LocalNodes):
         self._scripts: dict[str, str] = {}  # script text -> sha1
         self._delivered: dict[str, tuple[str, int]] = {}  # watched stream -> (epoch, offset)
         self._marker_sent = 0
-        self._marker_seen = 0
+        # Markers back from pub/sub.  A set, not the highest seen: on a Cluster each marker
+        # goes through its stream's shard, and shards' messages arrive in any order.
+        self._markers_seen: set[int] = set()
         self._marker_event = trio.Event()
         self._last_seen = 0.0
         self._lost_at = 0.0
@@ -293,11 +399,11 @@ class RedisBroker(LocalNodes):
 
     def history_key(self, stream: str) -> str:
         """The Redis Stream holding *stream*'s history."""
-        return f"{self.prefix}:h:{stream}"
+        return f"{self.prefix}:h:{{{stream}}}"
 
     def meta_key(self, stream: str) -> str:
         """The hash holding *stream*'s epoch and last offset."""
-        return f"{self.prefix}:m:{stream}"
+        return f"{self.prefix}:m:{{{stream}}}"
 
     def session_key(self, sid: str) -> str:
         """The key of session *sid*."""
@@ -305,19 +411,65 @@ class RedisBroker(LocalNodes):
 
     # -- running -------------------------------------------------------------------------
 
-    def _new_client(self) -> coredis.Redis[bytes]:
-        pool = _Pool.from_url(
-            self.url,
-            connect_timeout=self.connect_timeout,
-            stream_timeout=self.command_timeout,
-            timeout=self.command_timeout,  # waiting for a pool slot
-            max_connections=self.max_connections,
-        )
-        return coredis.Redis(
-            connection_pool=pool,
-            retry_policy=NoRetryPolicy(),
-            verify_version=False,
-        )
+    @contextlib.asynccontextmanager
+    async def _connect(self) -> AsyncIterator[Any]:
+        """A command client for :attr:`url`'s deployment, open while the block runs.
+
+        Every client has the broker's timeouts and no retries (see the module docstring);
+        the Sentinel one follows failovers (its pool asks the sentinels where the primary is
+        whenever it connects), the Cluster one follows slot moves."""
+        target = self.target
+        connect, stream = self.connect_timeout, self.command_timeout
+        if target.kind == "sentinel":
+            sentinel: coredis.Sentinel[bytes] = coredis.Sentinel(
+                [TCPLocation(host, port) for host, port in target.hosts],
+                sentinel_kwargs={
+                    "connect_timeout": connect,
+                    "stream_timeout": stream,
+                    "password": target.sentinel_password,
+                },
+                username=target.username,
+                password=target.password,
+                db=target.db,
+                connect_timeout=connect,
+                stream_timeout=stream,
+            )
+            client = sentinel.primary_for(
+                target.service,
+                connection_pool_class=_SentinelPool,
+                max_connections=self.max_connections,
+                timeout=self.command_timeout,  # waiting for a pool slot
+            )
+            async with sentinel, client:
+                yield client
+        elif target.kind == "cluster":
+            cluster: coredis.RedisCluster[bytes] = coredis.RedisCluster(
+                startup_nodes=[TCPLocation(host, port) for host, port in target.hosts],
+                username=target.username,
+                password=target.password,
+                max_connections=self.max_connections,
+                pool_timeout=self.command_timeout,
+                retry_policy=NoRetryPolicy(),
+                verify_version=False,
+                connect_timeout=connect,
+                stream_timeout=stream,
+                decode_responses=False,
+            )
+            async with cluster:
+                yield cluster
+        else:
+            pool = _Pool.from_url(
+                self.url,
+                timeout=self.command_timeout,  # waiting for a pool slot
+                max_connections=self.max_connections,
+                connect_timeout=connect,
+                stream_timeout=stream,
+            )
+            single: coredis.Redis[bytes] = coredis.Redis(
+                connection_pool=pool, retry_policy=NoRetryPolicy(), verify_version=False
+            )
+            async with single:
+                yield single
 
     @property
     def client(self) -> coredis.Redis[bytes]:
@@ -338,9 +490,8 @@ class RedisBroker(LocalNodes):
         started = False
         where = redact_url(self.url)
         try:
-            client = self._new_client()
             with _quiet_teardown():
-                async with client:
+                async with self._connect() as client:
                     self._client = client
                     await self._check_server(client, where)
                     async with trio.open_nursery() as nursery:
@@ -418,9 +569,8 @@ class RedisBroker(LocalNodes):
 
     async def _pubsub_session(self, task_status: trio.TaskStatus[None] | None) -> None:
         """One pub/sub connection: subscribe, read until the link fails."""
-        client = self._new_client()
         with _quiet_teardown():
-            async with client:
+            async with self._connect() as client:
                 pubsub = client.pubsub(
                     channels=[self.channel, self.ping_channel, ANYCABLE_CHANNEL],
                     retry_policy=NoRetryPolicy(),
@@ -474,7 +624,9 @@ class RedisBroker(LocalNodes):
                 self._on_internal(raw)
             elif channel == self.ping_channel:
                 if raw[:1] == b"M":
-                    self._marker_seen = max(self._marker_seen, int(raw[1:]))
+                    if len(self._markers_seen) > 10_000:
+                        self._markers_seen.clear()  # only waiters' markers matter, briefly
+                    self._markers_seen.add(int(raw[1:]))
                     self._wake_barriers()
             elif channel == ANYCABLE_CHANNEL:
                 self._on_anycable(raw)
@@ -689,9 +841,12 @@ class RedisBroker(LocalNodes):
         token = self._marker_sent
         try:
             with trio.fail_after(self.barrier_timeout):
-                await self.client.publish(self.ping_channel, b"M%d" % token)
-                while self._marker_seen < token and self.connected:
+                await self._script(
+                    _MARKER, [self.meta_key(stream)], [self.ping_channel, b"M%d" % token]
+                )
+                while token not in self._markers_seen and self.connected:
                     await self._marker_event.wait()
+                self._markers_seen.discard(token)
         except (trio.TooSlowError, Exception) as exc:
             self.stats["barrier_timeouts"] += 1
             log.info("read barrier on %r gave up: %s", stream[:200], _describe(exc))

@@ -34,12 +34,12 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
 )
 
 from trio_cable.client import state as proto
 from trio_cable.client.backoff import Backoff, BackoffTimer, parse_retry_after
 from trio_cable.client.longpoll import LongPollConnection, connect_long_poll, poll_url_for
+from trio_cable.client.websocket import connect as connect_websocket
 from trio_cable.protocol.codes import DisconnectReason
 
 __all__ = [
@@ -376,6 +376,7 @@ class Cable:
         transport: Transport = "websocket",
         poll_url: str | None = None,
         fallback_after: int = 3,
+        compression: bool = False,
     ) -> None:
         self.url = url
         if transport not in ("websocket", "long_poll", "auto"):
@@ -405,6 +406,7 @@ class Cable:
         self.on_event = on_event
         self.rng = rng or random.Random()
         self.max_message_size = max_message_size
+        self.compression = compression
         self.timer: BackoffTimer = self.backoff.timer(self.rng)
         self._subs: dict[str, Subscription] = {}
         self._conn: _Conn | None = None
@@ -707,12 +709,13 @@ class Cable:
                         request_timeout=self.connect_timeout + 30.0,
                     )
                 else:
-                    ws = await connect_websocket_url(
+                    ws = await connect_websocket(
                         nursery,
                         url,
                         subprotocols=subprotocols,
                         extra_headers=headers,
                         max_message_size=self.max_message_size,
+                        compression=self.compression,
                     )
         except _CONNECT_ERRORS as exc:
             self._failed(outcome, exc, websocket=not polling)
@@ -1054,6 +1057,7 @@ async def open_cable(
     transport: Transport = "websocket",
     poll_url: str | None = None,
     fallback_after: int = 3,
+    compression: bool = False,
 ) -> AsyncIterator[Cable]:
     """Connect to an Action Cable / AnyCable server and keep the connection up.
 
@@ -1089,6 +1093,7 @@ async def open_cable(
       refused with a status retrying cannot change, as proxies that refuse WebSockets do;
       503 and 429 are a busy server, not a reason).  Long polling speaks the extended JSON
       protocol (resume with ``?sid=``, history), and carries a token as ``X-JID``.
+    - ``compression``: offer permessage-deflate (the server may decline).
     """
     cable = Cable(
         url,
@@ -1113,6 +1118,7 @@ async def open_cable(
         transport=transport,
         poll_url=poll_url,
         fallback_after=fallback_after,
+        compression=compression,
     )
     with unwrap_group():
         async with trio.open_nursery() as nursery:
