@@ -69,6 +69,11 @@ class Config:
     max_send_queue: int = 4 * 1024 * 1024
     callback_concurrency: int = 64
     echo_path: str | None = None
+    # Fallback transports (SSE, long polling): paths (empty: off) and the long poll's timers.
+    sse_path: str | None = "/events"
+    poll_path: str | None = "/lp"
+    poll_interval: float = 15.0
+    poll_keepalive_timeout: float = 10.0
     # Avalanche safety (slow drain, advice, admission, per-connection limits, resume, history).
     drain_period: float = 10.0
     drain_rate: float = 0.0
@@ -148,8 +153,13 @@ class Config:
         for p in self.path:
             if not p.startswith("/"):
                 raise _bad("path", f"{p!r} must start with '/'")
-        if self.echo_path and not self.echo_path.startswith("/"):
-            raise _bad("echo_path", f"{self.echo_path!r} must start with '/'")
+        for name in ("echo_path", "sse_path", "poll_path"):
+            value = getattr(self, name)
+            if value and not value.startswith("/"):
+                raise _bad(name, f"{value!r} must start with '/'")
+        endpoints = [p for p in (*self.path, self.echo_path, self.sse_path, self.poll_path) if p]
+        if len(set(endpoints)) != len(endpoints):
+            raise _bad("path", f"endpoint paths must differ: {', '.join(endpoints)}")
         for name, low, meaning in _LOWER_BOUNDS:
             value = getattr(self, name)
             if not (value > low if meaning == ">" else value >= low):
@@ -237,6 +247,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_send_queue", "bytes queued for a slow client before too_slow"),
     Setting("callback_concurrency", "application callbacks running at once, server-wide"),
     Setting("echo_path", "path of a raw WebSocket echo endpoint (testing only)"),
+    Setting("sse_path", "Server-Sent Events endpoint path (empty: off)"),
+    Setting("poll_path", "long-polling endpoint path (empty: off)"),
+    Setting("poll_interval", "seconds a long poll waits for messages before answering empty"),
+    Setting("poll_keepalive_timeout", "seconds a long-polling session lives without a poll"),
     Setting("drain_period", "seconds over which a drain spreads its disconnects (0: at once)"),
     Setting("drain_rate", "most disconnects per second during a drain (0: no cap)"),
     Setting("shutdown_timeout", "longest a drain may take before the rest are cut"),
@@ -295,6 +309,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("drain_rate", 0, ">="),
     ("shutdown_timeout", 0, ">="),
     ("reconnect_advice", 0, ">="),
+    ("poll_interval", 0, ">"),
+    ("poll_keepalive_timeout", 0, ">"),
     ("max_connections", 0, ">="),
     ("handshake_rate", 0, ">="),
     ("max_pending_handshakes", 1, ">="),

@@ -41,8 +41,19 @@ from trio_cable.protocol.cable import JSON, MSGPACK, InvalidCommand, Subprotocol
 from trio_cable.protocol.codes import CloseCode, DisconnectReason
 from trio_cable.protocol.deflate import DeflateParams, DeflateSettings
 from trio_cable.protocol.frames import SPEEDUPS, SPEEDUPS_STATUS
-from trio_cable.protocol.handshake import Refusal, Request, negotiate, request_from_h11
-from trio_cable.server.admission import AdaptiveLimits, TokenBucket, retry_after
+from trio_cable.protocol.handshake import (
+    Refusal,
+    Request,
+    negotiate,
+    origin_allowed,
+    request_from_h11,
+)
+from trio_cable.server.admission import (
+    AdaptiveLimits,
+    TokenBucket,
+    reconnect_after_ms,
+    retry_after,
+)
 from trio_cable.server.drain import Drainer
 from trio_cable.server.echo import EchoSession
 from trio_cable.server.executor import ChannelExecutor
@@ -63,6 +74,21 @@ from trio_cable.server.rebalance import Rebalancer
 from trio_cable.server.session import Session
 from trio_cable.server.sockio import close_socket, send_all, tls_handshake
 from trio_cable.server.transport import WireFormat
+from trio_cable.server.transports.longpoll import (
+    POLL_ID_HEADER,
+    LongPollContext,
+    LongPollTransport,
+    poll_format,
+)
+from trio_cable.server.transports.sse import (
+    BadQuery,
+    SSEContext,
+    SSETransport,
+    last_event_id,
+    refusal_event,
+    sse_format,
+    subscribe_command,
+)
 from trio_cable.server.transports.websocket import (
     WebSocketContext,
     WebSocketTransport,
@@ -104,6 +130,33 @@ class Publish:
     items: list[cable.Publication | cable.RemoteCommand]
 
 
+@dataclass(frozen=True, slots=True)
+class EventStream:
+    """An SSE request to answer with an event stream: the commands it stands for (a GET's
+    subscribe, a POST's JSON lines)."""
+
+    request: Request
+    commands: list[bytes]
+    raw: bool
+    headers: list[tuple[str, str]]
+    mark_confirm: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    """A long poll whose request was read: its commands, and its session (None: a new one)."""
+
+    request: Request
+    commands: list[bytes]
+    transport: LongPollTransport | None
+    headers: list[tuple[str, str]]
+
+
+_EVENT_STREAM = "text/event-stream; charset=utf-8"
+_JSON_LINES = "application/x-ndjson"
+_TRUE = ("1", "true", "t", "y", "yes")
+
+
 def new_sid() -> str:
     """A session id: 128 random bits, URL-safe."""
     return secrets.token_urlsafe(16)
@@ -123,7 +176,9 @@ class Server:
     """A trio_cable server node.  Start it with ``await nursery.start(server.serve)``."""
 
     #: What this server supports beyond plain Action Cable (clients and tests may check).
-    features: frozenset[str] = frozenset({"resume", "history", "drain", "reconnect_advice"})
+    features: frozenset[str] = frozenset(
+        {"resume", "history", "drain", "reconnect_advice", "sse", "long_poll"}
+    )
 
     def __init__(
         self,
@@ -203,6 +258,14 @@ class Server:
             message_timeout=config.message_timeout,
             max_partial_memory=config.partial_messages_max_memory,
         )
+        self._sse = SSEContext(self.metrics, config.max_send_queue, config.close_timeout)
+        self._polls = LongPollContext(
+            self.metrics,
+            config.max_send_queue,
+            config.close_timeout,
+            config.poll_interval,
+            config.poll_keepalive_timeout,
+        )
         #: What permessage-deflate offers are answered with (None: compression is off).
         self._deflate: DeflateSettings | None = (
             DeflateSettings(config.compression_level, config.compression_threshold)
@@ -211,6 +274,10 @@ class Server:
         )
         m = self.metrics
         m.gauges["connections"] = lambda: float(len(self.connections))
+        m.gauges["sse_connections"] = lambda: float(
+            sum(1 for c in self.connections if isinstance(c, Session) and not c.format.commands)
+        )
+        m.gauges["long_poll_sessions"] = lambda: float(len(self._polls.sessions))
         m.gauges["streams"] = lambda: float(len(self.hub))
         m.gauges["draining"] = lambda: float(self.draining)
         m.gauges["pending_handshakes"] = lambda: float(self.pending_handshakes)
@@ -366,19 +433,25 @@ class Server:
         message = "server is draining" if reason == "draining" else f"server busy ({reason})"
         return Response.text(503, message, [("retry-after", str(seconds))])
 
-    def _admit(self, request: Request, ip: str) -> Response | None:
-        """Admission control for a WebSocket handshake: None to admit, else the refusal."""
+    def _admission(self, ip: str) -> tuple[str, float] | None:
+        """Admission control for a new connection (any transport): None to admit, else why
+        not and the least time before trying again makes sense."""
         if self.draining:
-            return self._overloaded("draining")
+            return "draining", 0.0
         if len(self.connections) >= self.max_connections:
-            return self._overloaded("max_connections")
+            return "max_connections", 0.0
         per_address = self.config.max_connections_per_address
         if per_address and self.connections_by_address.get(ip, 0) >= per_address:
-            return self._overloaded("per_address")
+            return "per_address", 0.0
         now = trio.current_time()
         if not self.handshake_bucket.take(now):
-            return self._overloaded("handshake_rate", self.handshake_bucket.wait_time(now))
+            return "handshake_rate", self.handshake_bucket.wait_time(now)
         return None
+
+    def _admit(self, request: Request, ip: str) -> Response | None:
+        """Admission control for a WebSocket handshake: None to admit, else the refusal."""
+        refusal = self._admission(ip)
+        return None if refusal is None else self._overloaded(*refusal)
 
     async def _handle_socket(self, sock: socket.socket, addr: Any, nursery: trio.Nursery) -> None:
         """Read one HTTP request and route it: a WebSocket, an HTTP endpoint, or an error.
@@ -398,7 +471,7 @@ class Server:
         # A TLS socket speaks HTTP only once its handshake is done: before, there is no way
         # to answer (and trying would wait for the client to go on with TLS).
         speaks_http = self.tls_context is None
-        outcome: Response | Accepted | Publish | None = None
+        outcome: Response | Accepted | Publish | EventStream | Poll | None = None
         try:
             with trio.move_on_after(cfg.handshake_timeout) as scope:
                 if self.tls_context is not None:
@@ -431,11 +504,42 @@ class Server:
                 # The client's part is done: publishing is ours, not bounded by its deadline.
                 await self._publish(outcome.items)
                 outcome = Response(201)
+            if isinstance(outcome, Poll):
+                # Read: what is left is the session's (a long poll may wait poll_interval).
+                self.pending_handshakes -= 1
+                pending = False
+                outcome = await self._serve_poll(outcome, nursery, ip, remote)
             if isinstance(outcome, Response):
                 with trio.move_on_after(cfg.close_timeout):
                     await send_response(sock, conn, outcome)
                 return
             if outcome is None:
+                return
+            budget = TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time())
+            if isinstance(outcome, EventStream):
+                stream = SSETransport(
+                    self._sse,
+                    sock,
+                    outcome.commands,
+                    outcome.headers,
+                    remote=remote,
+                    mark_confirm=outcome.mark_confirm,
+                )
+                session = Session(
+                    self,
+                    stream,
+                    sse_format(outcome.raw),
+                    outcome.request,
+                    new_sid(),
+                    budget,
+                    subprotocol="sse",
+                    ip=ip,
+                )
+                self.metrics.sse_connections_total += 1
+                handed_off = True
+                self.pending_handshakes -= 1
+                pending = False
+                nursery.start_soon(stream.run, session)
                 return
             response = h11.InformationalResponse(status_code=101, headers=outcome.headers)
             with trio.move_on_after(cfg.close_timeout) as answer_scope:
@@ -445,7 +549,6 @@ class Server:
                 log.info("%s: the client does not read its 101", remote)
                 return
             trailing, _closed = conn.trailing_data
-            budget = TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time())
             deflate = outcome.deflate
             transport = WebSocketTransport(
                 self._websocket,
@@ -494,11 +597,16 @@ class Server:
 
     async def _route(
         self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
-    ) -> Response | Accepted | Publish:
-        """The answer to *request*: a WebSocket accepted, publications to make, or an HTTP
-        response (an endpoint's, a refusal).  Runs within the handshake deadline (an endpoint
-        may read a body); what it leads to runs after it."""
+    ) -> Response | Accepted | Publish | EventStream | Poll:
+        """The answer to *request*: a WebSocket accepted, an event stream to open, a poll to
+        serve, publications to make, or an HTTP response (an endpoint's, a refusal).  Runs
+        within the handshake deadline (an endpoint may read a body); what it leads to runs
+        after it."""
         cfg = self.config
+        if cfg.sse_path and request.path == cfg.sse_path:
+            return await self._sse_request(sock, conn, request, ip)
+        if cfg.poll_path and request.path == cfg.poll_path:
+            return await self._poll_request(sock, conn, request, ip)
         if request.path not in cfg.path and not (cfg.echo_path and request.path == cfg.echo_path):
             return await self._http(sock, conn, request)
         echo = request.path == cfg.echo_path
@@ -523,6 +631,137 @@ class Server:
         return Accepted(
             request, None if echo else outcome.subprotocol, outcome.headers, outcome.deflate
         )
+
+    # -- SSE and long polling -------------------------------------------------------------
+
+    def _cors(self, request: Request) -> list[tuple[str, str]] | None:
+        """CORS headers for a browser's request from another origin (SSE, long polling);
+        None when its origin is not allowed."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return []
+        if not origin_allowed(origin, self.config.allowed_origins):
+            return None
+        return [
+            ("access-control-allow-origin", origin),
+            ("access-control-allow-credentials", "true"),
+            ("access-control-expose-headers", POLL_ID_HEADER),
+            ("vary", "origin"),
+        ]
+
+    def _preflight(self, request: Request, cors: list[tuple[str, str]]) -> Response:
+        asked = request.headers.get("access-control-request-headers", "")
+        return Response(
+            204,
+            headers=[
+                *cors,
+                ("access-control-allow-methods", "GET, POST, OPTIONS"),
+                ("access-control-allow-headers", asked[:1000]),
+                ("access-control-max-age", "600"),
+            ],
+        )
+
+    async def _sse_request(
+        self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
+    ) -> Response | EventStream:
+        cors = self._cors(request)
+        if cors is None:
+            self.metrics.handshakes_failed_total += 1
+            return Response.text(403, "origin not allowed")
+        if request.method == "OPTIONS":
+            return self._preflight(request, cors)
+        if request.method == "POST":
+            # anycable-go's other form: the commands (subscribes) as JSON lines in the body,
+            # for clients that can send a body (fetch, curl), not EventSource.
+            try:
+                body = await read_body(sock, conn, self.config.max_message_size)
+            except BadRequest as exc:
+                return Response.text(exc.status, exc.message, cors)
+            commands = [line for line in body.split(b"\n") if line.strip()]
+            if not commands:
+                return Response.text(400, "POST the commands as JSON lines", cors)
+        elif request.method == "GET":
+            try:
+                commands = [subscribe_command(request, self.config.jwt_param)]
+            except BadQuery as exc:
+                self.metrics.handshakes_failed_total += 1
+                return Response.text(400, str(exc), cors)
+        else:
+            return Response.text(405, "use GET or POST", [("allow", "GET, POST"), *cors])
+        refusal = self._admission(ip)
+        if refusal is not None:
+            # 200 and a retry: EventSource gives up for good on a 503, and comes back after
+            # the advice when a stream ends.
+            reason, base = refusal
+            self.metrics.handshakes_failed_total += 1
+            self.metrics.inc_labeled("handshakes_refused_total", reason)
+            after = max(1000, reconnect_after_ms(base, self.config.reconnect_advice))
+            why = DisconnectReason.SERVER_RESTART if reason == "draining" else "server_busy"
+            return Response(200, refusal_event(str(why), after), _EVENT_STREAM, cors)
+        raw = request.method == "GET" and request.query.get("raw", "").lower() in _TRUE
+        fresh = request.method == "GET" and not last_event_id(request)
+        return EventStream(request, commands, raw, cors, fresh)
+
+    async def _poll_request(
+        self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
+    ) -> Response | Poll:
+        cors = self._cors(request)
+        if cors is None:
+            self.metrics.handshakes_failed_total += 1
+            return Response.text(403, "origin not allowed")
+        if request.method == "OPTIONS":
+            return self._preflight(request, cors)
+        if request.method != "POST":
+            return Response.text(405, "use POST", [("allow", "POST"), *cors])
+        try:
+            body = await read_body(sock, conn, self.config.max_message_size)
+        except BadRequest as exc:
+            return Response.text(exc.status, exc.message, cors)
+        commands = [line for line in body.split(b"\n") if line.strip()]
+        poll_id = request.headers.get(POLL_ID_HEADER)
+        if poll_id:
+            transport = self._polls.sessions.get(poll_id)
+            if transport is None or transport.state == "closed":
+                # Timed out, or ended and its last messages taken: the client starts over
+                # (resuming with ?sid=).
+                self.metrics.long_poll_stale_requests_total += 1
+                notice = cable.disconnect("session_expired", True)
+                return Response(401, json.dumps(notice).encode() + b"\n", _JSON_LINES, cors)
+            return Poll(request, commands, transport, cors)
+        refusal = self._admission(ip)
+        if refusal is not None:
+            response = self._overloaded(*refusal)
+            response.headers.extend(cors)
+            return response
+        return Poll(request, commands, None, cors)
+
+    async def _serve_poll(
+        self, poll: Poll, nursery: trio.Nursery, ip: str, remote: str
+    ) -> Response:
+        """Serve a poll, opening its session first when it is a new one."""
+        status = 200
+        transport = poll.transport
+        if transport is None:
+            transport = LongPollTransport(self._polls, secrets.token_urlsafe(18), remote=remote)
+            cfg = self.config
+            session = Session(
+                self,
+                transport,
+                poll_format(),
+                poll.request,
+                new_sid(),
+                TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time()),
+                subprotocol="long-poll",
+                ip=ip,
+            )
+            self.metrics.long_poll_sessions_total += 1
+            await nursery.start(transport.run, session)
+            if not transport.open:
+                status = 401  # refused (the body says why)
+        self.metrics.long_poll_requests_total += 1
+        lines = await transport.poll(poll.commands)
+        headers = [(POLL_ID_HEADER, transport.poll_id), ("cache-control", "no-store")]
+        return Response(status, b"".join(lines), _JSON_LINES, [*headers, *poll.headers])
 
     async def _publish(self, items: list[cable.Publication | cable.RemoteCommand]) -> None:
         """Publish what ``POST /_broadcast`` brought, in order, letting other tasks run
@@ -665,6 +904,7 @@ class Server:
                 if (
                     pong_timeout
                     and session.extended
+                    and session.format.commands
                     and now - session.last_pong > interval + pong_timeout
                 ):
                     session.close(DisconnectReason.NO_PONG, reconnect=True)
