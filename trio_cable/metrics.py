@@ -45,6 +45,12 @@ COUNTERS: dict[str, str] = {
     "remote_disconnects_total": "connections closed by a remote disconnect",
     "admission_decreases_total": "times adaptive admission lowered the limits",
     "gc_full_collections_total": "full (generation 2) garbage collections in this process",
+    "whispers_total": "whispers broadcast to their stream",
+    "whispers_ignored_total": "whispers ignored: the subscription may not whisper",
+    "presence_commands_total": "presence join, leave and info commands handled",
+    "presence_refused_total": "presence commands refused (no presence stream, another id)",
+    "presence_events_total": "presence join/leave events fanned out by this node",
+    "presence_events_coalesced_total": "presence events cancelled or merged within a window",
 }
 
 # name -> (help, label name): counters split by a label.
@@ -141,6 +147,12 @@ class Metrics:
     remote_disconnects_total: int
     admission_decreases_total: int
     gc_full_collections_total: int
+    whispers_total: int
+    whispers_ignored_total: int
+    presence_commands_total: int
+    presence_refused_total: int
+    presence_events_total: int
+    presence_events_coalesced_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:
