@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tests.conftest import SECRET, CableClient, client_of, eventually, identifier, make_app
+from tests.redis_support import REDIS_SERVER, SKIP_REASON, RedisProcess
 from trio_cable import Config, Server
 from trio_cable.broker.memory import MemoryBroker
 from trio_cable.broker.presence import PresenceState
@@ -400,3 +401,84 @@ def test_coalescer_nets_each_window_out():
     assert coalescer.due(1.0) == []
     assert coalescer.next_deadline is None
     assert coalescer.offer("s", {"type": "leave", "id": "1"}, 1.0)  # quiet again: at once
+
+
+# -- Redis: presence shared by nodes ----------------------------------------------------------
+
+
+@pytest.fixture
+def redis(tmp_path: Any) -> Any:
+    if REDIS_SERVER is None:
+        pytest.skip(SKIP_REASON)
+    proc = RedisProcess(tmp_path)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def two_nodes(start, redis) -> Callable[..., Any]:
+    from trio_cable.broker.redis import RedisBroker
+
+    async def _start(**overrides: Any) -> tuple[Server, Server]:
+        options = {"heartbeat": 0.2, "command_timeout": 1.0, "connect_timeout": 0.5}
+        a = await start(RedisBroker(redis.url, **options), **overrides)
+        b = await start(RedisBroker(redis.url, **options), **overrides)
+        return a, b
+
+    return _start
+
+
+async def test_redis_presence_and_whispers_are_shared_by_nodes(two_nodes):
+    a, b = await two_nodes()
+    async with client_of(a) as alice, client_of(b, MSGPACK) as bob, client_of(b) as tab:
+        await subscribed(alice, ECHO, PUBLIC)
+        await subscribed(bob, ECHO, PUBLIC)
+        await subscribed(tab, PUBLIC)
+        await join(alice, "1", {"name": "Alice"})
+        joined = {"type": "join", "info": {"name": "Alice"}, "id": "1"}
+        assert await presence_event(bob) == joined
+        assert await presence_event(tab) == joined
+        assert await presence_event(alice) == joined
+        # The same id from a session on the other node is the same member.
+        await join(tab, "1", {"name": "Alice"})
+        await eventually(lambda: b.metrics.presence_commands_total == 1)
+        assert await info(bob) == {
+            "type": "info",
+            "total": 1,
+            "records": [{"info": {"name": "Alice"}, "id": "1"}],
+        }
+        assert await a.presence("room/1") == await b.presence("room/1")
+        # A whisper crosses nodes, and does not come back to its sender.
+        await bob.send({"command": "whisper", "identifier": PUBLIC, "data": {"hi": 1}})
+        assert await alice.recv() == {"identifier": PUBLIC, "message": {"hi": 1}}
+        assert await tab.recv() == {"identifier": PUBLIC, "message": {"hi": 1}}
+        await bob.expect_nothing_before_echo(ECHO)
+        # Alice leaves: the id is still held on node b, nobody hears of it ...
+        await alice.send({"command": "leave", "identifier": PUBLIC})
+        await eventually(lambda: a.metrics.presence_commands_total == 2)
+        await bob.expect_silence(0.3)  # (an event would come from node a through Redis)
+        # ... until its last session leaves.
+        await tab.send({"command": "unsubscribe", "identifier": PUBLIC})
+        assert await presence_event(bob) == {"type": "leave", "id": "1"}
+        assert await presence_event(alice) == {"type": "leave", "id": "1"}
+
+
+async def test_redis_linger_and_resume_across_nodes_make_no_churn(two_nodes):
+    a, b = await two_nodes(presence_ttl=0.5)
+    async with client_of(b) as watcher:
+        await subscribed(watcher, ECHO, PUBLIC)
+        async with client_of(a) as before:
+            await subscribed(before, PUBLIC)
+            await join(before, "u1")
+            assert await presence_event(watcher) == {"type": "join", "id": "u1"}
+            sid = before.welcome["sid"]  # type: ignore[attr-defined]
+        # Resumed on the other node (the drain's way): no leave, no join, then or later.
+        async with client_of(b, query=f"sid={sid}") as after:
+            assert after.welcome.get("restored") is True  # type: ignore[attr-defined]
+            await trio.sleep(1.0)  # twice the linger: the old record's would have ended
+            await watcher.expect_silence(0.3)
+            assert await info(watcher) == {"type": "info", "total": 1, "records": [{"id": "u1"}]}
+        # Gone for good: one leave, after the linger.
+        assert await presence_event(watcher) == {"type": "leave", "id": "u1"}
+        assert (await b.presence("room/1"))["total"] == 0
