@@ -277,6 +277,18 @@ async def test_a_disconnected_session_lingers_and_a_new_session_of_its_id_makes_
         assert trio.current_time() - left_at >= 0.5 - 0.05
 
 
+async def test_without_a_linger_a_disconnect_leaves_at_once(start):
+    server = await start(presence_ttl=0)
+    async with client_of(server) as watcher:
+        await subscribed(watcher, PUBLIC)
+        async with client_of(server) as client:
+            await subscribed(client, PUBLIC)
+            await join(client, "u1")
+            assert await presence_event(watcher) == {"type": "join", "id": "u1"}
+        assert await presence_event(watcher) == {"type": "leave", "id": "u1"}
+        assert lingering(server) == 0
+
+
 async def test_a_resumed_session_keeps_its_presence_without_leave_or_join(start):
     server = await start(presence_ttl=0.2)
     async with client_of(server) as watcher:

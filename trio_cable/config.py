@@ -217,7 +217,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("enforce_jwt", "refuse connections without a valid JWT"),
     Setting("public_streams", "allow $pubsub subscriptions to unsigned stream_name"),
     Setting("streams_whisper", "let subscribers of signed streams whisper (public ones may)"),
-    Setting("presence_ttl", "seconds a disconnected session stays present (no leave/join churn)"),
+    Setting("presence_ttl", "seconds a disconnected session stays present (0: leaves at once)"),
     Setting("presence_window", "seconds a stream's presence events are coalesced (0: off)"),
     Setting("broadcast_key", "bearer key required by POST /_broadcast", secret=True),
     Setting("allowed_origins", "allowed Origin hosts, comma separated, '*' prefix wildcard"),

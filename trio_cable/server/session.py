@@ -678,10 +678,15 @@ class Session:
         """The connection ended: its presence lingers for --presence-ttl, so that a client
         back within it (resumed, or as a new session of the same id) makes no churn."""
         ttl = self.node.config.presence_ttl
+        broker = self.node.broker
         for channel in self.subscriptions.values():
-            if channel.presence is not None and channel.presence_stream is not None:
+            stream = channel.presence_stream
+            if channel.presence is not None and stream is not None:
                 try:
-                    await self.node.broker.presence_linger(channel.presence_stream, self.sid, ttl)
+                    if ttl > 0:
+                        await broker.presence_linger(stream, self.sid, ttl)
+                    else:  # no linger: gone at once
+                        await broker.presence_leave(stream, self.sid)
                 except Exception:
                     log.exception("%r: presence linger failed", self)
 
