@@ -318,12 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="presence-") as tmp:
         redis_port = free_port()
-        redis = procs.start(
-            [redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", "--dir", tmp, "--maxclients", "10000"],
-            name="redis-server", port=redis_port, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        redis = procs.start_redis(redis_server, redis_port, tmp)
         try:
             for row in rows:
                 print(f"presence: {row[0]}, {args.members} members ...", file=sys.stderr)

@@ -520,12 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rollout-") as tmp:
         workdir = Path(tmp)
         redis_port = free_port()
-        redis = procs.start(
-            [redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", "--dir", tmp, "--maxclients", "10000"],
-            name="redis-server", port=redis_port, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        redis = procs.start_redis(redis_server, redis_port, tmp)
         try:
             for algorithm in args.algorithms.split(","):
                 print(f"rollout: {algorithm}, {args.clients} clients ...", file=sys.stderr)
