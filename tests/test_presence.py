@@ -7,6 +7,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 
@@ -16,7 +17,7 @@ from trio_cable import Config, Server
 from trio_cable.broker.memory import MemoryBroker
 from trio_cable.broker.presence import PresenceState
 from trio_cable.channels import Channel
-from trio_cable.server.presence import PresenceCoalescer
+from trio_cable.server.presence import InfoAnswers, PresenceCoalescer
 from trio_cable.streams import sign_stream
 
 EXT = "actioncable-v1-ext-json"
@@ -494,3 +495,24 @@ async def test_redis_linger_and_resume_across_nodes_make_no_churn(two_nodes):
         # Gone for good: one leave, after the linger.
         assert await presence_event(watcher) == {"type": "leave", "id": "u1"}
         assert (await b.presence("room/1"))["total"] == 0
+
+
+def test_info_answers_are_encoded_once_per_change():
+    from trio_cable.protocol.cable import JSON, MSGPACK
+
+    state = PresenceState()
+    answers = InfoAnswers()
+    state.join("s", "sid1", "1", {"a": 1})
+    first = answers.encoder("s", *state.info("s"), True)
+    assert answers.encoder("s", *state.info("s"), True) is first  # unchanged: the same bytes
+    assert json.loads(first.encode(JSON, "id")) == {
+        "type": "presence",
+        "identifier": "id",
+        "message": {"type": "info", "total": 1, "records": [{"info": {"a": 1}, "id": "1"}]},
+    }
+    state.join("s", "sid2", "2")
+    changed = answers.encoder("s", *state.info("s"), True)
+    assert changed is not first
+    assert msgpack.unpackb(changed.encode(MSGPACK, "id"))["message"]["total"] == 2
+    totals = answers.encoder("s", *state.info("s"), False)
+    assert json.loads(totals.encode(JSON, "id"))["message"] == {"type": "info", "total": 2}

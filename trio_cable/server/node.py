@@ -58,7 +58,7 @@ from trio_cable.server.http import (
     send_response,
 )
 from trio_cable.server.hub import Hub
-from trio_cable.server.presence import PresenceCoalescer
+from trio_cable.server.presence import InfoAnswers, PresenceCoalescer
 from trio_cable.server.reactor import Reactor, reactor_available
 from trio_cable.server.session import Session
 from trio_cable.server.sockio import close_socket, send_all, tls_handshake
@@ -212,6 +212,8 @@ class Server:
         # Presence events of a stream are coalesced per window (server/presence.py).
         self.presence_coalescer = PresenceCoalescer(config.presence_window)
         self._presence_wakeup = trio.Event()
+        #: Encoded presence info answers (server/presence.py), for the sessions.
+        self.presence_answers = InfoAnswers()
 
     # -- addresses -----------------------------------------------------------------------
 

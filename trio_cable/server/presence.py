@@ -28,7 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DEFAULT_WINDOW", "PresenceCoalescer"]
+from trio_cable.protocol.cable import BroadcastEncoder, presence_info
+
+__all__ = ["DEFAULT_WINDOW", "InfoAnswers", "PresenceCoalescer"]
 
 #: Seconds a stream's presence events are held after one went out.
 DEFAULT_WINDOW = 0.1
@@ -95,3 +97,35 @@ class PresenceCoalescer:
             if events:
                 out.append((stream, events))
         return out
+
+
+class InfoAnswers:
+    """The encoded ``info`` answer of each stream, built once per change of its presence.
+
+    A broker that keeps its records (the memory broker) returns the same list object until
+    the set changes; while it does, every ``presence`` command of that stream is answered
+    with the bytes encoded the first time (per codec and identifier): at 10,000 members that
+    is a copy of a few hundred kilobytes instead of encoding 10,000 records."""
+
+    #: Streams remembered at most (an answer is kept for the streams asked most recently).
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._answers: dict[
+            tuple[str, bool], tuple[list[dict[str, Any]], int, BroadcastEncoder]
+        ] = {}
+
+    def encoder(
+        self, stream: str, total: int, records: list[dict[str, Any]], with_records: bool
+    ) -> BroadcastEncoder:
+        """The answer for ``(total, records)`` of *stream*, encoded once while unchanged."""
+        key = (stream, with_records)
+        answers = self._answers
+        kept = answers.pop(key, None)
+        if kept is None or kept[0] is not records or kept[1] != total:
+            message = presence_info(total, records if with_records else None)
+            kept = (records, total, BroadcastEncoder(message, decode=False, kind="presence"))
+        answers[key] = kept  # now the most recently asked
+        if len(answers) > self.LIMIT:
+            del answers[next(iter(answers))]
+        return kept[2]

@@ -58,6 +58,7 @@ from trio_cable.server.admission import TokenBucket
 from trio_cable.server.executor import Executor
 from trio_cable.server.history_gate import HistoryGate
 from trio_cable.server.hub import Hub
+from trio_cable.server.presence import InfoAnswers
 from trio_cable.server.transport import Transport, WireFormat, Work
 
 __all__ = ["Session", "SessionNode"]
@@ -116,6 +117,11 @@ class SessionNode(Protocol):
 
     async def broadcast(self, stream: str, data: Any) -> None:
         """Broadcast *data* to *stream* on every node."""
+
+    @property
+    def presence_answers(self) -> InfoAnswers:
+        """The encoded presence ``info`` answers, shared by the node's sessions."""
+        ...
 
 
 class Session:
@@ -663,16 +669,17 @@ class Session:
         stream = channel.presence_stream
         if stream is None:
             self.node.metrics.presence_refused_total += 1
-            message = cable.presence_info(0, error=True)
-        else:
-            try:
-                total, records = await self.node.broker.presence_info(stream)
-            except Exception:
-                log.exception("%r: presence info of %r failed", self, stream[:200])
-                message = cable.presence_info(0, error=True)
-            else:
-                message = cable.presence_info(total, records if return_records else None)
-        self.send(cable.presence_message(identifier, message))
+            self.send(cable.presence_message(identifier, cable.presence_info(0, error=True)))
+            return
+        try:
+            total, records = await self.node.broker.presence_info(stream)
+        except Exception:
+            log.exception("%r: presence info of %r failed", self, stream[:200])
+            self.send(cable.presence_message(identifier, cable.presence_info(0, error=True)))
+            return
+        answer = self.node.presence_answers.encoder(stream, total, records, return_records)
+        fmt = self.format
+        self.send_frame(fmt.frame(answer.encode(fmt.codec, identifier)))
 
     async def _linger_presence(self) -> None:
         """The connection ended: its presence lingers for --presence-ttl, so that a client
