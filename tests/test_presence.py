@@ -121,6 +121,22 @@ async def test_whisper_reaches_the_others_not_the_sender_and_has_no_position(
         assert server.metrics.whispers_total == 1
 
 
+async def test_values_json_cannot_carry_are_refused_not_relayed(start):
+    server = await start()
+    async with client_of(server, MSGPACK) as sender, client_of(server) as receiver:
+        await subscribed(sender, PUBLIC)
+        await subscribed(receiver, ECHO, PUBLIC)
+        # (bytes are refused by the msgpack codec already, as for every command)
+        await sender.send({"command": "whisper", "identifier": PUBLIC, "data": [float("inf")]})
+        await sender.send(
+            {"command": "join", "identifier": PUBLIC, "presence": {"id": "1", "info": float("nan")}}
+        )
+        await eventually(lambda: server.metrics.invalid_requests_total == 2)
+        await receiver.expect_nothing_before_echo(ECHO)
+        await sender.send({"command": "whisper", "identifier": PUBLIC, "data": "still here"})
+        assert await receiver.recv() == {"identifier": PUBLIC, "message": "still here"}
+
+
 async def test_whisper_on_a_signed_stream_is_ignored_without_the_flag(start):
     server = await start()
     async with client_of(server) as sender, client_of(server) as receiver:

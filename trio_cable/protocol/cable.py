@@ -648,7 +648,7 @@ def decode_command(
     if command == "whisper":
         if "data" not in obj:
             raise InvalidCommand("whisper without data", identifier, command)
-        return Whisper(identifier, obj["data"])
+        return Whisper(identifier, _json_value(obj["data"], "whisper data", identifier, command))
     if command == "history":
         if "history" not in obj:
             raise InvalidCommand("history command without history", identifier, command)
@@ -693,8 +693,18 @@ def _validate_presence(presence: Any, identifier: str, command: str) -> dict[str
         )
     result: dict[str, Any] = {"id": pid}
     if presence.get("info") is not None:
-        result["info"] = presence["info"]
+        result["info"] = _json_value(presence["info"], "presence.info", identifier, command)
     return result
+
+
+def _json_value(value: Any, what: str, identifier: str, command: str) -> Any:
+    """*value* when JSON can carry it to every client and broker: a msgpack client may send
+    bytes, or a NaN, that no JSON client could receive."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        raise InvalidCommand(f"{what} is not a JSON value", identifier, command) from None
+    return value
 
 
 def parse_identifier(

@@ -619,6 +619,9 @@ class Session:
         channel = self.subscriptions.get(command.identifier)
         if channel is None:
             log.info("%r: %s for unknown %r", self, command.name, command.identifier[:200])
+            if isinstance(command, PresenceQuery):  # answered: a client waits for it
+                error = cable.presence_info(0, error=True)
+                self.send(cable.presence_message(command.identifier, error))
             return
         if isinstance(command, Join):
             await self._join(channel, command.id, command.info)
@@ -638,6 +641,8 @@ class Session:
 
     async def join_presence(self, channel: Channel, stream: str, pid: str, info: Any) -> None:
         """Make *channel*'s subscription present on *stream* (see ChannelHost)."""
+        if channel.presence is not None and channel.presence_stream != stream:
+            await self.leave_presence(channel)  # an application moving it to another stream
         if channel.presence is not None and channel.presence[0] != pid:
             # One presence id per session and stream (AnyCable's rule).
             self.node.metrics.presence_refused_total += 1
