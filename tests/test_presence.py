@@ -449,8 +449,9 @@ def redis(tmp_path: Any) -> Any:
 def two_nodes(start, redis) -> Callable[..., Any]:
     from trio_cable.broker.redis import RedisBroker
 
-    async def _start(**overrides: Any) -> tuple[Server, Server]:
+    async def _start(broker_options: Any = None, **overrides: Any) -> tuple[Server, Server]:
         options = {"heartbeat": 0.2, "command_timeout": 1.0, "connect_timeout": 0.5}
+        options.update(broker_options or {})
         a = await start(RedisBroker(redis.url, **options), **overrides)
         b = await start(RedisBroker(redis.url, **options), **overrides)
         return a, b
@@ -532,3 +533,20 @@ def test_info_answers_are_encoded_once_per_change():
     assert msgpack.unpackb(changed.encode(MSGPACK, "id"))["message"]["total"] == 2
     totals = answers.encoder("s", *state.info("s"), False)
     assert json.loads(totals.encode(JSON, "id"))["message"] == {"type": "info", "total": 2}
+
+
+async def test_redis_presence_changes_made_while_redis_stalls_are_applied_later(two_nodes, redis):
+    # Heartbeats far apart: the pub/sub link outlives the stall (what is tested is the
+    # writer's retry, not the link's recovery).
+    a, b = await two_nodes({"heartbeat": 2.0})
+    async with client_of(b) as watcher, client_of(a) as client:
+        await subscribed(watcher, PUBLIC)
+        await subscribed(client, PUBLIC)
+        redis.pause()  # nothing answers: the join's batch times out and is sent again
+        try:
+            await join(client, "late")
+            await eventually(lambda: a.broker.stats["presence_retries"] >= 1, 15)  # type: ignore[attr-defined]
+        finally:
+            redis.resume()
+        assert await presence_event(watcher) == {"type": "join", "id": "late"}  # once
+        assert await info(watcher) == {"type": "info", "total": 1, "records": [{"id": "late"}]}

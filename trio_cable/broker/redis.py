@@ -175,44 +175,54 @@ local function leave(pkey, sid, stream, channel)
 end
 """
 
-# ARGV: key prefix (with its colon), sid, stream, channel, presence id, info JSON or "".
-_PRESENCE_JOIN = (
+# A batch of presence changes, in order (see _presence_writer).  ARGV: key prefix (with its
+# colon), channel, then 5 per change: kind, sid, stream, a, b.  Kinds: "j" join (a: presence
+# id, b: info JSON or ""), "l" leave, "g" linger (a: deadline, unix ms; only a record that
+# exists lingers).  Every change is idempotent, so a batch whose outcome is unknown (a
+# timeout) is safely sent again: a repeated join or leave finds nothing to change and
+# publishes nothing.
+_PRESENCE_BATCH = (
     _PRESENCE_LEAVE_FN
     + """
-local pkey, sid, stream, channel, pid, info = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local skey, hkey, ikey = pkey .. 'ps:' .. stream, pkey .. 'ph:' .. stream, pkey .. 'pi:' .. stream
-redis.call('ZREM', pkey .. 'pexp', sid .. '\\n' .. stream)
-local old = redis.call('HGET', skey, sid)
-if old == pid then
+local function join(pkey, sid, stream, channel, pid, info)
+  local skey, hkey, ikey = pkey .. 'ps:' .. stream, pkey .. 'ph:' .. stream, pkey .. 'pi:' .. stream
+  redis.call('ZREM', pkey .. 'pexp', sid .. '\\n' .. stream)
+  local old = redis.call('HGET', skey, sid)
+  if old == pid then
+    redis.call('HSET', ikey, pid, info)
+    return
+  end
+  if old then leave(pkey, sid, stream, channel) end
+  redis.call('HSET', skey, sid, pid)
   redis.call('HSET', ikey, pid, info)
-  return 0
+  if redis.call('HINCRBY', hkey, pid, 1) > 1 then return end
+  local event
+  if info == '' then
+    event = '{"type":"join","id":' .. cjson.encode(pid) .. '}'
+  else
+    event = '{"type":"join","info":' .. info .. ',"id":' .. cjson.encode(pid) .. '}'
+  end
+  local header = cjson.encode({stream, cjson.null, 'presence'})
+  redis.call('PUBLISH', channel, 'T' .. header .. '\\n' .. event)
 end
-if old then leave(pkey, sid, stream, channel) end
-redis.call('HSET', skey, sid, pid)
-redis.call('HSET', ikey, pid, info)
-if redis.call('HINCRBY', hkey, pid, 1) > 1 then return 0 end
-local event
-if info == '' then
-  event = '{"type":"join","id":' .. cjson.encode(pid) .. '}'
-else
-  event = '{"type":"join","info":' .. info .. ',"id":' .. cjson.encode(pid) .. '}'
-end
-local header = cjson.encode({stream, cjson.null, 'presence'})
-redis.call('PUBLISH', channel, 'T' .. header .. '\\n' .. event)
-return 1
-"""
-)
 
-# ARGV: key prefix, sid, stream, channel.
-_PRESENCE_LEAVE = _PRESENCE_LEAVE_FN + "return leave(ARGV[1], ARGV[2], ARGV[3], ARGV[4])\n"
-
-# ARGV: key prefix, sid, stream, deadline (unix ms).  Only a record that exists lingers.
-_PRESENCE_LINGER = """
-if redis.call('HEXISTS', ARGV[1] .. 'ps:' .. ARGV[3], ARGV[2]) == 1 then
-  redis.call('ZADD', ARGV[1] .. 'pexp', ARGV[4], ARGV[2] .. '\\n' .. ARGV[3])
+local pkey, channel = ARGV[1], ARGV[2]
+for i = 3, #ARGV, 5 do
+  local kind, sid, stream = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if kind == 'j' then
+    join(pkey, sid, stream, channel, ARGV[i + 3], ARGV[i + 4])
+  elseif kind == 'l' then
+    leave(pkey, sid, stream, channel)
+  elseif redis.call('HEXISTS', pkey .. 'ps:' .. stream, sid) == 1 then
+    redis.call('ZADD', pkey .. 'pexp', ARGV[i + 3], sid .. '\\n' .. stream)
+  end
 end
 return 0
 """
+)
+# Changes sent in one batch at most, and kept waiting at most (beyond: dropped, counted).
+_PRESENCE_BATCH_MAX = 500
+_PRESENCE_QUEUE_MAX = 200_000
 
 # ARGV: key prefix, channel, now (unix ms), limit.  Returns the records removed.
 _PRESENCE_SWEEP = (
@@ -361,6 +371,8 @@ class RedisBroker(LocalNodes):
                 "anycable_invalid",
                 "stream_gaps",
                 "barrier_timeouts",
+                "presence_retries",
+                "presence_dropped",
             ),
             0,
         )
@@ -375,6 +387,12 @@ class RedisBroker(LocalNodes):
         self._last_seen = 0.0
         self._lost_at = 0.0
         self._pubsub_started = False
+        # Presence changes waiting for the writer, and how many were queued / applied.
+        self._presence_queue: list[list[str]] = []
+        self._presence_queued = 0
+        self._presence_written = 0
+        self._presence_wakeup = trio.Event()
+        self._presence_flushed = trio.Event()
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -434,6 +452,7 @@ class RedisBroker(LocalNodes):
                         await nursery.start(self._pubsub_loop)
                         nursery.start_soon(self._heartbeat_loop)
                         nursery.start_soon(self._presence_sweep_loop)
+                        nursery.start_soon(self._presence_writer)
                         self._ready.set()
                         started = True
                         log.info("redis broker connected to %s (node %s)", where, self.node_id)
@@ -728,31 +747,73 @@ class RedisBroker(LocalNodes):
         return f"{self.prefix}:"
 
     async def _presence_script(self, script: str, args: list[Any]) -> Any:
-        # Shielded and not retried: a presence change is not idempotent once its event is out.
+        # Shielded: a cancelled script may still run, and the writer must know what it sent.
         with (
             trio.CancelScope(shield=True),
             trio.fail_after(self.command_timeout + self.connect_timeout),
         ):
             return await self._script(script, [], args)
 
+    def _queue_presence(self, *change: Any) -> None:
+        """Queue a presence change for the writer: sessions do not wait for Redis (a burst
+        of thousands would otherwise hold as many pool slots), and one script applies a
+        batch of them in order."""
+        if len(self._presence_queue) >= _PRESENCE_QUEUE_MAX:
+            self.stats["presence_dropped"] += 1
+            return
+        self._presence_queue.append([str(part) for part in change])
+        self._presence_queued += 1
+        self._presence_wakeup.set()
+
     async def presence_join(self, stream: str, sid: str, pid: str, info: Any) -> None:
-        info_json = "" if info is None else json.dumps(info)
-        await self._presence_script(
-            _PRESENCE_JOIN, [self._presence_prefix, sid, stream, self.channel, pid, info_json]
-        )
+        self._queue_presence("j", sid, stream, pid, "" if info is None else json.dumps(info))
 
     async def presence_leave(self, stream: str, sid: str) -> None:
-        await self._presence_script(
-            _PRESENCE_LEAVE, [self._presence_prefix, sid, stream, self.channel]
-        )
+        self._queue_presence("l", sid, stream, "", "")
 
     async def presence_linger(self, stream: str, sid: str, ttl: float) -> None:
-        deadline = int((time.time() + ttl) * 1000)
-        await self._presence_script(
-            _PRESENCE_LINGER, [self._presence_prefix, sid, stream, deadline]
-        )
+        self._queue_presence("g", sid, stream, int((time.time() + ttl) * 1000), "")
+
+    async def _presence_writer(self) -> None:
+        """Apply the queued presence changes, a batch per script, in order; a batch that
+        failed is sent again (every change is idempotent) after a pause."""
+        queue = self._presence_queue
+        pause = 0.05
+        while True:
+            if not queue:
+                await self._presence_wakeup.wait()
+                self._presence_wakeup = trio.Event()
+                continue
+            batch = queue[:_PRESENCE_BATCH_MAX]
+            args: list[Any] = [self._presence_prefix, self.channel]
+            for change in batch:
+                args.extend(change)
+            try:
+                await self._presence_script(_PRESENCE_BATCH, args)
+            except Exception as exc:
+                self.stats["presence_retries"] += 1
+                log.warning(
+                    "presence: %d changes not applied (%s): sent again", len(batch), _describe(exc)
+                )
+                await trio.sleep(pause)
+                pause = min(pause * 2, _BACKOFF_MAX)
+                continue
+            pause = 0.05
+            del queue[: len(batch)]
+            self._presence_written += len(batch)
+            self._presence_flushed.set()
+            self._presence_flushed = trio.Event()
+
+    async def _presence_caught_up(self) -> None:
+        """Wait (bounded) until the changes queued so far are applied: this node reads its
+        own writes."""
+        target = self._presence_queued
+        with trio.move_on_after(self.command_timeout + self.connect_timeout):
+            while self._presence_written < target:
+                await self._presence_flushed.wait()
 
     async def presence_info(self, stream: str) -> tuple[int, list[dict[str, Any]]]:
+        await self._presence_caught_up()
         prefix = self._presence_prefix
         with trio.fail_after(self.command_timeout + self.connect_timeout):
             infos = await self.client.hgetall(f"{prefix}pi:{stream}")
