@@ -588,12 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rollout-") as tmp:
         workdir = Path(tmp)
         redis_port = free_port()
-        redis = procs.start(
-            [redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", "--dir", tmp, "--maxclients", "10000"],
-            name="redis-server", port=redis_port, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        redis = procs.start_redis(redis_server, redis_port, tmp)
         try:
             modes = {"no": [False], "yes": [True], "both": [False, True]}[args.rebalance]
             for algorithm, rebalance in [(a, r) for a in args.algorithms.split(",") for r in modes]:

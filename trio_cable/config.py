@@ -55,6 +55,9 @@ class Config:
     jwt_param: str = "jid"
     enforce_jwt: bool = False
     public_streams: bool = False
+    streams_whisper: bool = False
+    presence_ttl: float = 15.0
+    presence_window: float = 0.1
     broadcast_key: str | None = None
     allowed_origins: list[str] = field(default_factory=list)
     ping_interval: float = 3.0
@@ -233,6 +236,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jwt_param", "query parameter that carries the JWT"),
     Setting("enforce_jwt", "refuse connections without a valid JWT"),
     Setting("public_streams", "allow $pubsub subscriptions to unsigned stream_name"),
+    Setting("streams_whisper", "let subscribers of signed streams whisper (public ones may)"),
+    Setting("presence_ttl", "seconds a disconnected session stays present (0: leaves at once)"),
+    Setting("presence_window", "seconds a stream's presence events are coalesced (0: off)"),
     Setting("broadcast_key", "bearer key required by POST /_broadcast", secret=True),
     Setting("allowed_origins", "allowed Origin hosts, comma separated, '*' prefix wildcard"),
     Setting("ping_interval", "seconds between pings (a client may ask ?pi=N)"),
@@ -319,6 +325,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("command_rate", 0, ">="),
     ("pong_timeout", 0, ">="),
     ("sessions_ttl", 0, ">="),
+    ("presence_ttl", 0, ">="),
+    ("presence_window", 0, ">="),
     ("history_limit", 0, ">="),
     ("history_ttl", 0, ">="),
     ("max_connections_per_address", 0, ">="),
