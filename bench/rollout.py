@@ -156,6 +156,7 @@ class ClientStats:
     """What one client saw."""
 
     received: dict[int, int] = field(default_factory=dict)  # seq -> times
+    order: list[int] = field(default_factory=list)  # every seq, as it arrived
     subscribed_at: float | None = None
     connects: int = 0
     resumed: int = 0
@@ -247,6 +248,7 @@ class Run:
                     elif "offset" in message:
                         seq = int(message["message"])
                         stats.received[seq] = stats.received.get(seq, 0) + 1
+                        stats.order.append(seq)
                         position = (message["epoch"], message["offset"])
             except (OSError, EOFError, trio.BrokenResourceError, ValueError):
                 pass
@@ -519,13 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="rollout-") as tmp:
         workdir = Path(tmp)
-        redis_port = free_port()
-        redis = procs.start(
-            [redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", "--dir", tmp, "--maxclients", "10000"],
-            name="redis-server", port=redis_port, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        redis = procs.start_redis(redis_server, tmp)
+        redis_port = redis.port
         try:
             for algorithm in args.algorithms.split(","):
                 print(f"rollout: {algorithm}, {args.clients} clients ...", file=sys.stderr)

@@ -29,6 +29,7 @@ reaches the supervisor only, which forwards it once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -149,7 +150,8 @@ async def serve_node(server: Server, spec: WorkerSpec | None = None) -> None:
                 if server.group is not None:
                     nursery.start_soon(server.group.run)
                 nursery.start_soon(_watch_supervisor, control, stop)
-                control.send(b"ready\n")
+                with contextlib.suppress(OSError):  # a supervisor already gone: see above
+                    control.send(b"ready\n")
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == RETIRE_SIGNAL:
