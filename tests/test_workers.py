@@ -396,3 +396,40 @@ async def test_a_killed_worker_is_replaced_and_its_clients_resume(redis) -> None
         assert any(re.search(rf"pid {victim}\) exited on its own", line) for line in server.lines)
         pids = {w["pid"] for w in (await health(port))["workers"]}
         assert len(pids) == 2 and victim not in pids
+
+
+def _alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(redis) -> None:
+    server = Supervised(redis.url, [])
+    try:
+        pids = [w["pid"] for w in (await health(server.port))["workers"]]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        server.proc.kill()  # SIGKILL: nothing forwarded, the socket pairs close
+        with trio.fail_after(60):
+            while any(_alive(pid) for pid in pids):
+                await trio.sleep(0.1)
+    finally:
+        server.stop()
+    assert sum("the supervisor is gone: draining" in line for line in server.lines) == 2
+
+
+def test_a_worker_that_cannot_start_stops_the_start_with_its_message() -> None:
+    from tests.redis_support import free_port
+
+    nobody = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_cable", "serve", "--workers=2", "--broker=redis",
+         f"--redis-url={nobody}", "--port=0", "--log-level=warning"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "trio-cable: broker redis: cannot connect to" in result.stderr
+    assert "Traceback" not in result.stderr
