@@ -209,6 +209,17 @@ def _health(port: int) -> dict[str, Any]:
     return json.loads(_http(port, "GET", "/health")[1])
 
 
+def _worker_pids(port: int, workers: int = 2, timeout: float = 30) -> set[int]:
+    """The workers' pids, from /health (asked again while it lists fewer than *workers*: on
+    a busy machine an answer may come from one worker's figures alone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = {w["pid"] for w in _health(port)["workers"]}
+        if len(pids) >= workers or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.5)
+
+
 def _rss_mb(pid: int) -> float | None:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -354,7 +365,7 @@ def roll(server: Supervised, args: argparse.Namespace) -> dict[str, Any]:
 
     from bench.rollout import Run
 
-    before = {w["pid"] for w in _health(server.port)["workers"]}
+    before = _worker_pids(server.port)
     events: dict[str, float] = {}
 
     async def scenario() -> Run:
@@ -397,7 +408,7 @@ def roll(server: Supervised, args: argparse.Namespace) -> dict[str, Any]:
         return run
 
     run = trio.run(scenario)
-    after = {w["pid"] for w in _health(server.port)["workers"]}
+    after = _worker_pids(server.port)
     expected = [seq for seq, _sent in run.published]
     # A publication cancelled in flight may have been made: it is the next number, which
     # every client may then hold; only what the publisher saw answered counts.

@@ -46,10 +46,12 @@ log = logging.getLogger("trio_cable.cluster")
 
 #: Seconds between a worker's snapshots.
 PUBLISH_INTERVAL = 1.0
-#: A snapshot this old belongs to a worker that is gone.
-STALE = 5.0
-#: Seconds of the readers' Redis wait before they answer with this worker's figures alone.
-READ_TIMEOUT = 1.0
+#: A snapshot this old belongs to a worker that is gone (a worker's loop may lag for seconds
+#: on a machine that is busy: then it must not be counted as gone).
+STALE = 10.0
+#: Seconds of the readers' Redis wait before they answer with this worker's figures alone
+#: (Prometheus' scrape timeout is 10 s by default).
+READ_TIMEOUT = 3.0
 
 
 class SnapshotStore(Protocol):
