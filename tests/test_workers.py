@@ -264,8 +264,20 @@ async def test_two_workers_serve_one_port_and_share_broadcasts_and_metrics(redis
             assert len(per_worker) == 2 and sum(per_worker.values()) == len(clients)
             assert m["trio_cable_connections_total"] >= len(clients)
             assert m["trio_cable_draining"] == 0
+
+        # SIGTERM to the supervisor: every worker slow-drains its clients, then it exits.
+        server.proc.send_signal(signal.SIGTERM)
         for client in clients:
+            with trio.fail_after(30):
+                message = await client.message()
+            assert message is not None
+            assert (message["type"], message["reason"]) == ("disconnect", "server_restart")
+            assert message["reconnect"] is True and "reconnect_after" in message
             await client.stream.aclose()
+        status = await trio.to_thread.run_sync(server.proc.wait, 60)
+        assert status == 0
+        exits = [line for line in server.lines if re.search(r"worker \d \(pid \d+\) exited", line)]
+        assert len(exits) == 2 and all("status 0" in line for line in exits), exits
 
 
 # -- rolling restart and crashes, with the trio_cable client ---------------------------------------
