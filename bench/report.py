@@ -190,6 +190,32 @@ def section_memory(r: dict[str, Any]) -> list[str]:
     ]
 
 
+COMPRESSION_HEADER = [
+    "target", "conns", "bytes/recipient", "vs plain", "CPU us/recipient", "vs plain",
+    "KiB/conn idle", "vs plain", "missed",
+]  # fmt: skip
+
+
+def section_compression(r: dict[str, Any]) -> list[str]:
+    table = [
+        [x["target"], f"{x['conns']:,}", _mm(x["wire_bytes"], 0), _ratio(x["wire_bytes_vs_plain"]),
+         _mm(x["cpu_us"], 2), _ratio(x["cpu_us_vs_plain"]),
+         _mm(x["bytes_per_conn"], 1, 1 / 1024), _ratio(x["bytes_per_conn_vs_plain"]),
+         str(x["missed"])]
+        for x in r["rows"]
+    ]  # fmt: skip
+    return [
+        "## 6. permessage-deflate: bytes, CPU and memory",
+        "",
+        f"A broadcast of {r['payload_bytes']:,} B of JSON (chat-like records) to every "
+        "connection; *vs plain* is the ratio to the same server without compression, same run. "
+        "Bytes are data-frame payload bytes received per recipient; memory is RSS per idle "
+        "subscribed connection.",
+        "",
+        *_table(COMPRESSION_HEADER, table),
+    ]
+
+
 def section_profile(r: dict[str, Any]) -> list[str]:
     lines = ["## Profiles of the trio_cable server (py-spy, share of on-CPU samples)", ""]
     for p in r["profiles"]:
@@ -209,6 +235,7 @@ SECTIONS = {
     "broadcast": section_broadcast,
     "wsbench": section_wsbench,
     "memory": section_memory,
+    "compression": section_compression,
     "profile": section_profile,
 }
 

@@ -99,36 +99,21 @@ class Node:
         self.proc = None
 
 
-HAPROXY_CFG = """
-global
-    maxconn 9000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-    timeout tunnel 1h
-    timeout http-request 10s
-frontend cable
-    bind {host}:{port}
-    default_backend nodes
-backend nodes
-    balance {algorithm}
-    option httpchk GET /health
-    http-check expect status 200
-    default-server inter 300ms fall 1 rise 2 maxconn 8000
-{servers}
-"""
+#: The HAProxy config of the deployment kit: the benchmark runs the file users deploy.
+HAPROXY_CFG_PATH = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "haproxy.cfg"
 
 
 def start_haproxy(algorithm: str, nodes: list[Node], workdir: Path) -> procs.Proc:
     port = free_port()
-    servers = "\n".join(f"    server n{n.index} {HOST}:{n.port} check" for n in nodes)
+    # The deploy config reads its bind address and algorithm from the environment and ends
+    # with its backend, where the nodes go.
+    servers = "".join(f"    server n{n.index} {HOST}:{n.port} check\n" for n in nodes)
     cfg = workdir / f"haproxy-{algorithm}.cfg"
-    cfg.write_text(HAPROXY_CFG.format(host=HOST, port=port, algorithm=algorithm, servers=servers))
+    cfg.write_text(HAPROXY_CFG_PATH.read_text() + servers)
+    env = procs.child_env(CABLE_BIND=f"{HOST}:{port}", CABLE_BALANCE=algorithm)
     with open(workdir / f"haproxy-{algorithm}.log", "wb") as log:
         return procs.start([_tool("haproxy"), "-f", str(cfg), "-db"], name="haproxy", port=port,
-                           stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+                           stdout=subprocess.DEVNULL, stderr=log, env=env)  # fmt: skip
 
 
 def _tool(name: str) -> str:

@@ -32,9 +32,9 @@ def _run_bench(*args: str, results: Path, timeout: float) -> dict:
 @pytest.mark.slow
 def test_all_benches_quick(tmp_path: Path) -> None:
     summary = _run_bench(
-        "all", "--targets", "picows,trio_cable,trio_cable-cable", results=tmp_path, timeout=50
+        "all", "--targets", "picows,trio_cable,trio_cable-cable", results=tmp_path, timeout=90
     )
-    assert set(summary) == {"micro", "echo", "broadcast", "wsbench", "memory"}
+    assert set(summary) == {"micro", "echo", "broadcast", "wsbench", "memory", "compression"}
 
     micro = summary["micro"]["rows"]
     assert {r["impl"] for r in micro} >= {"pure", "websockets.speedups"}
@@ -100,3 +100,22 @@ def test_main_is_importable() -> None:
     import bench
 
     assert callable(bench.main)
+
+
+@pytest.mark.slow
+def test_compression_bench_quick(tmp_path: Path) -> None:
+    summary = _run_bench(
+        "compression", "--targets", "trio_cable-cable,trio_cable-deflate",
+        results=tmp_path, timeout=90,
+    )["compression"]  # fmt: skip
+    rows = {r["target"]: r for r in summary["rows"]}
+    assert set(rows) == {"trio_cable-cable", "trio_cable-deflate"}
+    for row in rows.values():
+        assert row["missed"] == 0 and row["cpu_us"] > 0 and row["bytes_per_conn"] > 0
+    plain, deflated = rows["trio_cable-cable"], rows["trio_cable-deflate"]
+    # ~3 KB of chat-like JSON deflates to well under half on the wire.
+    assert plain["wire_bytes"] > 2_500
+    assert deflated["wire_bytes"] < plain["wire_bytes"] / 2
+    assert deflated["wire_bytes_vs_plain"] == pytest.approx(
+        deflated["wire_bytes"] / plain["wire_bytes"]
+    )

@@ -100,6 +100,10 @@ class Config:
     history_max_memory: int = 256 * 1024 * 1024
     message_timeout: float = 30.0
     partial_messages_max_memory: int = 64 * 1024 * 1024
+    # permessage-deflate (RFC 7692), off until asked for.
+    compression: bool = False
+    compression_threshold: int = 1024
+    compression_level: int = 1
 
     def __repr__(self) -> str:
         # Secrets never reach a log line, even when a whole Config is logged.
@@ -148,6 +152,8 @@ class Config:
             value = getattr(self, name)
             if not (value > low if meaning == ">" else value >= low):
                 raise _bad(name, f"must be {meaning} {low:g}, not {value:g}")
+        if self.compression_level > 9:
+            raise _bad("compression_level", f"must be <= 9, not {self.compression_level}")
         if self.broker not in ("memory", "redis"):
             raise _bad("broker", f"unknown broker {self.broker!r} (known: memory, redis)")
         if self.workers > 1 and self.broker != "redis":
@@ -262,6 +268,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "partial_messages_max_memory", "bytes all unfinished client messages may hold together"
     ),
+    Setting("compression", "negotiate permessage-deflate with clients that offer it"),
+    Setting("compression_threshold", "messages shorter than this many bytes go uncompressed"),
+    Setting("compression_level", "zlib level 1 (fastest) .. 9 (smallest)"),
 )
 
 _KINDS: dict[str, str] = {}
@@ -306,6 +315,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("history_max_memory", 1024, ">="),
     ("message_timeout", 0, ">"),
     ("partial_messages_max_memory", 1024, ">="),
+    ("compression_threshold", 0, ">="),
+    ("compression_level", 1, ">="),
 )
 assert {name for name, _, _ in _LOWER_BOUNDS} == {
     s.name for s in SETTINGS if s.kind in ("int", "float") and s.name != "port"

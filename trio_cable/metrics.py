@@ -45,6 +45,11 @@ COUNTERS: dict[str, str] = {
     "remote_disconnects_total": "connections closed by a remote disconnect",
     "admission_decreases_total": "times adaptive admission lowered the limits",
     "gc_full_collections_total": "full (generation 2) garbage collections in this process",
+    "compressed_frames_total": "frames sent deflated (permessage-deflate), each built once",
+    "compression_saved_bytes_total": (
+        "bytes deflate saved, per frame built (a broadcast frame is built once per group)"
+    ),
+    "compressed_messages_total": "compressed client messages inflated",
 }
 
 # name -> (help, label name): counters split by a label.
@@ -141,6 +146,9 @@ class Metrics:
     remote_disconnects_total: int
     admission_decreases_total: int
     gc_full_collections_total: int
+    compressed_frames_total: int
+    compression_saved_bytes_total: int
+    compressed_messages_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:

@@ -34,11 +34,11 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
 )
 
 from trio_cable.client import state as proto
 from trio_cable.client.backoff import Backoff, BackoffTimer, parse_retry_after
+from trio_cable.client.websocket import connect as connect_websocket
 from trio_cable.protocol.codes import DisconnectReason
 
 __all__ = [
@@ -368,6 +368,7 @@ class Cable:
         on_event: Callable[[CableEvent], None] | None = None,
         rng: random.Random | None = None,
         max_message_size: int = 16 * 1024 * 1024,
+        compression: bool = False,
     ) -> None:
         self.url = url
         self.session = proto.ClientSession(subprotocol, resume=resume)
@@ -388,6 +389,7 @@ class Cable:
         self.on_event = on_event
         self.rng = rng or random.Random()
         self.max_message_size = max_message_size
+        self.compression = compression
         self.timer: BackoffTimer = self.backoff.timer(self.rng)
         self._subs: dict[str, Subscription] = {}
         self._conn: _Conn | None = None
@@ -662,12 +664,13 @@ class Cable:
         url, subprotocols, headers = self._handshake_params()
         try:
             with trio.fail_after(self.connect_timeout):
-                ws = await connect_websocket_url(
+                ws = await connect_websocket(
                     nursery,
                     url,
                     subprotocols=subprotocols,
                     extra_headers=headers,
                     max_message_size=self.max_message_size,
+                    compression=self.compression,
                 )
         except _CONNECT_ERRORS as exc:
             self._failed(outcome, exc)
@@ -1004,6 +1007,7 @@ async def open_cable(
     on_event: Callable[[CableEvent], None] | None = None,
     rng: random.Random | None = None,
     max_message_size: int = 16 * 1024 * 1024,
+    compression: bool = False,
 ) -> AsyncIterator[Cable]:
     """Connect to an Action Cable / AnyCable server and keep the connection up.
 
@@ -1032,6 +1036,7 @@ async def open_cable(
     - ``on_event``: called with a :class:`CableEvent` for every connection attempt, disconnect,
       subscription step ... (must not block).
     - ``rng``: randomness for jitter (seed it for reproducible runs).
+    - ``compression``: offer permessage-deflate (the server may decline).
     """
     cable = Cable(
         url,
@@ -1053,6 +1058,7 @@ async def open_cable(
         on_event=on_event,
         rng=rng,
         max_message_size=max_message_size,
+        compression=compression,
     )
     try:
         async with trio.open_nursery() as nursery:

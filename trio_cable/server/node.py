@@ -37,8 +37,9 @@ from trio_cable.config import Config, ConfigError
 from trio_cable.identity import JWTIdentifier
 from trio_cable.metrics import Metrics, prometheus_text
 from trio_cable.protocol import cable
-from trio_cable.protocol.cable import InvalidCommand, Subprotocol
+from trio_cable.protocol.cable import JSON, MSGPACK, InvalidCommand, Subprotocol
 from trio_cable.protocol.codes import CloseCode, DisconnectReason
+from trio_cable.protocol.deflate import DeflateParams, DeflateSettings
 from trio_cable.protocol.frames import SPEEDUPS, SPEEDUPS_STATUS
 from trio_cable.protocol.handshake import Refusal, Request, negotiate, request_from_h11
 from trio_cable.server.admission import AdaptiveLimits, TokenBucket, retry_after
@@ -64,7 +65,6 @@ from trio_cable.server.transport import WireFormat
 from trio_cable.server.transports.websocket import (
     WebSocketContext,
     WebSocketTransport,
-    wire_format,
 )
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ class Accepted:
     request: Request
     subprotocol: Subprotocol | None
     headers: list[tuple[str, str]]
+    deflate: DeflateParams | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +197,12 @@ class Server:
             close_timeout=config.close_timeout,
             message_timeout=config.message_timeout,
             max_partial_memory=config.partial_messages_max_memory,
+        )
+        #: What permessage-deflate offers are answered with (None: compression is off).
+        self._deflate: DeflateSettings | None = (
+            DeflateSettings(config.compression_level, config.compression_threshold)
+            if config.compression
+            else None
         )
         m = self.metrics
         m.gauges["connections"] = lambda: float(len(self.connections))
@@ -456,18 +463,31 @@ class Server:
                 return
             trailing, _closed = conn.trailing_data
             budget = TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time())
+            deflate = outcome.deflate
             transport = WebSocketTransport(
-                self._websocket, sock, budget, bytes(trailing), remote=remote
+                self._websocket,
+                sock,
+                budget,
+                bytes(trailing),
+                remote=remote,
+                compression=deflate is not None,
             )
             receiver: Session | EchoSession
             subprotocol = outcome.subprotocol
+            websocket = self._websocket
             if subprotocol is None:  # only the echo endpoint goes without one
-                receiver = EchoSession(self, transport, ip=ip)
+                receiver = EchoSession(
+                    self,
+                    transport,
+                    websocket.wire_format(JSON, False, deflate).frame,
+                    websocket.wire_format(MSGPACK, False, deflate).frame,
+                    ip=ip,
+                )
             else:
                 receiver = Session(
                     self,
                     transport,
-                    wire_format(subprotocol.codec, subprotocol.extended),
+                    websocket.wire_format(subprotocol.codec, subprotocol.extended, deflate),
                     outcome.request,
                     new_sid(),
                     budget,
@@ -500,7 +520,12 @@ class Server:
             return await self._http(sock, conn, request)
         echo = request.path == cfg.echo_path
         outcome = negotiate(
-            request, allowed_origins=cfg.allowed_origins, require_subprotocol=not echo
+            request,
+            allowed_origins=cfg.allowed_origins,
+            require_subprotocol=not echo,
+            # Not while shedding load: a compressing client's history replay and
+            # transmissions are deflated for it alone, CPU a late loop does not have.
+            compression=None if self.adaptive.shedding else self._deflate,
         )
         if isinstance(outcome, Refusal):
             self.metrics.handshakes_failed_total += 1
@@ -512,7 +537,9 @@ class Server:
         refusal = self._admit(request, ip)
         if refusal is not None:
             return refusal
-        return Accepted(request, None if echo else outcome.subprotocol, outcome.headers)
+        return Accepted(
+            request, None if echo else outcome.subprotocol, outcome.headers, outcome.deflate
+        )
 
     async def _publish(self, items: list[cable.Publication | cable.RemoteCommand]) -> None:
         """Publish what ``POST /_broadcast`` brought, in order, letting other tasks run
