@@ -150,7 +150,7 @@ async def serve_node(server: Server, spec: WorkerSpec | None = None) -> None:
                 if server.group is not None:
                     nursery.start_soon(server.group.run)
                 nursery.start_soon(_watch_supervisor, control, stop)
-                with contextlib.suppress(OSError):  # a supervisor already gone: see above
+                with contextlib.suppress(OSError):  # a supervisor gone already: the watcher sees it
                     control.send(b"ready\n")
             async for signum in signals:
                 name = signal.Signals(signum).name

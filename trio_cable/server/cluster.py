@@ -214,7 +214,3 @@ def _worker_families(live: list[dict[str, Any]]) -> list[GaugeMetricFamily]:
         spread.add_metric([str(doc["worker"]), str(doc["pid"])], doc["health"]["connections"])
     return [count, spread]
 
-
-def group_id() -> str:
-    """A new supervisor's group name (independent servers may share one Redis)."""
-    return secrets.token_hex(6)
