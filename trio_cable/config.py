@@ -12,7 +12,7 @@ import difflib
 import math
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,8 @@ class Config:
     channels: str | None = None
     benchmark_channel: bool = False
     broker: str = "memory"
+    # Worker processes on one port (SO_REUSEPORT) under a supervisor; "auto" is one per core.
+    workers: int = 1
     redis_url: str = "redis://localhost:6379/0"
     log_level: str = "info"
     handshake_timeout: float = 10.0
@@ -171,6 +173,12 @@ class Config:
             raise _bad("compression_level", f"must be <= 9, not {self.compression_level}")
         if self.broker not in ("memory", "redis"):
             raise _bad("broker", f"unknown broker {self.broker!r} (known: memory, redis)")
+        if self.workers > 1 and self.broker != "redis":
+            raise _bad(
+                "workers",
+                f"{self.workers} workers need --broker redis (workers share broadcasts, "
+                f"history and sessions through it; broker is {self.broker!r})",
+            )
         if self.enforce_jwt and not self.effective_jwt_secret:
             raise _bad("enforce_jwt", "needs a JWT secret: jwt_secret (or secret)")
         if not self.drain_rate and self.drain_period > self.shutdown_timeout:
@@ -246,6 +254,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("channels", "module:attribute naming the application's channels"),
     Setting("benchmark_channel", "enable the built-in BenchmarkChannel"),
     Setting("broker", "broker for broadcasts, history and sessions: memory or redis"),
+    Setting("workers", "worker processes on one port, 'auto': one per core (> 1 needs redis)"),
     Setting("redis_url", "Redis server for --broker redis", secret=True),
     Setting("log_level", "debug, info, warning, error"),
     Setting("handshake_timeout", "seconds a client has to finish its HTTP request"),
@@ -287,7 +296,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("compression_threshold", "messages shorter than this many bytes go uncompressed"),
     Setting("compression_level", "zlib level 1 (fastest) .. 9 (smallest)"),
     Setting("rebalance", "hand connections over the cluster mean on to other nodes"),
-    Setting("rebalance_tolerance", "share over the mean (0.15: 15 %) before a node rebalances"),
+    Setting("rebalance_tolerance", "share over the mean (0.15: 15 percent) before a node rebalances"),
     Setting("rebalance_rate", "most rebalancing disconnects per second per node"),
 )
 
@@ -311,6 +320,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("close_timeout", 0, ">="),
     ("max_send_queue", 1, ">="),
     ("callback_concurrency", 1, ">="),
+    ("workers", 1, ">="),
     ("drain_period", 0, ">="),
     ("drain_rate", 0, ">="),
     ("shutdown_timeout", 0, ">="),
@@ -349,10 +359,17 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+#: Settings that also accept the word ``auto``: what it stands for.
+_AUTO: dict[str, Callable[[], Any]] = {"workers": lambda: os.cpu_count() or 1}
+
+
 def parse_value(setting: Setting, raw: Any, source: str | None = None) -> Any:
     """Turn a raw value (a string from the environment or a flag, or a TOML value) into the
     field's type; raise :class:`ConfigError` naming *source* (where the value came from,
     e.g. ``--port``; default: the setting's name) when that is impossible."""
+    auto = _AUTO.get(setting.name)
+    if auto is not None and isinstance(raw, str) and raw.strip().lower() == "auto":
+        return auto()
     try:
         return _parse(setting.kind, raw)
     except ValueError as exc:

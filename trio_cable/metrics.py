@@ -8,7 +8,7 @@ collector (prometheus-client) reads them only when ``/metrics`` is scraped.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -222,8 +222,9 @@ assert set(Metrics.__annotations__) == set(COUNTERS), "Metrics attributes and CO
 
 
 class _Collector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, extra: Iterable[Metric] = ()) -> None:
         self._metrics = metrics
+        self._extra = list(extra)
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
@@ -252,10 +253,93 @@ class _Collector(Collector):
             yield HistogramMetricFamily(
                 f"trio_cable_{name}", help_text, buckets=hist.cumulative(), sum_value=hist.sum
             )
+        yield from self._extra
 
 
-def prometheus_text(metrics: Metrics) -> bytes:
-    """The metrics in Prometheus' text exposition format."""
+def prometheus_text(metrics: Metrics, extra: Iterable[Metric] = ()) -> bytes:
+    """The metrics in Prometheus' text exposition format (and the families *extra*)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(metrics))
+    registry.register(_Collector(metrics, extra))
     return generate_latest(registry)
+
+
+# -- one server of several processes ----------------------------------------------------------
+#
+# A worker exports its metrics as two flat dicts of numbers (JSON-friendly): ``counters``,
+# everything that only grows (plain, labeled and broker counters, and the histograms' bucket
+# counts, sums and counts), and ``gauges``, what is true now.  Flat keys let anything that
+# can add numbers by name merge them (the Redis broker does it in Lua for departed workers).
+
+#: Gauges whose whole-server value is the largest worker's, not the sum: a stream watched on
+#: every worker is one stream (the max is a lower bound of the distinct count), and the
+#: server is draining when any worker is.
+MAXED_GAUGES = frozenset({"streams", "draining"})
+
+
+def export(metrics: Metrics) -> tuple[dict[str, float], dict[str, float]]:
+    """(counters, gauges) of *metrics* as flat dicts: see :func:`from_export`."""
+    counters: dict[str, float] = {f"c:{name}": float(getattr(metrics, name)) for name in COUNTERS}
+    for name, series in metrics.labeled.items():
+        for label, count in series.items():
+            counters[f"l:{name}:{label}"] = float(count)
+    for name, read in metrics.external_counters.items():
+        counters[f"x:{name}"] = read()
+    for name, hist in metrics.histograms.items():
+        for index, count in enumerate(hist.counts):
+            if count:
+                counters[f"h:{name}:{index}"] = float(count)
+        counters[f"hs:{name}"] = hist.sum
+        counters[f"hc:{name}"] = float(hist.count)
+    gauges = {name: fn() for name, fn in metrics.gauges.items()}
+    return counters, gauges
+
+
+def add_counters(total: dict[str, float], more: dict[str, float]) -> None:
+    """Add the flat counters *more* into *total*."""
+    for key, value in more.items():
+        total[key] = total.get(key, 0.0) + value
+
+
+def merge_gauges(snapshots: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The whole server's gauges: summed, except :data:`MAXED_GAUGES` (the largest)."""
+    out: dict[str, float] = {}
+    for gauges in snapshots:
+        for name, value in gauges.items():
+            if name not in out:
+                out[name] = value
+            elif name in MAXED_GAUGES:
+                out[name] = max(out[name], value)
+            else:
+                out[name] += value
+    return out
+
+
+def from_export(counters: dict[str, float], gauges: dict[str, float]) -> Metrics:
+    """A :class:`Metrics` holding exported (usually merged) figures, for
+    :func:`prometheus_text`.  Keys it does not know (a newer worker's) are ignored."""
+    metrics = Metrics()
+    for key, value in counters.items():
+        kind, _, rest = key.partition(":")
+        if kind == "c" and rest in COUNTERS:
+            setattr(metrics, rest, int(value))
+        elif kind == "l":
+            name, _, label = rest.partition(":")
+            if name in metrics.labeled:
+                metrics.labeled[name][label] = int(value)
+        elif kind == "x":
+            metrics.external_counters[rest] = _constant(value)
+        elif kind == "h":
+            name, _, index = rest.rpartition(":")
+            hist = metrics.histograms.get(name)
+            if hist is not None and index.isdigit() and int(index) < len(hist.counts):
+                hist.counts[int(index)] = int(value)
+        elif kind == "hs" and rest in metrics.histograms:
+            metrics.histograms[rest].sum = value
+        elif kind == "hc" and rest in metrics.histograms:
+            metrics.histograms[rest].count = int(value)
+    metrics.gauges = {name: _constant(value) for name, value in gauges.items()}
+    return metrics
+
+
+def _constant(value: float) -> Callable[[], float]:
+    return lambda: value

@@ -763,6 +763,10 @@ class Session:
             node.metrics.history_rejected_total += 1
             self._history_answered(identifier, cable.reject_history(identifier))
             return
+        # A live copy of what the history holds may still wait in the hub's fan-out queue,
+        # addressed to this connection (the broker's read barrier saw it delivered to the
+        # hub, not written): it must reach the gate, which drops it, before the gate opens.
+        await node.hub.written()
         # Several streams: interleave by publication time; one stream stays in offset order.
         entries.sort(key=lambda item: (item[1].time, item[0], item[1].offset))
         fmt = self.format
