@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import hmac
 import math
 import os
 import tomllib
@@ -116,6 +118,17 @@ class Config:
     rebalance: bool = False
     rebalance_tolerance: float = 0.15
     rebalance_rate: float = 20.0
+    # AnyCable HTTP RPC: the application answers connect, commands and disconnect over HTTP.
+    rpc_host: str | None = None
+    rpc_secret: str | None = None
+    rpc_headers: list[str] = field(default_factory=lambda: ["cookie"])
+    rpc_concurrency: int = 28
+    rpc_max_concurrency: int = 128
+    rpc_timeout: float = 3.0
+    rpc_command_timeout: float = 10.0
+    rpc_retries: int = 3
+    rpc_disconnect_rate: float = 100.0
+    rpc_breaker_cooldown: float = 5.0
 
     def __repr__(self) -> str:
         # Secrets never reach a log line, even when a whole Config is logged.
@@ -142,6 +155,16 @@ class Config:
     def effective_broadcast_key(self) -> str | None:
         """Bearer key for ``POST /_broadcast``: ``broadcast_key``, else ``secret``."""
         return self.broadcast_key or self.secret
+
+    @property
+    def effective_rpc_secret(self) -> str | None:
+        """Bearer key for RPC calls: ``rpc_secret``, else derived from ``secret`` as
+        anycable-go derives it (``hex(HMAC-SHA256(secret, "rpc-cable"))``)."""
+        if self.rpc_secret:
+            return self.rpc_secret
+        if self.secret:
+            return hmac.new(self.secret.encode(), b"rpc-cable", hashlib.sha256).hexdigest()
+        return None
 
     def validate(self) -> Config:
         """Check every setting's range and the settings' consistency; return self so it chains.
@@ -190,6 +213,19 @@ class Config:
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             raise _bad(given, f"needs {missing} too (the two go together)")
+        if self.rpc_host is not None and not self.rpc_host.startswith(("http://", "https://")):
+            raise _bad("rpc_host", f"{self.rpc_host!r} must be an http:// or https:// URL")
+        if self.rpc_max_concurrency < self.rpc_concurrency:
+            raise _bad(
+                "rpc_max_concurrency",
+                f"{self.rpc_max_concurrency} is below rpc_concurrency ({self.rpc_concurrency})",
+            )
+        if self.rpc_command_timeout < self.rpc_timeout:
+            raise _bad(
+                "rpc_command_timeout",
+                f"{self.rpc_command_timeout:g} s is shorter than one call (rpc_timeout "
+                f"{self.rpc_timeout:g} s)",
+            )
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise _bad(
                 "log_level",
@@ -296,8 +332,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("compression_threshold", "messages shorter than this many bytes go uncompressed"),
     Setting("compression_level", "zlib level 1 (fastest) .. 9 (smallest)"),
     Setting("rebalance", "hand connections over the cluster mean on to other nodes"),
-    Setting("rebalance_tolerance", "share over the mean (0.15: 15 percent) before a node rebalances"),
+    Setting("rebalance_tolerance", "share over the mean before a node hands on (0.15: 15 pct)"),
     Setting("rebalance_rate", "most rebalancing disconnects per second per node"),
+    Setting("rpc_host", "AnyCable HTTP RPC application, http(s)://host/base (off: in-process)"),
+    Setting("rpc_secret", "bearer key for RPC calls (default: derived from secret)", secret=True),
+    Setting("rpc_headers", "request headers passed to the RPC application, comma separated"),
+    Setting("rpc_concurrency", "RPC calls in flight at first (the adaptive limit starts here)"),
+    Setting("rpc_max_concurrency", "RPC calls in flight at most (the adaptive limit's ceiling)"),
+    Setting("rpc_timeout", "seconds one RPC request may take"),
+    Setting("rpc_command_timeout", "seconds a command may wait for its RPC answer, all retries"),
+    Setting("rpc_retries", "retries of an RPC call never applied (transport error, 429, 503)"),
+    Setting("rpc_disconnect_rate", "disconnect RPC calls per second at most (0: no cap)"),
+    Setting("rpc_breaker_cooldown", "seconds a tripped RPC circuit breaker refuses before a probe"),
 )
 
 _KINDS: dict[str, str] = {}
@@ -350,6 +396,13 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("compression_level", 1, ">="),
     ("rebalance_tolerance", 0, ">"),
     ("rebalance_rate", 0, ">"),
+    ("rpc_concurrency", 1, ">="),
+    ("rpc_max_concurrency", 1, ">="),
+    ("rpc_timeout", 0, ">"),
+    ("rpc_command_timeout", 0, ">"),
+    ("rpc_retries", 0, ">="),
+    ("rpc_disconnect_rate", 0, ">="),
+    ("rpc_breaker_cooldown", 0, ">"),
 )
 assert {name for name, _, _ in _LOWER_BOUNDS} == {
     s.name for s in SETTINGS if s.kind in ("int", "float") and s.name != "port"

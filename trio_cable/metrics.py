@@ -62,12 +62,21 @@ COUNTERS: dict[str, str] = {
     "presence_refused_total": "presence commands refused (no presence stream, another id)",
     "presence_events_total": "presence join/leave events fanned out by this node",
     "presence_events_coalesced_total": "presence events cancelled or merged within a window",
+    "rpc_disconnects_skipped_total": "disconnect RPC calls not made (unseen by the application)",
+    "rpc_limit_decreases_total": "times the adaptive RPC concurrency limit came down",
+    "rpc_limit_increases_total": "times the adaptive RPC concurrency limit went up",
+    "rpc_breaker_trips_total": "times the RPC circuit breaker opened",
 }
 
 # name -> (help, label name): counters split by a label.
 LABELED_COUNTERS: dict[str, tuple[str, str]] = {
     "handshakes_refused_total": ("new connections refused (any transport), by reason", "reason"),
     "disconnect_reasons_total": ("server-initiated disconnect messages, by reason", "reason"),
+    "rpc_calls_total": ("RPC requests sent to the application, by method", "method"),
+    "rpc_errors_total": ("RPC requests that got no usable answer, by reason", "reason"),
+    "rpc_retries_total": ("RPC requests sent again (never applied), by reason", "reason"),
+    "rpc_refusals_total": ("RPC calls refused without a request (breaker, deadline)", "method"),
+    "rpc_ignored_total": ("fields of RPC answers this server does not act on yet", "field"),
 }
 
 GAUGES: dict[str, str] = {
@@ -83,12 +92,18 @@ GAUGES: dict[str, str] = {
     "pending_handshakes": "connections still in their HTTP handshake",
     "handshake_rate_limit": "handshakes per second admitted now (adaptive)",
     "callback_concurrency_limit": "application callbacks allowed at once now (adaptive)",
+    "rpc_concurrency_limit": "RPC calls allowed in flight now (adaptive)",
+    "rpc_in_flight": "RPC calls in flight now",
+    "rpc_queued": "RPC calls waiting for a slot under the limit",
+    "rpc_breaker_state": "RPC circuit breaker: 0 closed, 1 half-open, 2 open",
+    "rpc_pending_disconnects": "disconnect RPC calls queued",
 }
 
 HISTOGRAMS: dict[str, str] = {
     "command_seconds": "time to handle one Action Cable command, callbacks included",
     "loop_lag_seconds": "event-loop lag: how late a timer fired",
     "gc_full_pause_seconds": "how long each full garbage collection stopped the process",
+    "rpc_call_seconds": "time of one RPC request, from sending to its answer",
 }
 
 _DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -175,6 +190,10 @@ class Metrics:
     presence_refused_total: int
     presence_events_total: int
     presence_events_coalesced_total: int
+    rpc_disconnects_skipped_total: int
+    rpc_limit_decreases_total: int
+    rpc_limit_increases_total: int
+    rpc_breaker_trips_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:

@@ -57,7 +57,7 @@ from trio_cable.server.admission import (
 )
 from trio_cable.server.drain import Drainer
 from trio_cable.server.echo import EchoSession
-from trio_cable.server.executor import ChannelExecutor
+from trio_cable.server.executor import ChannelExecutor, Executor
 from trio_cable.server.gc_control import GcControl
 from trio_cable.server.housekeeping import PingRounds
 from trio_cable.server.http import (
@@ -73,6 +73,7 @@ from trio_cable.server.hub import Hub
 from trio_cable.server.presence import InfoAnswers, PresenceCoalescer
 from trio_cable.server.reactor import Reactor, reactor_available
 from trio_cable.server.rebalance import Rebalancer
+from trio_cable.server.rpc_executor import RpcExecutor
 from trio_cable.server.session import Session
 from trio_cable.server.sockio import close_socket, send_all, tls_handshake
 from trio_cable.server.transport import WireFormat
@@ -217,7 +218,13 @@ class Server:
         if config.benchmark_channel:
             channels[BenchmarkChannel.name()] = BenchmarkChannel
         channels.update(self.app.channels)
-        self.executor = ChannelExecutor(self.app, channels, self.callback_limiter, self.metrics)
+        local = ChannelExecutor(self.app, channels, self.callback_limiter, self.metrics)
+        #: The in-process channels (also under an RPC executor: built-ins, --channels).
+        self.channel_executor = local
+        self.executor: Executor = local
+        if config.rpc_host:
+            # The application answers over HTTP; in-process channels still run here.
+            self.executor = RpcExecutor(config, local, self.metrics)
         # Welcomed sessions by ping interval: the ticker pings, checks pongs, saves sessions.
         self._ping_groups: dict[float, set[Session]] = {}
         self._sessions: dict[str, Session] = {}  # sid -> open session
@@ -362,6 +369,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.broker.run)
+                await nursery.start(self.executor.run)
                 if self.reactor is not None:
                     nursery.start_soon(self.reactor.run)
                 self.broker.bind(self._deliver, self._on_command)
@@ -917,7 +925,7 @@ class Server:
 
     def lookup_channel(self, name: str) -> type[Channel] | None:
         """The channel class clients reach with ``"channel": name``."""
-        return self.executor.lookup(name)
+        return self.channel_executor.lookup(name)
 
     def start_pinging(self, session: Session) -> None:
         """Add a welcomed *session* to the shared ping ticker (honouring ``?pi=<seconds>``,
