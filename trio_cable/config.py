@@ -38,6 +38,9 @@ def _bad(setting: str, detail: str) -> ConfigError:
     return ConfigError(f"{setting}: {detail}", setting=setting, detail=detail)
 
 
+#: The ways anycable-rails publications reach the nodes through Redis (``broadcast_adapter``).
+BROADCAST_ADAPTERS = ("redis", "redisx")
+
 #: HMAC-SHA256 keys shorter than this are weaker than the hash (RFC 7518 3.2; PyJWT warns).
 MIN_SECRET_BYTES = 32
 
@@ -63,6 +66,10 @@ class Config:
     benchmark_channel: bool = False
     broker: str = "memory"
     redis_url: str = "redis://localhost:6379/0"
+    # How anycable-rails publications come in through Redis (AnyCable's names and defaults).
+    broadcast_adapter: str = "redis"
+    redis_channel: str = "__anycable__"
+    redisx_group: str = "bx"
     log_level: str = "info"
     handshake_timeout: float = 10.0
     close_timeout: float = 3.0
@@ -154,6 +161,16 @@ class Config:
             raise _bad("compression_level", f"must be <= 9, not {self.compression_level}")
         if self.broker not in ("memory", "redis"):
             raise _bad("broker", f"unknown broker {self.broker!r} (known: memory, redis)")
+        if self.broadcast_adapter not in BROADCAST_ADAPTERS:
+            known = ", ".join(BROADCAST_ADAPTERS)
+            raise _bad(
+                "broadcast_adapter", f"unknown adapter {self.broadcast_adapter!r} (known: {known})"
+            )
+        if self.broadcast_adapter == "redisx" and self.broker != "redis":
+            raise _bad("broadcast_adapter", "redisx reads a Redis stream: it needs --broker redis")
+        if not self.redis_channel or not self.redisx_group:
+            raise _bad("redis_channel" if not self.redis_channel else "redisx_group",
+                       "must not be empty")  # fmt: skip
         if self.enforce_jwt and not self.effective_jwt_secret:
             raise _bad("enforce_jwt", "needs a JWT secret: jwt_secret (or secret)")
         if not self.drain_rate and self.drain_period > self.shutdown_timeout:
@@ -227,6 +244,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("benchmark_channel", "enable the built-in BenchmarkChannel"),
     Setting("broker", "broker for broadcasts, history and sessions: memory or redis"),
     Setting("redis_url", "Redis server for --broker redis", secret=True),
+    Setting(
+        "broadcast_adapter",
+        "how anycable-rails publications arrive (--broker redis): redis (PUBLISH to "
+        "--redis-channel; every node delivers, no history) or redisx (XADD to the stream "
+        "--redis-channel; one node takes each and publishes it with history)",
+    ),
+    Setting("redis_channel", "pub/sub channel (redis) or stream (redisx) of publications"),
+    Setting("redisx_group", "redisx: the consumer group the nodes share"),
     Setting("log_level", "debug, info, warning, error"),
     Setting("handshake_timeout", "seconds a client has to finish its HTTP request"),
     Setting("close_timeout", "seconds to wait for the client's close frame"),
