@@ -40,6 +40,9 @@ def _bad(setting: str, detail: str) -> ConfigError:
     return ConfigError(f"{setting}: {detail}", setting=setting, detail=detail)
 
 
+#: The ways anycable-rails publications reach the nodes through Redis (``broadcast_adapter``).
+BROADCAST_ADAPTERS = ("redis", "redisx")
+
 #: HMAC-SHA256 keys shorter than this are weaker than the hash (RFC 7518 3.2; PyJWT warns).
 MIN_SECRET_BYTES = 32
 
@@ -70,6 +73,10 @@ class Config:
     # Worker processes on one port (SO_REUSEPORT) under a supervisor; "auto" is one per core.
     workers: int = 1
     redis_url: str = "redis://localhost:6379/0"
+    # How anycable-rails publications come in through Redis (AnyCable's names and defaults).
+    broadcast_adapter: str = "redis"
+    redis_channel: str = "__anycable__"
+    redisx_group: str = "bx"
     log_level: str = "info"
     handshake_timeout: float = 10.0
     close_timeout: float = 3.0
@@ -202,6 +209,16 @@ class Config:
                 f"{self.workers} workers need --broker redis (workers share broadcasts, "
                 f"history and sessions through it; broker is {self.broker!r})",
             )
+        if self.broadcast_adapter not in BROADCAST_ADAPTERS:
+            known = ", ".join(BROADCAST_ADAPTERS)
+            raise _bad(
+                "broadcast_adapter", f"unknown adapter {self.broadcast_adapter!r} (known: {known})"
+            )
+        if self.broadcast_adapter == "redisx" and self.broker != "redis":
+            raise _bad("broadcast_adapter", "redisx reads a Redis stream: it needs --broker redis")
+        if not self.redis_channel or not self.redisx_group:
+            raise _bad("redis_channel" if not self.redis_channel else "redisx_group",
+                       "must not be empty")  # fmt: skip
         if self.enforce_jwt and not self.effective_jwt_secret:
             raise _bad("enforce_jwt", "needs a JWT secret: jwt_secret (or secret)")
         if not self.drain_rate and self.drain_period > self.shutdown_timeout:
@@ -292,6 +309,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("broker", "broker for broadcasts, history and sessions: memory or redis"),
     Setting("workers", "worker processes on one port, 'auto': one per core (> 1 needs redis)"),
     Setting("redis_url", "Redis server for --broker redis", secret=True),
+    Setting(
+        "broadcast_adapter",
+        "how anycable-rails publications arrive (--broker redis): redis (PUBLISH to "
+        "--redis-channel; every node delivers, no history) or redisx (XADD to the stream "
+        "--redis-channel; one node takes each and publishes it with history)",
+    ),
+    Setting("redis_channel", "pub/sub channel (redis) or stream (redisx) of publications"),
+    Setting("redisx_group", "redisx: the consumer group the nodes share"),
     Setting("log_level", "debug, info, warning, error"),
     Setting("handshake_timeout", "seconds a client has to finish its HTTP request"),
     Setting("close_timeout", "seconds to wait for the client's close frame"),

@@ -7,7 +7,9 @@ collector (prometheus-client) reads them only when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -147,6 +149,32 @@ class Histogram:
         return out
 
 
+#: Recent samples kept per sampled histogram: at one loop-lag probe every 50 ms, 4,096 are
+#: the last 3.4 minutes, enough for a benchmark's 60 s window read once at its end.
+SAMPLES_KEPT = 4096
+#: The histograms whose recent raw samples are also kept (``/metrics/samples``): a histogram
+#: says how many lags fell in 5-10 ms, a benchmark wants the p99 and the max to the ms.
+SAMPLED = ("loop_lag_seconds", "gc_full_pause_seconds")
+
+
+class Samples:
+    """The last :data:`SAMPLES_KEPT` values of a measurement, each with the
+    :func:`time.monotonic` time it was taken (a system-wide clock on Linux, so another
+    process can cut a window out of them)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, kept: int = SAMPLES_KEPT) -> None:
+        self._items: deque[tuple[float, float]] = deque(maxlen=kept)
+
+    def add(self, value: float) -> None:
+        self._items.append((time.monotonic(), value))
+
+    def since(self, start: float = 0.0) -> list[tuple[float, float]]:
+        """The samples taken at *start* or later, oldest first."""
+        return [item for item in self._items if item[0] >= start]
+
+
 class Metrics:
     """Plain counters; ``gauges`` maps a gauge name to a function read at scrape time."""
 
@@ -200,6 +228,8 @@ class Metrics:
             setattr(self, name, 0)
         self.labeled: dict[str, dict[str, int]] = {name: {} for name in LABELED_COUNTERS}
         self.histograms: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
+        #: Recent raw samples of the :data:`SAMPLED` histograms (rare: 20 a second at most).
+        self.samples: dict[str, Samples] = {name: Samples() for name in SAMPLED}
         #: The histogram every command is timed in, as an attribute: it is observed on the
         #: path every message takes, where a dict lookup and a call less are measurable.
         self.command_seconds = self.histograms["command_seconds"]
@@ -217,8 +247,19 @@ class Metrics:
         series[label] = series.get(label, 0) + amount
 
     def observe(self, name: str, value: float) -> None:
-        """Record *value* in a histogram."""
+        """Record *value* in a histogram (and among its recent samples, if it keeps them)."""
         self.histograms[name].observe(value)
+        samples = self.samples.get(name)
+        if samples is not None:
+            samples.add(value)
+
+    def recent(self, start: float = 0.0) -> dict[str, object]:
+        """The recent samples of every :data:`SAMPLED` histogram taken since *start*
+        (:func:`time.monotonic`), as JSON-ready data: ``{"now": t, name: [[t, value], ...]}``."""
+        out: dict[str, object] = {"now": time.monotonic()}
+        for name, samples in self.samples.items():
+            out[name] = [list(item) for item in samples.since(start)]
+        return out
 
     def value(self, name: str) -> float:
         """Current value of a counter or gauge."""

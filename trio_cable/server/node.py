@@ -182,6 +182,15 @@ def _raise_open_file_limit() -> int:
     return soft
 
 
+def _since(query: dict[str, str]) -> float:
+    """``?since=`` of ``/metrics/samples``: a :func:`time.monotonic` time (0: everything)."""
+    try:
+        value = float(query.get("since", "0"))
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
 class Server:
     """A trio_cable server node.  Start it with ``await nursery.start(server.serve)``."""
 
@@ -845,6 +854,12 @@ class Server:
             else:
                 text = await self.group.metrics_text()
             return Response(200, text, "text/plain; version=0.0.4")
+        if path == "/metrics/samples":
+            # Raw recent loop-lag and GC-pause samples (the histograms' buckets are too coarse
+            # for a benchmark's p99 and max); ?since=<time.monotonic()> cuts a window.
+            if method not in ("GET", "HEAD"):
+                return Response.text(405, "use GET", [("allow", "GET")])
+            return Response.json(200, self.metrics.recent(_since(request.query)))
         if path == "/_broadcast":
             if method != "POST":
                 return Response.text(405, "use POST", [("allow", "POST")])
