@@ -171,6 +171,7 @@ class Run:
         self.published: list[tuple[int, float]] = []
         self.stop = False
         self.publishing = True
+        self.t0 = time.time()
 
     async def client(self, stats: ClientStats) -> None:
         sid: str | None = None
@@ -445,6 +446,7 @@ def summarize(
     rebalance: bool = False,
 ) -> dict[str, Any]:
     lost = duplicated = expected = 0
+    lost_examples: list[dict[str, Any]] = []  # a few clients' lost messages, to look into
     for stats in run.clients:
         if stats.subscribed_at is None:
             continue
@@ -455,6 +457,11 @@ def summarize(
             times = stats.received.get(seq, 0)
             if times == 0:
                 lost += 1
+                if len(lost_examples) < 40:
+                    lost_examples.append(
+                        {"seq": seq, "sent_at": round(sent_at - run.t0, 2),
+                         "client_connects": stats.connects, "resumed": stats.resumed}
+                    )  # fmt: skip
             elif times > 1:
                 duplicated += times - 1
     peak_rate = max((row.get(f"rate{i}") or 0.0 for row in samples for i in range(3)), default=0.0)
@@ -484,6 +491,7 @@ def summarize(
         "final_connections_per_node": counts,
         "final_imbalance": round(max(counts) / max(1, sum(counts) / 3), 2) if any(counts) else None,
         "events": events,
+        "lost_examples": lost_examples,
         "samples": samples,
     }
 
