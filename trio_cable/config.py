@@ -55,6 +55,9 @@ class Config:
     jwt_param: str = "jid"
     enforce_jwt: bool = False
     public_streams: bool = False
+    streams_whisper: bool = False
+    presence_ttl: float = 15.0
+    presence_window: float = 0.1
     broadcast_key: str | None = None
     allowed_origins: list[str] = field(default_factory=list)
     ping_interval: float = 3.0
@@ -107,6 +110,10 @@ class Config:
     compression: bool = False
     compression_threshold: int = 1024
     compression_level: int = 1
+    # Rebalancing across nodes (off by default).
+    rebalance: bool = False
+    rebalance_tolerance: float = 0.15
+    rebalance_rate: float = 20.0
 
     def __repr__(self) -> str:
         # Secrets never reach a log line, even when a whole Config is logged.
@@ -229,6 +236,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jwt_param", "query parameter that carries the JWT"),
     Setting("enforce_jwt", "refuse connections without a valid JWT"),
     Setting("public_streams", "allow $pubsub subscriptions to unsigned stream_name"),
+    Setting("streams_whisper", "let subscribers of signed streams whisper (public ones may)"),
+    Setting("presence_ttl", "seconds a disconnected session stays present (0: leaves at once)"),
+    Setting("presence_window", "seconds a stream's presence events are coalesced (0: off)"),
     Setting("broadcast_key", "bearer key required by POST /_broadcast", secret=True),
     Setting("allowed_origins", "allowed Origin hosts, comma separated, '*' prefix wildcard"),
     Setting("ping_interval", "seconds between pings (a client may ask ?pi=N)"),
@@ -276,6 +286,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("compression", "negotiate permessage-deflate with clients that offer it"),
     Setting("compression_threshold", "messages shorter than this many bytes go uncompressed"),
     Setting("compression_level", "zlib level 1 (fastest) .. 9 (smallest)"),
+    Setting("rebalance", "hand connections over the cluster mean on to other nodes"),
+    Setting("rebalance_tolerance", "share over the mean (0.15: 15 %) before a node rebalances"),
+    Setting("rebalance_rate", "most rebalancing disconnects per second per node"),
 )
 
 _KINDS: dict[str, str] = {}
@@ -312,6 +325,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("command_rate", 0, ">="),
     ("pong_timeout", 0, ">="),
     ("sessions_ttl", 0, ">="),
+    ("presence_ttl", 0, ">="),
+    ("presence_window", 0, ">="),
     ("history_limit", 0, ">="),
     ("history_ttl", 0, ">="),
     ("max_connections_per_address", 0, ">="),
@@ -323,6 +338,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("partial_messages_max_memory", 1024, ">="),
     ("compression_threshold", 0, ">="),
     ("compression_level", 1, ">="),
+    ("rebalance_tolerance", 0, ">"),
+    ("rebalance_rate", 0, ">"),
 )
 assert {name for name, _, _ in _LOWER_BOUNDS} == {
     s.name for s in SETTINGS if s.kind in ("int", "float") and s.name != "port"

@@ -55,6 +55,13 @@ COUNTERS: dict[str, str] = {
         "bytes deflate saved, per frame built (a broadcast frame is built once per group)"
     ),
     "compressed_messages_total": "compressed client messages inflated",
+    "rebalanced_total": "connections handed on to other nodes by rebalancing",
+    "whispers_total": "whispers broadcast to their stream",
+    "whispers_ignored_total": "whispers ignored: the subscription may not whisper",
+    "presence_commands_total": "presence join, leave and info commands handled",
+    "presence_refused_total": "presence commands refused (no presence stream, another id)",
+    "presence_events_total": "presence join/leave events fanned out by this node",
+    "presence_events_coalesced_total": "presence events cancelled or merged within a window",
 }
 
 # name -> (help, label name): counters split by a label.
@@ -161,6 +168,13 @@ class Metrics:
     compressed_frames_total: int
     compression_saved_bytes_total: int
     compressed_messages_total: int
+    rebalanced_total: int
+    whispers_total: int
+    whispers_ignored_total: int
+    presence_commands_total: int
+    presence_refused_total: int
+    presence_events_total: int
+    presence_events_coalesced_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:

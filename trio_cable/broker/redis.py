@@ -17,6 +17,11 @@ Layout in Redis (``prefix`` defaults to ``trio_cable``):
 ``<prefix>:pubsub``      the one channel every node subscribes to: broadcasts (with their
                          stream position) and node commands, in publication order.
 ``<prefix>:ping:<node>`` per-node channel for heartbeats and read barriers.
+``<prefix>:ps:<stream>`` presence: hash sid -> presence id (one record per session).
+``<prefix>:ph:<stream>`` presence: hash presence id -> sessions holding it.
+``<prefix>:pi:<stream>`` presence: hash presence id -> info JSON ("" for none).
+``<prefix>:pexp``        presence: zset of lingering records (``<sid>\n<stream>``), scored by
+                         the deadline (unix ms); every node sweeps it.
 ``__anycable__``         publications of anycable-rails apps (``PUBLISH __anycable__``).
 
 The stream name is the keys' hash tag (``{...}``), so on a Redis Cluster the two keys the
@@ -61,6 +66,11 @@ yet; the connection would then get them twice (as history, then live).  When a r
 offsets this node has not delivered yet, the broker publishes a marker to its own ping
 channel and waits (bounded) until the marker comes back: pub/sub keeps order, so every
 earlier broadcast has been delivered by then and the connection's de-duplication applies.
+
+Transient broadcasts (whispers, presence events) go over the same channel as ``T`` messages
+with no position.  Presence changes run one script each, which publishes the ``join`` or
+``leave`` event itself when the change makes one (an id new to the stream, its last session
+gone): every node sees the same de-duplicated events in the order Redis applied them.
 
 ``__anycable__`` publications are delivered by every node to its local clients without a
 stream position and are not stored (AnyCable's fan-out ``redis`` broadcaster semantics: each
@@ -186,6 +196,93 @@ _MARKER = """
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
+
+# Presence (see the module docstring).  The leave of one record: the event when its id had
+# no other session.
+_PRESENCE_LEAVE_FN = """
+local function leave(pkey, sid, stream, channel)
+  local skey, hkey, ikey = pkey .. 'ps:' .. stream, pkey .. 'ph:' .. stream, pkey .. 'pi:' .. stream
+  local pid = redis.call('HGET', skey, sid)
+  if not pid then return 0 end
+  redis.call('HDEL', skey, sid)
+  redis.call('ZREM', pkey .. 'pexp', sid .. '\\n' .. stream)
+  if redis.call('HINCRBY', hkey, pid, -1) > 0 then return 0 end
+  redis.call('HDEL', hkey, pid)
+  redis.call('HDEL', ikey, pid)
+  local header = cjson.encode({stream, cjson.null, 'presence'})
+  redis.call('PUBLISH', channel,
+    'T' .. header .. '\\n' .. '{"type":"leave","id":' .. cjson.encode(pid) .. '}')
+  return 1
+end
+"""
+
+# A batch of presence changes, in order (see _presence_writer).  ARGV: key prefix (with its
+# colon), channel, then 5 per change: kind, sid, stream, a, b.  Kinds: "j" join (a: presence
+# id, b: info JSON or ""), "l" leave, "g" linger (a: deadline, unix ms; only a record that
+# exists lingers).  Every change is idempotent, so a batch whose outcome is unknown (a
+# timeout) is safely sent again: a repeated join or leave finds nothing to change and
+# publishes nothing.
+_PRESENCE_BATCH = (
+    _PRESENCE_LEAVE_FN
+    + """
+local function join(pkey, sid, stream, channel, pid, info)
+  local skey, hkey, ikey = pkey .. 'ps:' .. stream, pkey .. 'ph:' .. stream, pkey .. 'pi:' .. stream
+  redis.call('ZREM', pkey .. 'pexp', sid .. '\\n' .. stream)
+  local old = redis.call('HGET', skey, sid)
+  if old == pid then
+    redis.call('HSET', ikey, pid, info)
+    return
+  end
+  if old then leave(pkey, sid, stream, channel) end
+  redis.call('HSET', skey, sid, pid)
+  redis.call('HSET', ikey, pid, info)
+  if redis.call('HINCRBY', hkey, pid, 1) > 1 then return end
+  local event
+  if info == '' then
+    event = '{"type":"join","id":' .. cjson.encode(pid) .. '}'
+  else
+    event = '{"type":"join","info":' .. info .. ',"id":' .. cjson.encode(pid) .. '}'
+  end
+  local header = cjson.encode({stream, cjson.null, 'presence'})
+  redis.call('PUBLISH', channel, 'T' .. header .. '\\n' .. event)
+end
+
+local pkey, channel = ARGV[1], ARGV[2]
+for i = 3, #ARGV, 5 do
+  local kind, sid, stream = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if kind == 'j' then
+    join(pkey, sid, stream, channel, ARGV[i + 3], ARGV[i + 4])
+  elseif kind == 'l' then
+    leave(pkey, sid, stream, channel)
+  elseif redis.call('HEXISTS', pkey .. 'ps:' .. stream, sid) == 1 then
+    redis.call('ZADD', pkey .. 'pexp', ARGV[i + 3], sid .. '\\n' .. stream)
+  end
+end
+return 0
+"""
+)
+# Changes sent in one batch at most, and kept waiting at most (beyond: dropped, counted).
+_PRESENCE_BATCH_MAX = 500
+_PRESENCE_QUEUE_MAX = 200_000
+
+# ARGV: key prefix, channel, now (unix ms), limit.  Returns the records removed.
+_PRESENCE_SWEEP = (
+    _PRESENCE_LEAVE_FN
+    + """
+local due = redis.call('ZRANGEBYSCORE', ARGV[1] .. 'pexp', '-inf', ARGV[3], 'LIMIT', 0, ARGV[4])
+for _, member in ipairs(due) do
+  local cut = string.find(member, '\\n', 1, true)
+  redis.call('ZREM', ARGV[1] .. 'pexp', member)
+  if cut then
+    leave(ARGV[1], string.sub(member, 1, cut - 1), string.sub(member, cut + 1), ARGV[2])
+  end
+end
+return #due
+"""
+)
+
+# How often every node sweeps the lingering presence records (seconds).
+_PRESENCE_SWEEP_INTERVAL = 0.2
 
 # KEYS: history, meta.  ARGV: history limit.  Returns {epoch|nil, last|nil, secs, usecs,
 # entries newest first}: one consistent snapshot.
@@ -378,6 +475,8 @@ class RedisBroker(LocalNodes):
                 "anycable_invalid",
                 "stream_gaps",
                 "barrier_timeouts",
+                "presence_retries",
+                "presence_dropped",
             ),
             0,
         )
@@ -394,6 +493,12 @@ class RedisBroker(LocalNodes):
         self._last_seen = 0.0
         self._lost_at = 0.0
         self._pubsub_started = False
+        # Presence changes waiting for the writer, and how many were queued / applied.
+        self._presence_queue: list[list[str]] = []
+        self._presence_queued = 0
+        self._presence_written = 0
+        self._presence_wakeup = trio.Event()
+        self._presence_flushed = trio.Event()
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -497,6 +602,8 @@ class RedisBroker(LocalNodes):
                     async with trio.open_nursery() as nursery:
                         await nursery.start(self._pubsub_loop)
                         nursery.start_soon(self._heartbeat_loop)
+                        nursery.start_soon(self._presence_sweep_loop)
+                        nursery.start_soon(self._presence_writer)
                         self._ready.set()
                         started = True
                         log.info("redis broker connected to %s (node %s)", where, self.node_id)
@@ -652,6 +759,10 @@ class RedisBroker(LocalNodes):
                     )
                 self._delivered[stream] = (epoch, offset)
             self._deliver(Broadcast(stream, json.loads(data_b), epoch, offset, exclude))
+        elif kind == b"T":
+            header_b, data_b = raw[1:].split(b"\n", 1)
+            stream, exclude, what = json.loads(header_b)
+            self._deliver(Broadcast(stream, data_b.decode(), None, None, exclude, what))
         elif kind == b"C":
             command = json.loads(raw[1:])
             for on_command in list(self._nodes.values()):
@@ -750,23 +861,142 @@ class RedisBroker(LocalNodes):
         )
         self._deliver(Broadcast(stream, data, None, None, exclude_socket))
 
-    async def publish_command(self, command: dict[str, Any]) -> None:
-        """Send a node command (remote disconnect) to every node; this node alone when
-        Redis is unreachable."""
-        payload = b"C" + json.dumps(command).encode()
+    async def publish_transient(
+        self,
+        stream: str,
+        data: Any,
+        *,
+        exclude_socket: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        """Publish to every node without storing (whispers); this node alone when Redis
+        is unreachable."""
+        header = json.dumps([stream, exclude_socket, kind]).encode()
+        if await self._publish_or_fall_back(b"T" + header + b"\n" + str(data).encode(), "whisper"):
+            log.warning("whisper failed: delivered to this node's clients only")
+            self._deliver(Broadcast(stream, data, None, None, exclude_socket, kind))
+
+    async def _publish_or_fall_back(self, payload: bytes, what: str) -> bool:
+        """PUBLISH *payload* on the broker channel, shielded and not retried; True when it
+        failed while our own link is down too (the caller applies it on this node only)."""
         with trio.CancelScope(shield=True):
             try:
                 with trio.fail_after(self.command_timeout + self.connect_timeout):
                     await self.client.publish(self.channel, payload)
-                return
+                return False
             except Exception as exc:
                 failure = exc
         if self.connected:
-            log.warning("node command: outcome unknown (%s); not retried", _describe(failure))
+            log.warning("%s: outcome unknown (%s); not retried", what, _describe(failure))
+            return False
+        log.warning("%s failed (%s)", what, _describe(failure))
+        return True
+
+    # -- presence ------------------------------------------------------------------------
+
+    @property
+    def _presence_prefix(self) -> str:
+        return f"{self.prefix}:"
+
+    async def _presence_script(self, script: str, args: list[Any]) -> Any:
+        # Shielded: a cancelled script may still run, and the writer must know what it sent.
+        with (
+            trio.CancelScope(shield=True),
+            trio.fail_after(self.command_timeout + self.connect_timeout),
+        ):
+            return await self._script(script, [], args)
+
+    def _queue_presence(self, *change: Any) -> None:
+        """Queue a presence change for the writer: sessions do not wait for Redis (a burst
+        of thousands would otherwise hold as many pool slots), and one script applies a
+        batch of them in order."""
+        if len(self._presence_queue) >= _PRESENCE_QUEUE_MAX:
+            self.stats["presence_dropped"] += 1
             return
-        log.warning("node command failed (%s): applied on this node only", _describe(failure))
-        for on_command in list(self._nodes.values()):
-            on_command(command)
+        self._presence_queue.append([str(part) for part in change])
+        self._presence_queued += 1
+        self._presence_wakeup.set()
+
+    async def presence_join(self, stream: str, sid: str, pid: str, info: Any) -> None:
+        self._queue_presence("j", sid, stream, pid, "" if info is None else json.dumps(info))
+
+    async def presence_leave(self, stream: str, sid: str) -> None:
+        self._queue_presence("l", sid, stream, "", "")
+
+    async def presence_linger(self, stream: str, sid: str, ttl: float) -> None:
+        self._queue_presence("g", sid, stream, int((time.time() + ttl) * 1000), "")
+
+    async def _presence_writer(self) -> None:
+        """Apply the queued presence changes, a batch per script, in order; a batch that
+        failed is sent again (every change is idempotent) after a pause."""
+        queue = self._presence_queue
+        pause = 0.05
+        while True:
+            if not queue:
+                await self._presence_wakeup.wait()
+                self._presence_wakeup = trio.Event()
+                continue
+            batch = queue[:_PRESENCE_BATCH_MAX]
+            args: list[Any] = [self._presence_prefix, self.channel]
+            for change in batch:
+                args.extend(change)
+            try:
+                await self._presence_script(_PRESENCE_BATCH, args)
+            except Exception as exc:
+                self.stats["presence_retries"] += 1
+                log.warning(
+                    "presence: %d changes not applied (%s): sent again", len(batch), _describe(exc)
+                )
+                await trio.sleep(pause)
+                pause = min(pause * 2, _BACKOFF_MAX)
+                continue
+            pause = 0.05
+            del queue[: len(batch)]
+            self._presence_written += len(batch)
+            self._presence_flushed.set()
+            self._presence_flushed = trio.Event()
+
+    async def _presence_caught_up(self) -> None:
+        """Wait (bounded) until the changes queued so far are applied: this node reads its
+        own writes."""
+        target = self._presence_queued
+        with trio.move_on_after(self.command_timeout + self.connect_timeout):
+            while self._presence_written < target:
+                await self._presence_flushed.wait()
+
+    async def presence_info(self, stream: str) -> tuple[int, list[dict[str, Any]]]:
+        await self._presence_caught_up()
+        prefix = self._presence_prefix
+        with trio.fail_after(self.command_timeout + self.connect_timeout):
+            infos = await self.client.hgetall(f"{prefix}pi:{stream}")
+        records: list[dict[str, Any]] = []
+        for pid_b, info_b in infos.items():
+            pid = _text(pid_b)
+            info = _text(info_b)
+            records.append({"id": pid} if not info else {"info": json.loads(info), "id": pid})
+        return len(records), records
+
+    async def _presence_sweep_loop(self) -> None:
+        """End the lingers that are due (every node sweeps; the script makes it safe)."""
+        while True:
+            await trio.sleep(_PRESENCE_SWEEP_INTERVAL)
+            if self._client is None:
+                continue
+            try:
+                await self._presence_script(
+                    _PRESENCE_SWEEP,
+                    [self._presence_prefix, self.channel, int(time.time() * 1000), 1000],
+                )
+            except Exception as exc:
+                log.debug("presence sweep failed: %s", _describe(exc))
+
+    async def publish_command(self, command: dict[str, Any]) -> None:
+        """Send a node command (remote disconnect) to every node; this node alone when
+        Redis is unreachable."""
+        if await self._publish_or_fall_back(b"C" + json.dumps(command).encode(), "node command"):
+            log.warning("node command applied on this node only")
+            for on_command in list(self._nodes.values()):
+                on_command(command)
 
     # -- history -------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ __all__ = [
     "CableEvent",
     "Message",
     "MessagesDropped",
+    "MessagesMissing",
     "SubscribeTimeout",
     "Subscription",
     "SubscriptionRejected",
@@ -118,6 +119,31 @@ class MessagesDropped(CableError):
         self.count = count
 
 
+class MessagesMissing(CableError):
+    """Raised once by a subscription where messages of a reliable stream will not come:
+    offsets ``first`` to ``last`` of ``stream_id`` in ``epoch``.  The subscription held the
+    messages after them, asked ``history`` for the gap and gave up: ``reason`` is
+    ``not_in_history`` (the history did not have them), ``history_rejected``, ``timeout`` (not
+    filled within ``gap_timeout``), ``hold_limit`` (more than ``hold_limit`` messages held) or
+    ``epoch_changed`` (the stream's history was lost meanwhile).  Iteration can go on: the next
+    message is the one after the gap."""
+
+    def __init__(self, stream_id: str, epoch: str, first: int, last: int, reason: str) -> None:
+        super().__init__(
+            f"messages {first}..{last} of stream {stream_id!r} (epoch {epoch!r}) missing: {reason}"
+        )
+        self.stream_id = stream_id
+        self.epoch = epoch
+        self.first = first
+        self.last = last
+        self.reason = reason
+
+    @property
+    def count(self) -> int:
+        """How many messages are missing."""
+        return self.last - self.first + 1
+
+
 # -- observability -------------------------------------------------------------------------------
 
 
@@ -131,9 +157,11 @@ class CableEvent:
     (``reason``, ``reconnect``, ``delay`` = reconnect_after), ``stale`` (no ping in time),
     ``reconnect_scheduled`` (``delay``, ``attempt`` = the attempt it precedes), ``subscribe_sent``,
     ``subscribed`` (``restored`` when the server restored it without a subscribe), ``rejected``,
-    ``subscribe_timeout``, ``history_requested``, ``history_confirmed``, ``history_rejected``,
-    ``duplicate``, ``overflow``, ``token_refreshed``, ``fallback`` (WebSocket handshakes kept
-    failing: from now on long polling; ``attempt`` = the failures), ``closed``.
+    ``subscribe_timeout``, ``history_requested`` (``reason`` = ``gap`` when asked to fill a gap
+    of a reliable stream), ``history_confirmed``, ``history_rejected``, ``duplicate``,
+    ``messages_missing`` (``reason``, ``error`` = the :class:`MessagesMissing`), ``overflow``,
+    ``token_refreshed``, ``fallback`` (WebSocket handshakes kept failing: from now on long
+    polling; ``attempt`` = the failures), ``closed``.
     """
 
     kind: str
@@ -175,7 +203,7 @@ class _Mailbox:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.items: deque[Message | _Gap] = deque()
+        self.items: deque[Message | _Gap | MessagesMissing] = deque()
         self.dropped = 0
         self.closed = False
         self.error: BaseException | None = None
@@ -198,6 +226,14 @@ class _Mailbox:
         self._lot.unpark_all()
         return True
 
+    def notice(self, missing: MessagesMissing) -> None:
+        """Mark a gap of a reliable stream at this point: the consumer gets ``missing`` raised
+        here.  Kept even when the buffer is full (a notice is small, and bounded by the holds
+        it ends)."""
+        if not self.closed:
+            self.items.append(missing)
+            self._lot.unpark_all()
+
     def close(self, error: BaseException | None = None) -> None:
         if not self.closed:
             self.closed = True
@@ -215,6 +251,8 @@ class _Mailbox:
         item = self.items.popleft()
         if isinstance(item, _Gap):
             raise MessagesDropped(item.count)
+        if isinstance(item, MessagesMissing):
+            raise item
         return item
 
 
@@ -222,8 +260,10 @@ class Subscription:
     """A subscription: ``async for message in sub`` (each a :class:`Message`), ``perform``,
     ``unsubscribe``.
 
-    It survives reconnections: the cable re-subscribes (or resumes) it, and de-duplicates stored
-    broadcasts by (stream, epoch, offset).  Messages wait in a buffer of ``buffer_size``; see
+    It survives reconnections: the cable re-subscribes (or resumes) it.  Stored broadcasts
+    (reliable streams) arrive in offset order, each once, per stream: one that comes before
+    its turn is held while ``history`` fetches the gap (see :class:`MessagesMissing` for gaps
+    that cannot be filled).  Messages wait in a buffer of ``buffer_size``; see
     :class:`MessagesDropped` for what happens when it is full.  Iteration ends after
     :meth:`unsubscribe`, and raises :class:`CableClosed`, :class:`SubscriptionRejected` or
     :class:`SubscribeTimeout` when the subscription ends for those reasons.
@@ -264,11 +304,11 @@ class Subscription:
 
     @property
     def duplicates(self) -> int:
-        """Stored broadcasts received twice (after a resume) and dropped."""
+        """Stored broadcasts received twice (after a resume, or a gap's history) and dropped."""
         return self._state.duplicates
 
     def position(self, stream: str) -> tuple[str, int] | None:
-        """(epoch, offset) of the last contiguous message received from ``stream``."""
+        """(epoch, offset) of the last message of ``stream`` delivered to the buffer."""
         return self._state.position_of(stream)
 
     async def receive(self) -> Message:
@@ -369,6 +409,8 @@ class Cable:
         stale_pings: float = 2.0,
         resume: bool = True,
         buffer_size: int = 10_000,
+        hold_limit: int = 1000,
+        gap_timeout: float = 10.0,
         headers: Sequence[tuple[str, str]] = (),
         on_event: Callable[[CableEvent], None] | None = None,
         rng: random.Random | None = None,
@@ -388,7 +430,9 @@ class Cable:
         self.fallback_after = fallback_after
         #: WebSocket handshakes failed in a row (``auto`` falls back at ``fallback_after``).
         self.websocket_failures = 0
-        self.session = proto.ClientSession(subprotocol, resume=resume)
+        self.session = proto.ClientSession(
+            subprotocol, resume=resume, hold_limit=hold_limit, gap_timeout=gap_timeout
+        )
         self.subprotocol = subprotocol
         self.token = token
         self.token_provider = token_provider
@@ -416,6 +460,7 @@ class Cable:
         self._closing = False
         self._leaving: trio.Event | None = None  # set while the program closes the cable
         self._token_changed = trio.Event()
+        self._holds_changed = trio.Event()  # wakes the gap timer: a hold may end earlier
         if buffer_size < 1:
             raise ValueError("buffer_size must be >= 1")
         if subscribe_timeout <= 0:
@@ -568,6 +613,8 @@ class Cable:
             async with trio.open_nursery() as nursery:
                 if self.token_provider is not None:
                     nursery.start_soon(self._token_refresher)
+                # Holds end on time across reconnections too: the application is told.
+                nursery.start_soon(self._gap_timer)
                 await self._reconnect_loop(on_welcome)
                 nursery.cancel_scope.cancel()
         except CableClosed as exc:
@@ -815,51 +862,87 @@ class Cable:
                     self._emit("stale", reason="no welcome", delay=self.connect_timeout)
                     return
             conn.last_seen = trio.current_time()
-            event = session.receive(session.decode(raw))
-            if isinstance(event, proto.Data):
-                target = self._subs.get(event.identifier) if event.known else None
-                message = Message(event.message, event.stream_id, event.epoch, event.offset)
-                if target is not None and not target._mailbox.put(message):
-                    self._emit("overflow", identifier=event.identifier)
-            elif isinstance(event, proto.Ping):
-                if session.extended:
-                    # Extended protocols may enforce pongs (no_pong disconnects).
-                    await self._send(conn, {"command": "pong"})
-            elif isinstance(event, proto.Welcome):
-                await self._welcomed(conn, event.plan)
-                on_welcome()
-            elif isinstance(event, proto.Confirmed):
-                answer = conn.answers.pop(event.identifier, None)
-                if answer is not None:
-                    answer.set()
-                sub = self._subs.get(event.identifier)
-                if event.known and sub is not None:
-                    sub._confirmed()
-                    self._emit("subscribed", identifier=event.identifier)
-                    self._notify()
-                else:
-                    # Confirmed after we gave up on it or unsubscribed: let it go server-side.
-                    await self._send(conn, session.unsubscribe_command(event.identifier))
-            elif isinstance(event, proto.Rejected):
-                answer = conn.answers.pop(event.identifier, None)
-                if answer is not None:
-                    answer.set()
-                gone = self._subs.pop(event.identifier, None)
-                if gone is not None:
-                    gone._fail(SubscriptionRejected(event.identifier))
-                    self._emit("rejected", identifier=event.identifier)
-                    self._notify()
-            elif isinstance(event, proto.Disconnect):
-                conn.outcome.disconnect = event
-                return
-            elif isinstance(event, proto.Duplicate):
-                self._emit("duplicate", identifier=event.identifier)
-            elif isinstance(event, proto.HistoryConfirmed):
-                self._emit("history_confirmed", identifier=event.identifier)
-            elif isinstance(event, proto.HistoryRejected):
-                self._emit("history_rejected", identifier=event.identifier)
-            elif isinstance(event, proto.Ignored):
-                log.debug("ignored server message: %r", event.message)
+            for event in session.receive(session.decode(raw), conn.last_seen):
+                if isinstance(event, (proto.Data, proto.Missing)):
+                    self._deliver(event)
+                elif isinstance(event, proto.Held):
+                    self._holds_changed.set()
+                elif isinstance(event, proto.HistoryNeeded):
+                    self._emit("history_requested", identifier=event.identifier, reason="gap")
+                    await self._send(conn, session.history_command(event.identifier, event.history))
+                elif isinstance(event, proto.Ping):
+                    if session.extended:
+                        # Extended protocols may enforce pongs (no_pong disconnects).
+                        await self._send(conn, {"command": "pong"})
+                elif isinstance(event, proto.Welcome):
+                    await self._welcomed(conn, event.plan)
+                    on_welcome()
+                elif isinstance(event, proto.Confirmed):
+                    answer = conn.answers.pop(event.identifier, None)
+                    if answer is not None:
+                        answer.set()
+                    sub = self._subs.get(event.identifier)
+                    if event.known and sub is not None:
+                        sub._confirmed()
+                        self._emit("subscribed", identifier=event.identifier)
+                        self._notify()
+                    else:
+                        # Confirmed after we gave up on it or unsubscribed: let it go.
+                        await self._send(conn, session.unsubscribe_command(event.identifier))
+                elif isinstance(event, proto.Rejected):
+                    answer = conn.answers.pop(event.identifier, None)
+                    if answer is not None:
+                        answer.set()
+                    gone = self._subs.pop(event.identifier, None)
+                    if gone is not None:
+                        gone._fail(SubscriptionRejected(event.identifier))
+                        self._emit("rejected", identifier=event.identifier)
+                        self._notify()
+                elif isinstance(event, proto.Disconnect):
+                    conn.outcome.disconnect = event
+                    return
+                elif isinstance(event, proto.Duplicate):
+                    self._emit("duplicate", identifier=event.identifier)
+                elif isinstance(event, proto.HistoryConfirmed):
+                    self._emit("history_confirmed", identifier=event.identifier)
+                elif isinstance(event, proto.HistoryRejected):
+                    self._emit("history_rejected", identifier=event.identifier)
+                elif isinstance(event, proto.Ignored):
+                    log.debug("ignored server message: %r", event.message)
+
+    def _deliver(self, event: proto.Data | proto.Missing) -> None:
+        """Hand a message, or the notice of a gap, to its subscription's buffer."""
+        target = self._subs.get(event.identifier)
+        if isinstance(event, proto.Missing):
+            missing = MessagesMissing(
+                event.stream_id, event.epoch, event.first, event.last, event.reason
+            )
+            log.info("%s: %s", event.identifier, missing)
+            self._emit(
+                "messages_missing", identifier=event.identifier, reason=event.reason, error=missing
+            )
+            if target is not None:
+                target._mailbox.notice(missing)
+            return
+        if not event.known or target is None:
+            return
+        message = Message(event.message, event.stream_id, event.epoch, event.offset)
+        if not target._mailbox.put(message):
+            self._emit("overflow", identifier=event.identifier)
+
+    async def _gap_timer(self) -> None:
+        """Ends the holds of reliable streams whose ``gap_timeout`` passed (see
+        :meth:`~trio_cable.client.state.ClientSession.expire`)."""
+        session = self.session
+        while True:
+            woken = self._holds_changed = trio.Event()
+            deadline = session.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await woken.wait()
+            if not woken.is_set():
+                for event in session.expire(trio.current_time()):
+                    if isinstance(event, (proto.Data, proto.Missing)):
+                        self._deliver(event)
 
     async def _welcomed(self, conn: _Conn, plan: proto.WelcomePlan) -> None:
         conn.welcomed = True
@@ -1050,6 +1133,8 @@ async def open_cable(
     stale_pings: float = 2.0,
     resume: bool = True,
     buffer_size: int = 10_000,
+    hold_limit: int = 1000,
+    gap_timeout: float = 10.0,
     headers: Sequence[tuple[str, str]] = (),
     on_event: Callable[[CableEvent], None] | None = None,
     rng: random.Random | None = None,
@@ -1083,6 +1168,11 @@ async def open_cable(
     - ``resume``: on extended protocols, resume the session (``?sid=``) and fetch missed
       messages through ``history``.
     - ``buffer_size``: messages buffered per subscription (see :class:`MessagesDropped`).
+    - ``hold_limit``, ``gap_timeout``: stored broadcasts reach a subscription in offset order,
+      once; one that comes before its turn is held while ``history`` fetches the gap, for at
+      most ``gap_timeout`` seconds and ``hold_limit`` messages per stream, after which what
+      is held is delivered behind a :class:`MessagesMissing` (also when the history cannot
+      fill the gap).
     - ``on_event``: called with a :class:`CableEvent` for every connection attempt, disconnect,
       subscription step ... (must not block).
     - ``rng``: randomness for jitter (seed it for reproducible runs).
@@ -1111,6 +1201,8 @@ async def open_cable(
         stale_pings=stale_pings,
         resume=resume,
         buffer_size=buffer_size,
+        hold_limit=hold_limit,
+        gap_timeout=gap_timeout,
         headers=headers,
         on_event=on_event,
         rng=rng,

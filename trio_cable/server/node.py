@@ -23,6 +23,7 @@ import secrets
 import socket
 import ssl
 import time
+import urllib.parse
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import h11
 import trio
 
-from trio_cable.broker import Broker
+from trio_cable.broker import PRESENCE, Broadcast, Broker
 from trio_cable.broker.factory import create_broker
 from trio_cable.channels import BUILTIN_CHANNELS, BenchmarkChannel, CableApp, Channel
 from trio_cable.config import Config, ConfigError
@@ -69,7 +70,9 @@ from trio_cable.server.http import (
     send_response,
 )
 from trio_cable.server.hub import Hub
+from trio_cable.server.presence import InfoAnswers, PresenceCoalescer
 from trio_cable.server.reactor import Reactor, reactor_available
+from trio_cable.server.rebalance import Rebalancer
 from trio_cable.server.session import Session
 from trio_cable.server.sockio import close_socket, send_all, tls_handshake
 from trio_cable.server.transport import WireFormat
@@ -110,6 +113,10 @@ KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
 USER_TIMEOUT_MS = 60_000
 _speedups_notice_given = False
+
+
+#: The presence endpoint's path prefix (the stream follows, URL-encoded).
+PRESENCE_PATH = "/api/presence/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +239,21 @@ class Server:
         self.connections_by_address: dict[str, int] = {}
         self.tls_context = _tls_context(config)
         self.drainer = Drainer(config, self.metrics, self.connections)
+        #: With ``--rebalance``: this node's share of the cluster's connections kept fair.
+        self.rebalancer: Rebalancer | None = (
+            Rebalancer(
+                secrets.token_hex(6),
+                tolerance=config.rebalance_tolerance,
+                rate=config.rebalance_rate,
+                reconnect_advice=config.reconnect_advice,
+                metrics=self.metrics,
+                connections=self.connections,
+                draining=lambda: self.draining,
+                publish=self.broker.publish_command,
+            )
+            if config.rebalance
+            else None
+        )
         self.reactor: Reactor | None = Reactor() if reactor_available() else None
         self._websocket = WebSocketContext.create(
             self.metrics,
@@ -277,6 +299,11 @@ class Server:
         m.gauges["gc_frozen_objects"] = lambda: float(gc.get_freeze_count())
         m.gauges["pending_fanouts"] = lambda: float(self.hub.pending_fanouts)
         self.gc_control = GcControl(m)
+        # Presence events of a stream are coalesced per window (server/presence.py).
+        self.presence_coalescer = PresenceCoalescer(config.presence_window)
+        self._presence_wakeup = trio.Event()
+        #: Encoded presence info answers (server/presence.py), for the sessions.
+        self.presence_answers = InfoAnswers()
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -326,11 +353,14 @@ class Server:
                 await nursery.start(self.broker.run)
                 if self.reactor is not None:
                     nursery.start_soon(self.reactor.run)
-                self.broker.bind(self.hub.deliver, self._on_command)
+                self.broker.bind(self._deliver, self._on_command)
                 nursery.start_soon(self.hub.run_flusher)
+                nursery.start_soon(self._presence_flusher)
                 nursery.start_soon(self.hub.run_fanout)
                 nursery.start_soon(self._housekeeper)
                 nursery.start_soon(self._lag_monitor)
+                if self.rebalancer is not None:
+                    nursery.start_soon(self.rebalancer.run)
                 log.info("trio_cable listening on %s", self.url)
                 task_status.started(self)
                 await self._accept_loop(sock, nursery)
@@ -338,7 +368,7 @@ class Server:
                 await trio.sleep_forever()
         finally:
             self.gc_control.uninstall()
-            self.broker.unbind(self.hub.deliver)
+            self.broker.unbind(self._deliver)
             close_socket(sock)
 
     def bind(self) -> socket.socket:
@@ -789,9 +819,30 @@ class Server:
                     413, f"{len(items)} publications in one request (at most {MAX_PUBLICATIONS})"
                 )
             return Publish(items)
+        if path.startswith(PRESENCE_PATH):
+            return await self._presence_endpoint(request)
         if request.is_websocket_upgrade:
             return Response.text(404, f"no WebSocket endpoint at {path[:200]}")
         return Response.text(404, f"not found: {path[:200]}")
+
+    async def _presence_endpoint(self, request: Request) -> Response:
+        """``GET /api/presence/<stream>`` (the stream URL-encoded), behind the broadcast
+        key: the stream's presence as :meth:`presence` returns it."""
+        if request.method not in ("GET", "HEAD"):
+            return Response.text(405, "use GET", [("allow", "GET")])
+        if not bearer_ok(request.headers.get("authorization"), self.config.effective_broadcast_key):
+            return Response.text(
+                401, "missing or wrong broadcast key", [("www-authenticate", "Bearer")]
+            )
+        stream = urllib.parse.unquote(request.path[len(PRESENCE_PATH) :])
+        if not cable.is_stream_name(stream):
+            return Response.text(400, "no stream name")
+        try:
+            info = await self.presence(stream, records=request.query.get("records") != "false")
+        except Exception:
+            log.exception("presence of %r failed", stream[:200])
+            return Response.json(503, cable.presence_info(0, error=True))
+        return Response.json(200, info)
 
     # -- what sessions ask of their node (session.SessionNode) ----------------------------
 
@@ -936,6 +987,45 @@ class Server:
         """See :meth:`SessionNode.take_over`: every node ends its connection of *sid*."""
         await self.broker.publish_command({"command": "session_taken", "sid": sid})
 
+    # -- broadcasts from the broker ------------------------------------------------------
+
+    def _deliver(self, broadcast: Broadcast) -> Any:
+        """Every broadcast reaching this node: presence events pass the coalescer."""
+        if broadcast.kind != PRESENCE:
+            return self.hub.deliver(broadcast)
+        try:
+            event = json.loads(broadcast.data)
+        except (TypeError, ValueError):
+            log.info("ignoring a malformed presence event on %r", broadcast.stream[:200])
+            return None
+        if not isinstance(event, dict):
+            return None
+        if not self.hub.subscribers(broadcast.stream):
+            return None  # nobody here to tell
+        coalescer = self.presence_coalescer
+        if coalescer.offer(broadcast.stream, event, trio.current_time()):
+            self.metrics.presence_events_total += 1
+            return self.hub.deliver(broadcast)
+        self._presence_wakeup.set()
+        return None
+
+    async def _presence_flusher(self) -> None:
+        """Send the net presence events of each window as it ends."""
+        coalescer = self.presence_coalescer
+        metrics = self.metrics
+        while True:
+            deadline = coalescer.next_deadline
+            if deadline is None:
+                await self._presence_wakeup.wait()
+                self._presence_wakeup = trio.Event()
+                continue
+            await trio.sleep_until(deadline)
+            for stream, events in coalescer.due(trio.current_time()):
+                for event in events:
+                    metrics.presence_events_total += 1
+                    self.hub.deliver(Broadcast(stream, json.dumps(event), kind=PRESENCE))
+            metrics.presence_events_coalesced_total = coalescer.coalesced
+
     def _on_command(self, command: dict[str, Any]) -> None:
         """A node command from the broker (any node may have sent it)."""
         name = command.get("command")
@@ -943,6 +1033,9 @@ class Server:
             self.disconnect_local(
                 command.get("identifiers") or {}, reconnect=bool(command.get("reconnect"))
             )
+        elif name == "load":
+            if self.rebalancer is not None:
+                self.rebalancer.on_load(command)
         elif name == "session_taken":
             session = self._sessions.get(str(command.get("sid")))
             if session is not None and session.is_open:
@@ -960,6 +1053,13 @@ class Server:
         if not cable.is_stream_name(stream):
             raise ValueError(f"not a usable stream name: {stream[:100]!r}")
         await self.broker.publish(stream, json.dumps(data), exclude_socket)
+
+    async def presence(self, stream: str, *, records: bool = True) -> dict[str, Any]:
+        """The presence of *stream*, on every node: ``{"type": "info", "total": n,
+        "records": [{"info": ..., "id": ...}, ...]}`` (no ``records`` when there are none,
+        or with ``records=False``)."""
+        total, found = await self.broker.presence_info(stream)
+        return cable.presence_info(total, found if records else None)
 
     async def remote_disconnect(
         self, identifiers: dict[str, Any], *, reconnect: bool = False
