@@ -154,6 +154,7 @@ class ClientStats:
     """What one client saw."""
 
     received: dict[int, int] = field(default_factory=dict)  # seq -> times
+    order: list[int] = field(default_factory=list)  # every seq, as it arrived
     subscribed_at: float | None = None
     connects: int = 0
     resumed: int = 0
@@ -246,6 +247,7 @@ class Run:
                     elif "offset" in message:
                         seq = int(message["message"])
                         stats.received[seq] = stats.received.get(seq, 0) + 1
+                        stats.order.append(seq)
                         position = (message["epoch"], message["offset"])
             except (OSError, EOFError, trio.BrokenResourceError, ValueError):
                 pass
@@ -587,8 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="rollout-") as tmp:
         workdir = Path(tmp)
-        redis_port = free_port()
-        redis = procs.start_redis(redis_server, redis_port, tmp)
+        redis = procs.start_redis(redis_server, tmp)
+        redis_port = redis.port
         try:
             modes = {"no": [False], "yes": [True], "both": [False, True]}[args.rebalance]
             for algorithm, rebalance in [(a, r) for a in args.algorithms.split(",") for r in modes]:

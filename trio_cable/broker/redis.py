@@ -22,6 +22,10 @@ Layout in Redis (``prefix`` defaults to ``trio_cable``):
 ``<prefix>:pi:<stream>`` presence: hash presence id -> info JSON ("" for none).
 ``<prefix>:pexp``        presence: zset of lingering records (``<sid>\n<stream>``), scored by
                          the deadline (unix ms); every node sweeps it.
+``<prefix>:workers:<group>``  hash of the metrics snapshots of one supervisor's workers
+                         (``trio-cable serve --workers N``): a field per live worker, plus
+                         ``retired`` (the counters of workers that left) and
+                         ``gone:<worker>`` markers; expires when no worker writes any more.
 ``__anycable__``         publications of anycable-rails apps (``PUBLISH __anycable__``).
 
 The stream name is the keys' hash tag (``{...}``), so on a Redis Cluster the two keys the
@@ -294,6 +298,31 @@ if tonumber(ARGV[1]) > 0 then
   entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
 end
 return {meta[1], meta[2], now[1], now[2], entries}
+"""
+
+
+# KEYS: the group's hash.  ARGV: member, snapshot JSON, ttl ms.  Refuses (0) a member that
+# was retired (a worker that stalled past the staleness limit must not be counted twice).
+_PUT_SNAPSHOT = """
+if redis.call('HEXISTS', KEYS[1], 'gone:' .. ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: the group's hash.  ARGV: member, the snapshot expected ('' = any).  Moves the
+# member's counters into ``retired`` and marks it gone, in one step (two workers may notice
+# the same stale member at once: only one adds it).
+_RETIRE_SNAPSHOT = """
+local text = redis.call('HGET', KEYS[1], ARGV[1])
+if not text or (ARGV[2] ~= '' and text ~= ARGV[2]) then return 0 end
+local counters = cjson.decode(text)['counters']
+local raw = redis.call('HGET', KEYS[1], 'retired')
+local total = raw and cjson.decode(raw) or {}
+for key, value in pairs(counters) do total[key] = (total[key] or 0) + value end
+redis.call('HSET', KEYS[1], 'retired', cjson.encode(total), 'gone:' .. ARGV[1], '1')
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
 """
 
 
@@ -1102,6 +1131,36 @@ class RedisBroker(LocalNodes):
             return None
         data = json.loads(raw)
         return data if isinstance(data, dict) else None
+
+    # -- the workers of one supervisor (trio_cable.server.cluster) ---------------------
+
+    def workers_key(self, group: str) -> str:
+        """The hash holding the metrics snapshots of supervisor *group*'s workers."""
+        return f"{self.prefix}:workers:{group}"
+
+    async def put_worker_snapshot(self, group: str, member: str, text: str, ttl: float) -> bool:
+        """Store worker *member*'s snapshot (JSON with a ``counters`` object); False when
+        *member* was retired meanwhile (see :meth:`retire_worker_snapshot`)."""
+        args = [member, text, max(1, int(ttl * 1000))]
+        with trio.fail_after(self.command_timeout + self.connect_timeout):
+            stored = await self._script(_PUT_SNAPSHOT, [self.workers_key(group)], args)
+        return bool(stored)
+
+    async def worker_snapshots(self, group: str) -> dict[str, str]:
+        """Every field of *group*'s hash: member -> snapshot, ``retired``, ``gone:*``."""
+        with trio.fail_after(self.command_timeout + self.connect_timeout):
+            raw = await self.client.hgetall(self.workers_key(group))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def retire_worker_snapshot(
+        self, group: str, member: str, expected: str | None = None
+    ) -> bool:
+        """Add *member*'s counters to the group's ``retired`` total and forget it (only if
+        its snapshot is still *expected*, when given); True when this call did it."""
+        args = [member, expected or ""]
+        with trio.fail_after(self.command_timeout + self.connect_timeout):
+            done = await self._script(_RETIRE_SNAPSHOT, [self.workers_key(group)], args)
+        return bool(done)
 
     # -- for tests and tools ------------------------------------------------------------
 
