@@ -14,6 +14,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from tests.conftest import eventually, identifier, make_app
+from tests.handoff import hand_over
 from trio_cable import Config, Server
 from trio_cable.broker.memory import MemoryBroker
 from trio_cable.client import CableClosed, open_event_stream
@@ -310,7 +311,7 @@ async def test_python_event_stream_follows_a_stream_across_a_drain_and_takeover(
         for n in range(1, 4):
             await old.broadcast("py/feed", n)
         await until(3)
-        old.stop_accepting()
+        await hand_over(old)
         config.port = port
         new = await nursery.start(Server(config, make_app(), broker=broker).serve)
         await old.drain()
