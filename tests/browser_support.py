@@ -89,6 +89,23 @@ class Page:
                     raise RuntimeError(f"page error: {result['exceptionDetails']}")
                 return result["result"].get("value")
 
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """One DevTools method of the page (``Page.captureScreenshot`` ...): its result."""
+        call_id = next(self._ids)
+        await self.ws.send_message(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:
+            answer = json.loads(await self.ws.get_message())
+            if answer.get("id") == call_id:
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                return dict(answer["result"])
+
+    async def screenshot(self) -> bytes:
+        """A PNG of the page as it is drawn now."""
+        import base64
+
+        return base64.b64decode((await self.call("Page.captureScreenshot"))["data"])
+
     async def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
         """Poll *expression* until it is truthy (an exception counts as false: the page may
         not have loaded yet); return its value."""
