@@ -323,6 +323,7 @@ async def roll_scenario(
                 await receiver.subscribed.wait()
 
         stop_publishing = trio.Event()
+        publisher_done = trio.Event()
 
         async def publisher() -> None:
             nonlocal published
@@ -337,6 +338,7 @@ async def roll_scenario(
                     raise AssertionError(f"publication {published + 1} refused 50 times")
                 published += 1
                 await trio.sleep(0.05)
+            publisher_done.set()
 
         nursery.start_soon(publisher)
         await trio.sleep(1)
@@ -346,6 +348,8 @@ async def roll_scenario(
             while published < start + messages_after:
                 await trio.sleep(0.1)
         stop_publishing.set()
+        with trio.fail_after(60):
+            await publisher_done.wait()  # a publication in flight counts, once answered
         with trio.move_on_after(120):
             while any(len(r.received) < published for r in receivers):
                 await trio.sleep(0.2)
