@@ -213,4 +213,3 @@ def _worker_families(live: list[dict[str, Any]]) -> list[GaugeMetricFamily]:
     for doc in live:
         spread.add_metric([str(doc["worker"]), str(doc["pid"])], doc["health"]["connections"])
     return [count, spread]
-
