@@ -5,8 +5,9 @@ temp dir, no persistence).  ``--members`` raw WebSocket clients (``actioncable-v
 one Trio process on the client core) subscribe to one public stream with ``presence`` (each
 its own id) on node A.  Once the stream holds every member, node A gets SIGTERM (a slow drain
 over ``--drain-period`` s, the way a deploy restarts a node); each client, told
-``server_restart``, reconnects at once to node B, either resuming its session (``sid``, then
-``join`` again as ``@anycable/core`` does) or as a new session that subscribes with presence.
+``server_restart``, reconnects to node B after its backoff (uniform in ``--reconnect-min``
+.. ``--reconnect-max`` s), either resuming its session (``sid``, then ``join`` again as
+``@anycable/core`` does) or as a new session that subscribes with presence.
 
 Measured: the presence messages the members receive from the SIGTERM until the stream is
 quiet again (and every linger is over), per member, for each row:
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -101,8 +103,9 @@ async def _open(port: int, query: str = "") -> tuple[RawWS, dict[str, Any]]:
     return ws, welcome
 
 
-async def member(index: int, a: int, b: int, resume: bool, crowd: Crowd) -> None:
-    """One member: join on node A, count presence messages, move to B when told."""
+async def member(index: int, a: int, b: int, resume: bool, delay: float, crowd: Crowd) -> None:
+    """One member: join on node A, count presence messages, move to B when told (after
+    *delay* seconds, as a client's reconnect backoff would)."""
     presence = {"id": f"u{index}"}
     subscribe = {"command": "subscribe", "identifier": IDENTIFIER, "presence": presence}
     ws, welcome = await _open(a)
@@ -114,8 +117,9 @@ async def member(index: int, a: int, b: int, resume: bool, crowd: Crowd) -> None
         if message is None:
             if moved:
                 return
-            # Node A is draining: over to node B at once (the burst is the point).
+            # Node A is draining: over to node B after the client's backoff.
             await ws.aclose()
+            await trio.sleep(delay)
             ws, welcome = await _open(b, f"sid={sid}" if resume else "")
             if welcome.get("restored"):
                 crowd.resumed += 1
@@ -175,7 +179,8 @@ async def run_row(
 
             async def one(index: int) -> None:
                 try:
-                    await member(index, ports[0], ports[1], resume, crowd)
+                    delay = random.uniform(args.reconnect_min, args.reconnect_max)
+                    await member(index, ports[0], ports[1], resume, delay, crowd)
                 except (OSError, trio.BrokenResourceError) as exc:
                     crowd.errors.append(f"u{index}: {exc!r}")
 
@@ -279,8 +284,10 @@ def table(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Na
         "loopback): two `trio-cable serve --broker redis` nodes on the server core, "
         f"{args.members} raw ext-json clients on the client core, each present on one public "
         f"stream under its own id. Node A gets SIGTERM ({args.drain_period} s slow drain); "
-        "every client reconnects to node B at once. Counted: presence messages the members "
-        "received from the SIGTERM until the stream was quiet and every linger was over.",
+        "every client reconnects to node B after a delay uniform in "
+        f"[{args.reconnect_min}, {args.reconnect_max}] s (its backoff). Counted: presence "
+        "messages the members received from the SIGTERM until the stream was quiet and every "
+        "linger was over.",
         "",
         "| row | presence-ttl | presence-window | resume | present before | presence messages | "
         "per member | coalesced (node B) | clients resumed | final total | settled after (s) |",
@@ -314,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--members", type=int, default=2000)
     parser.add_argument("--drain-period", type=float, default=3.0)
+    parser.add_argument("--reconnect-min", type=float, default=0.5,
+                        help="a client's reconnect delay is uniform in [min, max] s")  # fmt: skip
+    parser.add_argument("--reconnect-max", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="bound of each phase (s)")
     parser.add_argument("--rows", default="", help="comma-separated row numbers (default all)")
     parser.add_argument("--quick", action="store_true",
