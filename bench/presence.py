@@ -82,6 +82,7 @@ class Crowd:
 
     counting: bool = False
     presence_messages: int = 0
+    published: int = 0  # presence events published through Redis while counting
     on_b: int = 0
     last_presence: float = 0.0
     resumed: int = 0
@@ -144,6 +145,29 @@ async def member(index: int, a: int, b: int, resume: bool, delay: float, crowd: 
             ws.closed = True
 
 
+async def count_published(redis_port: int, crowd: Crowd) -> None:
+    """Count the presence events the nodes publish through Redis (every ``join`` and
+    ``leave`` made, whether or not it reached anyone): ``redis-cli SUBSCRIBE`` on the
+    brokers' channel, one ``["<stream>",null,"presence"]`` header per event."""
+    process = await trio.lowlevel.open_process(
+        ["redis-cli", "-p", str(redis_port), "SUBSCRIBE", "trio_cable:pubsub"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    marker, tail = b',"presence"]', b""
+    try:
+        async for chunk in process.stdout:
+            data = tail + chunk
+            if crowd.counting:
+                crowd.published += data.count(marker)
+            tail = data[-(len(marker) - 1) :]
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
 async def presence_total(port: int) -> int:
     status, body = await http_request(
         HOST, port, "GET", f"/api/presence/{STREAM.replace('/', '%2F')}?records=false",
@@ -161,8 +185,9 @@ async def metric(port: int, name: str) -> float:
 
 
 async def run_row(
-    row: tuple[str, float, float, bool], args: argparse.Namespace, redis_url: str, logdir: Path
+    row: tuple[str, float, float, bool], args: argparse.Namespace, redis_port: int, logdir: Path
 ) -> dict[str, Any]:
+    redis_url = f"redis://{HOST}:{redis_port}/0"
     name, ttl, window, resume = row
     n = args.members
     ports = free_port(), free_port()
@@ -176,6 +201,7 @@ async def run_row(
                               "presence_window": window, "resume": resume}  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_published, redis_port, crowd)
 
             async def one(index: int) -> None:
                 try:
@@ -206,6 +232,7 @@ async def run_row(
             await _quiet(crowd, 2.0, args.timeout)
             last = crowd.last_presence - started if crowd.presence_messages else 0.0
             result["settled_s"] = round(last, 1)
+            result["events_published"] = crowd.published
             result["presence_messages"] = crowd.presence_messages
             result["per_member"] = round(crowd.presence_messages / n, 2)
             result["final_total"] = await presence_total(ports[1])
@@ -286,12 +313,14 @@ def table(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Na
         f"stream under its own id. Node A gets SIGTERM ({args.drain_period} s slow drain); "
         "every client reconnects to node B after a delay uniform in "
         f"[{args.reconnect_min}, {args.reconnect_max}] s (its backoff). Counted: presence "
-        "messages the members received from the SIGTERM until the stream was quiet and every "
-        "linger was over.",
+        "events the brokers made (joins and leaves published through Redis, each meant for "
+        "every member) and presence messages the members received, from the SIGTERM until the "
+        "stream was quiet and every linger was over.",
         "",
-        "| row | presence-ttl | presence-window | resume | present before | presence messages | "
-        "per member | coalesced (node B) | clients resumed | final total | settled after (s) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | presence-ttl | presence-window | resume | present before | events made | "
+        "presence messages received | per member | coalesced (node B) | clients resumed | "
+        "final total | settled after (s) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "failed" in r:
@@ -300,6 +329,7 @@ def table(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Na
         lines.append(
             f"| {r['row']} | {r['presence_ttl']:g} | {r['presence_window']:g} | "
             f"{'yes' if r['resume'] else 'no'} | {r['present_before']} | "
+            f"{r['events_published']:,} | "
             f"{r['presence_messages']:,} | {r['per_member']} | "
             f"{r['coalesced_on_b']:,} | {r['resumed']} | {r['final_total']} | {r['settled_s']} |"
         )
@@ -357,9 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                         check=False, capture_output=True,
                     )  # fmt: skip
                 try:
-                    result = trio.run(
-                        run_row, row, args, f"redis://{HOST}:{redis_port}/0", Path(tmp)
-                    )
+                    result = trio.run(run_row, row, args, redis_port, Path(tmp))
                 except Exception as exc:  # one row's failure is a result, not the end
                     result = {"row": row[0], "members": args.members, "failed": repr(exc)}
                 results.append(result)
