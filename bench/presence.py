@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [ROWS[int(i) - 1] for i in args.rows.split(",") if i] or ROWS
     results = []
     with tempfile.TemporaryDirectory(prefix="presence-") as tmp:
-        redis_port = free_port()
-        redis = procs.start_redis(redis_server, redis_port, tmp)
+        redis = procs.start_redis(redis_server, tmp)
+        redis_port = redis.port
         try:
             for row in rows:
                 print(f"presence: {row[0]}, {args.members} members ...", file=sys.stderr)

@@ -313,13 +313,19 @@ class RawClient:
 
     async def read_frame(self, timeout: float = 5.0) -> tuple[int, bytes] | None:
         """The next server frame (opcode, payload), or None at EOF."""
+        frame = await self.read_frame_rsv(timeout)
+        return None if frame is None else frame[:2]
+
+    async def read_frame_rsv(self, timeout: float = 5.0) -> tuple[int, bytes, int] | None:
+        """The next server frame (opcode, payload, its RSV bits 0..7), or None at EOF."""
         with trio.fail_after(timeout):
             while True:
                 parsed = _parse_server_frame(self.buffer)
                 if parsed is not None:
                     opcode, payload, used = parsed
+                    rsv = (self.buffer[0] >> 4) & 7
                     self.buffer = self.buffer[used:]
-                    return opcode, payload
+                    return opcode, payload, rsv
                 try:
                     data = await self.stream.receive_some(65536)
                 except trio.BrokenResourceError:

@@ -192,6 +192,42 @@ async def test_js_client(
     assert not run.of("rejected")
 
 
+@pytest.mark.parametrize("protocol", ["actioncable-v1-ext-json", "actioncable-v1-msgpack"])
+async def test_js_client_with_permessage_deflate(
+    node_modules: Path, nursery: trio.Nursery, protocol: str
+) -> None:
+    """The ``ws`` package offers permessage-deflate by default: with ``--compression`` the
+    server accepts, @anycable/core receives compressed broadcasts and transmissions, and the
+    client's own compressed messages (``ws`` deflates those over 1 KiB) are inflated."""
+    server = await nursery.start(
+        Server(client_config(compression=True, compression_threshold=64), client_app()).serve
+    )
+    signed = sign_stream(SECRET, "interop/signed")
+    long_text = "a long action argument, compressed by ws " * 50
+    run = await run_node(
+        nursery,
+        {
+            "client": "anycable",
+            "protocol": protocol,
+            "url": server.url + "?user=js",
+            "signed": signed,
+            "echoText": long_text,
+            "timeoutMs": 15000,
+        },
+    )
+    await run.wait_for("ready")
+    big = {"n": 1, "text": "broadcast words " * 200}
+    await server.broadcast("interop", big)
+    await server.broadcast("interop/signed", {"n": 2, "text": "signed words " * 200})
+    await run.wait_for("done")
+    echo = [line["data"] for line in run.of("message", channel="echo")]
+    assert big in echo
+    assert {"text": long_text, "action": "echo"} in echo
+    assert [line["data"]["n"] for line in run.of("message", channel="signed")] == [2]
+    assert server.metrics.compressed_frames_total >= 3  # two broadcasts and the echo at least
+    assert server.metrics.compressed_messages_total >= 1  # the client's long perform
+
+
 async def test_js_client_rejected_signature(
     node_modules: Path, server: Server, nursery: trio.Nursery
 ) -> None:

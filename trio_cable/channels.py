@@ -45,6 +45,8 @@ class ConnectRequest:
     remote: str
     subprotocol: str
     sid: str
+    #: The request target as the client sent it (path and query string).
+    target: str = ""
 
     @property
     def cookies(self) -> dict[str, str]:
@@ -84,7 +86,55 @@ class ChannelHost(Protocol):
     async def leave_presence(self, channel: Channel) -> None: ...
 
 
-class Channel:
+class BaseChannel:
+    """What every kind of channel shares: its name, the callbacks an application overrides,
+    and which methods are actions.  :class:`Channel` runs in the server's process;
+    :class:`trio_cable.rpc.Channel` in an application answering AnyCable RPC."""
+
+    #: Name clients use in the identifier's ``channel`` field; defaults to the class name.
+    channel_name: ClassVar[str | None] = None
+    #: The class whose methods are the framework's, not actions (each kind's base sets it).
+    _framework_class: ClassVar[type[BaseChannel]]
+
+    __slots__ = ()
+
+    @classmethod
+    def name(cls) -> str:
+        """The channel name clients subscribe with."""
+        return cls.channel_name or cls.__name__
+
+    def subscribed(self) -> Awaitable[None] | None:
+        """Called when a client subscribes; call ``reject()`` to refuse."""
+        return None
+
+    def unsubscribed(self) -> Awaitable[None] | None:
+        """Called when the subscription ends (unsubscribe or disconnect)."""
+        return None
+
+    def receive(self, data: dict[str, Any]) -> Awaitable[None] | None:
+        """Called for messages whose action is ``receive`` (or that have no action)."""
+        return None
+
+    @classmethod
+    def action_names(cls) -> frozenset[str]:
+        """Public methods a client may call as actions: none of the framework's but
+        ``receive``."""
+        cached = cls.__dict__.get("_action_names")
+        if cached is None:
+            base = set(dir(cls._framework_class)) - {"receive"}
+            cached = frozenset(
+                name
+                for name in dir(cls)
+                if not name.startswith("_")
+                and name not in base
+                and callable(getattr(cls, name))
+                and not isinstance(inspect.getattr_static(cls, name), (classmethod, staticmethod))
+            )
+            cls._action_names = cached  # type: ignore[attr-defined]
+        return cached
+
+
+class Channel(BaseChannel):
     """Base class of application channels.
 
     One instance per subscription.  ``identifier`` is the client's identifier string (echoed
@@ -92,8 +142,6 @@ class Channel:
     connection's identity (from JWT or the connect callback).
     """
 
-    #: Name clients use in the identifier's ``channel`` field; defaults to the class name.
-    channel_name: ClassVar[str | None] = None
     #: False for built-ins that run no application code: they skip the callback limiter.
     app_callbacks: ClassVar[bool] = True
 
@@ -137,29 +185,10 @@ class Channel:
     def state(self, value: dict[str, Any]) -> None:
         self._state = value
 
-    @classmethod
-    def name(cls) -> str:
-        """The channel name clients subscribe with."""
-        return cls.channel_name or cls.__name__
-
     @property
     def identifiers(self) -> dict[str, Any]:
         """The connection's identifiers."""
         return self.host.identifiers
-
-    # -- callbacks an application overrides -------------------------------------------------
-
-    def subscribed(self) -> Awaitable[None] | None:
-        """Called when a client subscribes; call :meth:`reject` to refuse."""
-        return None
-
-    def unsubscribed(self) -> Awaitable[None] | None:
-        """Called when the subscription ends (unsubscribe or disconnect)."""
-        return None
-
-    def receive(self, data: dict[str, Any]) -> Awaitable[None] | None:
-        """Called for messages whose action is ``receive`` (or that have no action)."""
-        return None
 
     # -- what a channel can do -----------------------------------------------------------------
 
@@ -216,23 +245,6 @@ class Channel:
 
     # -- dispatch ----------------------------------------------------------------------------
 
-    @classmethod
-    def action_names(cls) -> frozenset[str]:
-        """Public methods a client may call as actions."""
-        cached = cls.__dict__.get("_action_names")
-        if cached is None:
-            base = set(dir(Channel)) - {"receive"}
-            cached = frozenset(
-                name
-                for name in dir(cls)
-                if not name.startswith("_")
-                and name not in base
-                and callable(getattr(cls, name))
-                and not isinstance(inspect.getattr_static(cls, name), (classmethod, staticmethod))
-            )
-            cls._action_names = cached  # type: ignore[attr-defined]
-        return cached
-
     async def perform(self, action: str, data: dict[str, Any]) -> bool:
         """Run the method named *action*; return False when there is no such action."""
         if action not in self.action_names():
@@ -250,6 +262,9 @@ class Channel:
             return None
         method: Callable[[dict[str, Any]], Any] = getattr(self, action)
         return method
+
+
+Channel._framework_class = Channel
 
 
 async def maybe_await(value: Any) -> Any:
@@ -353,10 +368,10 @@ class CallbackNameWarning(UserWarning):
     category=CallbackNameWarning)``."""
 
 
-_checked: weakref.WeakSet[type[Channel]] = weakref.WeakSet()
+_checked: weakref.WeakSet[type[BaseChannel]] = weakref.WeakSet()
 
 
-def warn_callback_near_misses(cls: type[Channel]) -> None:
+def warn_callback_near_misses(cls: type[BaseChannel]) -> None:
     """Warn (:class:`CallbackNameWarning`, once per class) about each method of *cls* whose
     name is close to, but not, one of :data:`CALLBACK_NAMES`.  The warning points at the
     method's own file and line."""
@@ -365,13 +380,13 @@ def warn_callback_near_misses(cls: type[Channel]) -> None:
     _checked.add(cls)
     seen: set[str] = set()
     for klass in cls.__mro__:
-        if klass in Channel.__mro__:
+        if klass in cls._framework_class.__mro__:
             continue
         for name, value in vars(klass).items():
             if name in seen or name.startswith("_") or name in CALLBACK_NAMES:
                 continue
             seen.add(name)
-            if hasattr(Channel, name) or not callable(value):
+            if hasattr(cls._framework_class, name) or not callable(value):
                 continue
             close = difflib.get_close_matches(name.lower(), CALLBACK_NAMES, n=1, cutoff=0.85)
             if not close or not _callable_as(value, close[0]):
