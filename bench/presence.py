@@ -220,6 +220,7 @@ async def run_row(
             result["present_before"] = await presence_total(ports[1])
             result["ramp_s"] = round(time.monotonic() - ramp_started, 1)
             await _quiet(crowd, 1.0, args.timeout)
+            await trio.sleep(2.0)  # the nodes save the sessions the arrival changed
             # The drain: counted from SIGTERM until quiet and every linger is over.
             crowd.counting = True
             started = time.monotonic()

@@ -1101,7 +1101,11 @@ class RedisBroker(LocalNodes):
         """Queue a presence change for the writer: sessions do not wait for Redis (a burst
         of thousands would otherwise hold as many pool slots), and one script applies a
         batch of them in order."""
-        if len(self._presence_queue) >= _PRESENCE_QUEUE_MAX:
+        if len(self._presence_queue) >= _PRESENCE_QUEUE_MAX or self.target.kind == "cluster":
+            # (A Cluster cannot run the batch: it spans streams, whose keys live on other
+            # shards.  Presence there is not supported yet: said once, counted.)
+            if self.target.kind == "cluster" and not self.stats["presence_dropped"]:
+                log.warning("presence is not supported on a Redis Cluster: changes dropped")
             self.stats["presence_dropped"] += 1
             return
         self._presence_queue.append([str(part) for part in change])
