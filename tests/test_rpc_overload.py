@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
 from trio_websocket import open_websocket_url
 
 from tests.conftest import CableClient
-from tests.rpc_support import RpcAppProcess
+from tests.rpc_support import RpcAppProcess, RpcTestApp
 from tests.test_rpc import rpc_config
 from trio_cable import Server
 
@@ -325,5 +325,36 @@ async def test_a_dead_application_trips_the_breaker_and_recovers(nursery: trio.N
             await client.send({"command": "subscribe", "identifier": chat("c")})
             assert (await client.recv())["message"]["joined"] == "c"
             assert (await client.recv())["type"] == "confirm_subscription"
+    finally:
+        app.stop()
+
+
+async def test_a_drain_paces_its_disconnect_calls(nursery: trio.Nursery) -> None:
+    app = RpcTestApp()
+    app.start()
+    try:
+        rate, clients = 100.0, 100
+        config = rpc_config(app, secret=None, rpc_disconnect_rate=rate, drain_period=0.2)
+        server: Server = await nursery.start(Server(config).serve)
+        async with AsyncExitStack() as stack:
+            for i in range(clients):
+                client = await stack.enter_async_context(cable(server, f"d{i}"))
+                assert (await client.recv())["type"] == "welcome"
+                await client.recv()
+                await client.send({"command": "subscribe", "identifier": chat(f"d{i}")})
+                await client.recv()
+                assert (await client.recv())["type"] == "confirm_subscription"
+            # All of them go within 0.2 s, and the drain returns once the application
+            # heard of every one (within the shutdown timeout)...
+            await server.drain()
+            assert len(app.calls("/disconnect")) == clients
+        # ...but their disconnect calls were not made at once: about `rate` a second.
+        times = sorted(a.at for a in app.calls("/disconnect"))
+        span = times[-1] - times[0]
+        assert span >= (clients - 1) / rate * 0.8, span
+        busiest = max(sum(1 for t in times if s <= t < s + 0.1) for s in times)
+        assert busiest <= rate * 0.1 + 3, busiest
+        # Each carried its subscription.
+        assert all(len(a.body["subscriptions"]) == 1 for a in app.calls("/disconnect"))
     finally:
         app.stop()
