@@ -1152,7 +1152,13 @@ class Server:
         disconnect clients with ``server_restart`` and reconnect advice, spread over *period*
         seconds (default ``--drain-period``); return when all are gone or
         ``--shutdown-timeout`` has passed (the rest are cut)."""
+        started = trio.current_time()
         await self.drainer.drain(period)
+        # What the executor still owes the application (RPC disconnect calls, paced), within
+        # what is left of the shutdown timeout.
+        left = self.config.shutdown_timeout - (trio.current_time() - started)
+        with trio.move_on_after(max(0.0, left)):
+            await self.executor.flush()
 
     def drain_now(self) -> None:
         """Make a drain in progress disconnect everybody at once (a second signal)."""
