@@ -192,7 +192,8 @@ def section_memory(r: dict[str, Any]) -> list[str]:
 
 SCALE_HEADER = [
     "target", "conns", "lag p50 / p99 / max (ms)", "churn /s", "churn lag max", "churn GC max",
-    "broadcast p50 / p99", "other client's reply max", "every broadcast, in order",
+    "broadcast p50 / p99", "other client's reply max", "loop lag max meanwhile",
+    "every broadcast, in order",
 ]  # fmt: skip
 
 
@@ -205,6 +206,7 @@ def section_scale(r: dict[str, Any]) -> list[str]:
          f"{m(x['lag_p50_ms'])} / {m(x['lag_p99_ms'])} / {m(x['lag_max_ms'])}",
          _f(x["churn_rate"]["median"], 0), m(x["churn_lag_max_ms"]), m(x["churn_gc_max_ms"]),
          f"{m(x['bcast_p50_ms'])} / {m(x['bcast_p99_ms'])}", m(x["probe_max_ms"]),
+         m(x["bcast_lag_max_ms"]) if "bcast_lag_max_ms" in x else "-",
          "yes" if x["in_order"] else "**no**"]
         for x in r["rows"]
     ]  # fmt: skip

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -469,9 +470,14 @@ def summarize(
     counts = [final.get(f"n{i}") or 0 for i in range(3)]
     peak_conns = max((row.get(f"n{i}") or 0 for row in samples for i in range(3)), default=0)
     moved = sum(row.get(f"moved{i}") or 0 for row in samples for i in range(3))
-    peak_moved = max(
-        (row.get(f"moved_rate{i}") or 0.0 for row in samples for i in range(3)), default=0.0
-    )
+    # Over windows of at least a second (pairs of samples): the bound is per second, and
+    # half-second samples catch the 0.1 s steps unevenly.
+    peak_moved = 0.0
+    for first, second in itertools.pairwise(samples):
+        span = second["t"] - first["t"] + 0.5
+        for i in range(3):
+            moved_in = (first.get(f"moved{i}") or 0) + (second.get(f"moved{i}") or 0)
+            peak_moved = max(peak_moved, moved_in / max(span, 1.0))
     return {
         "algorithm": algorithm,
         "rebalance": rebalance,

@@ -14,10 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
@@ -64,6 +68,9 @@ class RpcTestApp:
 
             def setup(self) -> None:
                 super().setup()
+                # Head and body are two writes: without this, Nagle and the client's delayed
+                # ACK add 40 ms to every answer.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with app._lock:
                     app._conns.add(self.connection)
 
@@ -85,7 +92,10 @@ class RpcTestApp:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 256  # (5 by default: a burst of new connections is refused)
+
+        server = Server(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
@@ -127,6 +137,13 @@ class RpcTestApp:
         self, path: str, headers: dict[str, str], raw: bytes
     ) -> tuple[int, Any, list[tuple[str, str]]]:
         headers = {k.lower(): v for k, v in headers.items()}
+        if path == "/_control":  # the test process steers the application process
+            for name, value in json.loads(raw).items():
+                setattr(self, name, value)
+            return 200, {}, []
+        if path == "/_stats":
+            applied = [{"path": a.path, "headers": a.headers, "body": a.body} for a in self.applied]
+            return 200, {"applied": applied, "refused": self.refused}, []
         if self.key is not None and headers.get("authorization") != f"Bearer {self.key}":
             return 401, None, []
         with self._lock:
@@ -226,3 +243,69 @@ class RpcTestApp:
         if action == "leave":
             return {"status": 1, "disconnect": True}
         return {"status": 0, "error_msg": f"no action {action!r}"}
+
+
+class RpcAppProcess:
+    """:class:`RpcTestApp` in a process of its own (``python -m tests.rpc_support PORT``), so
+    that its latency is its own, not the test process' (one GIL for the loop under test and
+    the application's threads would make the server see its own load as the application's).
+    ``stop()`` kills it: the port refuses connections."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/_anycable"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.rpc_support", str(self.port)],
+            stdout=subprocess.PIPE,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
+
+    def set(self, **values: Any) -> None:
+        """Change the application's behaviour (``capacity``, ``delay``, ``retry_after``)."""
+        self._post("/_control", values)
+
+    def stats(self) -> tuple[list[Applied], int]:
+        """What it applied, and how many requests it turned away with 503."""
+        data = self._post("/_stats", {})
+        return [Applied(a["path"], a["headers"], a["body"]) for a in data["applied"]], data[
+            "refused"
+        ]
+
+    def duplicates(self) -> list[Applied]:
+        app = RpcTestApp()
+        app.applied = self.stats()[0]
+        return app.duplicates()
+
+
+def main() -> None:
+    app = RpcTestApp()
+    app.port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    app.start()
+    print(app.port, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -131,6 +131,7 @@ def test_scale_bench_quick(tmp_path: Path) -> None:
     assert row["in_order"] is True
     assert 0 <= row["lag_p50_ms"] <= row["lag_p99_ms"] <= row["lag_max_ms"]
     assert row["churn_rate"] > 0 and row["bcast_p50_ms"] > 0 and row["probe_max_ms"] > 0
+    assert row["bcast_lag_max_ms"] is not None and row["bcast_lag_max_ms"] >= 0
     (sample,) = json.loads((tmp_path / "scale.json").read_text())["samples"]
     assert sample["connected"] == 150 and sample["loadgens"] == 1
     assert sample["steady"]["lag"]["source"] == "samples"

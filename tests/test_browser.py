@@ -14,6 +14,7 @@ import trio
 
 from tests.browser_support import CHROMIUM, SKIP_REASON, TESTS, chromium_page, static_server
 from tests.conftest import eventually, make_app
+from tests.handoff import hand_over
 from tests.redis_support import REDIS_SERVER, RedisProcess, redis_fixture  # noqa: F401
 from tests.redis_support import SKIP_REASON as NO_REDIS
 from tests.test_interop import node_modules as node_modules_fixture  # noqa: F401
@@ -60,7 +61,7 @@ async def takeover(
             # The port goes to a new node (the old one keeps its client); then the old one
             # drains: the browser is told when to come back (jittered advice), and comes
             # back to the new node, where what it missed comes from history.
-            old.stop_accepting()
+            await hand_over(old)
             new = await nursery.start(Server(node_config(redis, port), make_app()).serve)
             for n in range(6, 9):
                 await new.broadcast(stream, n)

@@ -238,3 +238,22 @@ async def test_the_secret_and_headers_are_configurable(
         assert server.metrics.labeled["rpc_errors_total"]["http_401"] == 1
     finally:
         app.stop()
+
+
+def test_rpc_settings_are_checked_and_the_key_derived() -> None:
+    from trio_cable.config import ConfigError, load_config
+
+    assert Config(secret=SECRET).effective_rpc_secret == RPC_KEY
+    assert Config(secret=SECRET, rpc_secret="k").effective_rpc_secret == "k"
+    assert Config().effective_rpc_secret is None
+    config = load_config(
+        {"rpc_headers": "cookie, x-api-key"}, environ={"TRIO_CABLE_RPC_HOST": "https://app/rpc"}
+    )
+    assert config.rpc_host == "https://app/rpc"
+    assert config.rpc_headers == ["cookie", "x-api-key"]
+    with pytest.raises(ConfigError, match="rpc_host: 'app:3000' must be an http"):
+        Config(rpc_host="app:3000").validate()
+    with pytest.raises(ConfigError, match="rpc_max_concurrency"):
+        Config(rpc_concurrency=50, rpc_max_concurrency=10).validate()
+    with pytest.raises(ConfigError, match="rpc_command_timeout"):
+        Config(rpc_timeout=5, rpc_command_timeout=1).validate()

@@ -90,15 +90,32 @@ def test_small_latencies_going_up_a_little_are_not_overload():
     assert limit.decreases == 0
 
 
-def test_the_idle_latency_is_learnt_again():
-    limit = AdaptiveLimit(8, maximum=64, window=10.0)
+def test_a_lasting_change_of_latency_becomes_the_usual_one():
+    limit = AdaptiveLimit(8, minimum=1, maximum=64, window=10.0)
     limit.succeeded(0.001, 0.0, queued=False)
-    assert limit.idle_latency == 0.001
+    assert limit.usual_latency == 0.001
     now = 0.0
     for _ in range(300):  # the application moved: 50 ms is its new normal
         now += 0.1
-        limit.succeeded(0.050, now, queued=False)
-    assert limit.idle_latency == 0.050
+        limit.succeeded(0.050, now, queued=True)
+    assert limit.usual_latency == pytest.approx(0.050, rel=0.1)
+    # The limit came down while that was news, and grows again now that it is not.
+    assert limit.decreases > 0
+    low = limit.value
+    for _ in range(100):
+        now += 0.05
+        limit.succeeded(0.050, now, queued=True)
+    assert limit.value > low
+
+
+def test_one_fast_call_does_not_make_the_ordinary_look_like_overload():
+    limit = AdaptiveLimit(8, maximum=64)
+    now = 0.0
+    limit.succeeded(0.030, now, queued=True)  # a lucky one
+    for _ in range(500):
+        now += 0.01
+        limit.succeeded(0.075, now, queued=True)
+    assert limit.value > 8
 
 
 def test_bad_bounds_are_refused():

@@ -313,16 +313,19 @@ async def roll_scenario(
     port = server.port
     receivers = [Receiver() for _ in range(clients)]
     published = 0
+    # Generous: the receivers share this process, and the machine may be busy.
+    patience = 120 + clients / 2
     async with trio.open_nursery() as nursery:
         for i, receiver in enumerate(receivers):
             nursery.start_soon(receiver.run, server.url)
             if i % 50 == 49:
                 await trio.sleep(0.2)
-        with trio.fail_after(120):
+        with trio.fail_after(patience):
             for receiver in receivers:
                 await receiver.subscribed.wait()
 
         stop_publishing = trio.Event()
+        publisher_done = trio.Event()
 
         async def publisher() -> None:
             nonlocal published
@@ -337,31 +340,45 @@ async def roll_scenario(
                     raise AssertionError(f"publication {published + 1} refused 50 times")
                 published += 1
                 await trio.sleep(0.05)
+            publisher_done.set()
 
         nursery.start_soon(publisher)
         await trio.sleep(1)
         await action()
         start = published
-        with trio.fail_after(120):
+        with trio.fail_after(patience):
             while published < start + messages_after:
                 await trio.sleep(0.1)
         stop_publishing.set()
-        with trio.move_on_after(120):
+        with trio.fail_after(60):
+            await publisher_done.wait()  # a publication in flight counts, once answered
+        with trio.move_on_after(patience):
             while any(len(r.received) < published for r in receivers):
                 await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
     expected = list(range(1, published + 1))
     bad = [r for r in receivers if r.received != expected]
-    assert not bad, (
-        f"{len(bad)} of {clients} clients saw other than 1..{published} once in order; "
-        f"first: connects {bad[0].connects}, got {bad[0].received[:10]} ... "
-        f"missing {sorted(set(expected) - set(bad[0].received))[:20]} "
-        f"dups {len(bad[0].received) - len(set(bad[0].received))}"
+    assert not bad, f"{len(bad)} of {clients} clients saw other than 1..{published} once in " + (
+        "order: " + "; ".join(_deviation(r.received, expected, r.connects) for r in bad[:5])
     )
     return receivers
 
 
-async def test_sighup_rolls_both_workers_while_200_clients_lose_nothing(redis) -> None:
+def _deviation(got: list[int], expected: list[int], connects: int) -> str:
+    """Where *got* first differs from *expected*, for a failure message."""
+    pairs = enumerate(zip(got, expected, strict=False))
+    first = next((i for i, (a, b) in pairs if a != b), len(got))
+    missing = sorted(set(expected) - set(got))[:10]
+    return (
+        f"connects {connects}, ... {got[max(0, first - 3) : first + 6]} ..., "
+        f"missing {missing}, dups {len(got) - len(set(got))}"
+    )
+
+
+@pytest.mark.parametrize(
+    "clients", [200, pytest.param(1000, marks=pytest.mark.slow)], ids=lambda n: f"{n}-clients"
+)
+async def test_sighup_rolls_both_workers_while_clients_lose_nothing(redis, clients) -> None:
     with supervised(redis) as server:
         port = server.port
         before = {w["pid"] for w in (await health(port))["workers"]}
@@ -375,10 +392,10 @@ async def test_sighup_rolls_both_workers_while_200_clients_lose_nothing(redis) -
             mark = len(server.lines)
             server.proc.send_signal(signal.SIGHUP)
             await trio.to_thread.run_sync(
-                lambda: server.wait_for(r"rolling restart done", timeout=120, start=mark)
+                lambda: server.wait_for(r"rolling restart done", timeout=300, start=mark)
             )
 
-        receivers = await roll_scenario(server, 200, action=roll)
+        receivers = await roll_scenario(server, clients, action=roll)
 
         async def two_workers() -> set[int] | None:
             # (An answer may hold one worker's figures alone if Redis is slow to answer.)
@@ -388,11 +405,14 @@ async def test_sighup_rolls_both_workers_while_200_clients_lose_nothing(redis) -
         after = await wait_until(two_workers, 30, "two workers in /health")
         assert not (after & before), (before, after)
         assert all(r.connects >= 2 for r in receivers if r.received)  # each was moved
-        doc = await health(port)
-        assert doc["connections"] == 0  # the receivers are gone
+
+        async def all_gone() -> bool:  # the receivers left (others' figures: a second late)
+            return (await health(port))["connections"] == 0
+
+        await wait_until(all_gone, 30, "no connections")
         # Counters do not go back when the workers that counted them leave.
         m = await metrics(port)
-        assert m["trio_cable_connections_total"] >= accepted_before + 200
+        assert m["trio_cable_connections_total"] >= accepted_before + clients
 
 
 async def test_a_killed_worker_is_replaced_and_its_clients_resume(redis) -> None:

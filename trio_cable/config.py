@@ -125,6 +125,9 @@ class Config:
     rebalance: bool = False
     rebalance_tolerance: float = 0.15
     rebalance_rate: float = 20.0
+    # The live dashboard at /_dashboard (off by default).
+    dashboard: bool = False
+    dashboard_key: str | None = None
     # AnyCable HTTP RPC: the application answers connect, commands and disconnect over HTTP.
     rpc_host: str | None = None
     rpc_secret: str | None = None
@@ -157,6 +160,11 @@ class Config:
     def effective_jwt_secret(self) -> str | None:
         """Secret for JWT identification: ``jwt_secret``, else ``secret``."""
         return self.jwt_secret or self.secret
+
+    @property
+    def effective_dashboard_key(self) -> str | None:
+        """Key for the dashboard's data: ``dashboard_key``, else the broadcast key."""
+        return self.dashboard_key or self.effective_broadcast_key
 
     @property
     def effective_broadcast_key(self) -> str | None:
@@ -359,6 +367,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rebalance", "hand connections over the cluster mean on to other nodes"),
     Setting("rebalance_tolerance", "share over the mean before a node hands on (0.15: 15 pct)"),
     Setting("rebalance_rate", "most rebalancing disconnects per second per node"),
+    Setting("dashboard", "serve the live dashboard at /_dashboard"),
+    Setting(
+        "dashboard_key", "key the dashboard asks for (default: the broadcast key)", secret=True
+    ),
     Setting("rpc_host", "AnyCable HTTP RPC application, http(s)://host/base (off: in-process)"),
     Setting("rpc_secret", "bearer key for RPC calls (default: derived from secret)", secret=True),
     Setting("rpc_headers", "request headers passed to the RPC application, comma separated"),

@@ -100,6 +100,10 @@ class Executor(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The executor's background work, for the node's nursery (started once)."""
 
+    async def flush(self) -> None:
+        """Return once the work owed for ended connections is done (a drain waits for it,
+        within its shutdown timeout)."""
+
     def open(self, request: ConnectRequest, conn: Connection) -> Any:
         """The executor's state for a new connection (kept as ``conn.app_state``)."""
 
@@ -161,6 +165,9 @@ class ChannelExecutor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()  # nothing runs in the background
+
+    async def flush(self) -> None:
+        return None  # callbacks run before a connection is gone
 
     def open(self, request: ConnectRequest, conn: Connection) -> None:
         return None  # in-process callbacks read the request itself

@@ -49,6 +49,7 @@ from trio_cable.protocol.handshake import (
     origin_allowed,
     request_from_h11,
 )
+from trio_cable.server import dashboard
 from trio_cable.server.admission import (
     AdaptiveLimits,
     TokenBucket,
@@ -860,6 +861,8 @@ class Server:
             if method not in ("GET", "HEAD"):
                 return Response.text(405, "use GET", [("allow", "GET")])
             return Response.json(200, self.metrics.recent(_since(request.query)))
+        if path == "/_dashboard" or path.startswith("/_dashboard/"):
+            return self._dashboard(request)
         if path == "/_broadcast":
             if method != "POST":
                 return Response.text(405, "use POST", [("allow", "POST")])
@@ -1149,11 +1152,49 @@ class Server:
         disconnect clients with ``server_restart`` and reconnect advice, spread over *period*
         seconds (default ``--drain-period``); return when all are gone or
         ``--shutdown-timeout`` has passed (the rest are cut)."""
+        started = trio.current_time()
         await self.drainer.drain(period)
+        # What the executor still owes the application (RPC disconnect calls, paced), within
+        # what is left of the shutdown timeout.
+        left = self.config.shutdown_timeout - (trio.current_time() - started)
+        with trio.move_on_after(max(0.0, left)):
+            await self.executor.flush()
 
     def drain_now(self) -> None:
         """Make a drain in progress disconnect everybody at once (a second signal)."""
         self.drainer.hurry()
+
+    def _dashboard(self, request: Request) -> Response:
+        """``/_dashboard``: the page and its files for anyone (they hold no data), the data
+        only with the key; all of it 404 unless ``--dashboard``."""
+        if not self.config.dashboard:
+            return Response.text(404, "not found")
+        if request.method not in ("GET", "HEAD"):
+            return Response.text(405, "use GET", [("allow", "GET")])
+        subpath = request.path.removeprefix("/_dashboard")
+        if subpath == "/data":
+            key = self.config.effective_dashboard_key
+            if not key or not bearer_ok(request.headers.get("authorization"), key):
+                return Response.text(
+                    401, "missing or wrong dashboard key", [("www-authenticate", "Bearer")]
+                )
+            broker = self.broker
+            connected = getattr(broker, "connected", None)
+            return Response.json(
+                200,
+                dashboard.snapshot(
+                    self.metrics,
+                    node=self.label,
+                    draining=self.draining,
+                    broker_kind=type(broker).__name__,
+                    broker_connected=connected if isinstance(connected, bool) else None,
+                ),
+            )
+        found = dashboard.asset(subpath)
+        if found is None:
+            return Response.text(404, "not found")
+        body, content_type = found
+        return Response(200, body, content_type)
 
     def health(self) -> dict[str, Any]:
         """The ``/health`` document."""

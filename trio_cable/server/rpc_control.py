@@ -4,7 +4,7 @@ each rule is tested alone (``tests/test_rpc_control.py``) and the executor only 
 
 * :class:`AdaptiveLimit` is AIMD on the application's own signals.  It comes down
   multiplicatively when the application says it is overloaded (429 or 503, a call that timed
-  out) or when its latency rises well above the latency it has when idle, at most once per
+  out) or when its latency rises well above its usual latency, at most once per
   round trip (the calls in flight when the first signal came are all about to say the same
   thing, and counting each of them would collapse the limit to one).  It goes up additively,
   by about one per limit's worth of successful calls, and only while calls wait for a slot:
@@ -32,11 +32,10 @@ class AdaptiveLimit:
     """How many calls may be in flight to the application now (AIMD, see the module)."""
 
     __slots__ = (
+        "_baseline",
         "_last_decrease",
-        "_prev_min",
+        "_last_sample",
         "_smoothed",
-        "_window_min",
-        "_window_start",
         "backoff",
         "decreases",
         "increases",
@@ -58,14 +57,18 @@ class AdaptiveLimit:
         backoff: float = 0.5,
         latency_backoff: float = 0.9,
         tolerance: float = 2.0,
-        latency_floor: float = 0.005,
+        latency_floor: float = 0.010,
         window: float = 10.0,
     ) -> None:
         """*backoff* multiplies the limit on an explicit overload signal (429, 503, timeout),
-        *latency_backoff* when latency rises past *tolerance* times the idle latency plus
-        *latency_floor* (so that 0.3 ms becoming 0.7 ms is not mistaken for overload).  The
-        idle latency is the lowest seen over the last one or two *window* seconds, so it is
-        learnt again when the application moves (a slower database, another host)."""
+        *latency_backoff* when the recent latency (a fast moving average) rises past
+        *tolerance* times the usual latency plus *latency_floor* (so that 0.3 ms becoming
+        3 ms is not mistaken for overload).  The usual latency is a slow, time-weighted
+        average (about *window* seconds): a sudden slowdown stands out against it for a few
+        seconds, while a lasting change (a slower database, another host) becomes the new
+        usual, so that the limit cannot stay pinned at its minimum by latency alone.  (The
+        lowest latency seen is no baseline: one lucky call would make the ordinary look
+        like overload for good.)"""
         if not 1 <= minimum <= initial <= maximum:
             bounds = (minimum, initial, maximum)
             raise ValueError(f"need 1 <= minimum <= initial <= maximum, not {bounds}")
@@ -81,9 +84,8 @@ class AdaptiveLimit:
         self.increases = 0
         self._last_decrease = -math.inf
         self._smoothed: float | None = None
-        self._window_min = math.inf
-        self._prev_min = math.inf
-        self._window_start: float | None = None
+        self._baseline: float | None = None
+        self._last_sample = 0.0
 
     @property
     def value(self) -> int:
@@ -91,16 +93,9 @@ class AdaptiveLimit:
         return max(self.minimum, min(self.maximum, int(self.limit)))
 
     @property
-    def idle_latency(self) -> float:
-        """The lowest latency seen lately (inf before the first call)."""
-        return min(self._window_min, self._prev_min)
-
-    def _roll(self, now: float) -> None:
-        if self._window_start is None:
-            self._window_start = now
-        elif now - self._window_start >= self.window:
-            self._prev_min, self._window_min = self._window_min, math.inf
-            self._window_start = now
+    def usual_latency(self) -> float:
+        """The slow average of latency (inf before the first call)."""
+        return math.inf if self._baseline is None else self._baseline
 
     def _cut(self, factor: float, now: float) -> bool:
         # Once per round trip: the calls already in flight carry the same news.
@@ -115,11 +110,15 @@ class AdaptiveLimit:
     def succeeded(self, latency: float, now: float, *, queued: bool) -> bool:
         """A call answered in *latency* seconds; *queued* when others were waiting for a
         slot.  True when the limit changed."""
-        self._roll(now)
-        self._window_min = min(self._window_min, latency)
+        if self._baseline is None:
+            self._baseline = latency
+        else:
+            weight = min(1.0, max(0.0, now - self._last_sample) / self.window)
+            self._baseline += (latency - self._baseline) * weight
+        self._last_sample = now
         smoothed = latency if self._smoothed is None else 0.8 * self._smoothed + 0.2 * latency
         self._smoothed = smoothed
-        if smoothed > self.idle_latency * self.tolerance + self.latency_floor:
+        if smoothed > self._baseline * self.tolerance + self.latency_floor:
             return self._cut(self.latency_backoff, now)
         if queued and self.limit < self.maximum:
             before = self.value
@@ -132,7 +131,6 @@ class AdaptiveLimit:
     def overloaded(self, now: float) -> bool:
         """The application said 429 or 503, or a call timed out.  True when the limit
         changed."""
-        self._roll(now)
         return self._cut(self.backoff, now)
 
 

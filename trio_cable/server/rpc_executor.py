@@ -200,6 +200,7 @@ class RpcExecutor:
         self._disconnects: deque[tuple[str, bytes]] = deque()
         self._wake = trio.Event()
         self._in_flight = 0
+        self._disconnecting = 0
         m = metrics
         m.gauges["rpc_concurrency_limit"] = lambda: float(self.slots.total_tokens)
         m.gauges["rpc_in_flight"] = lambda: float(self._in_flight)
@@ -220,6 +221,7 @@ class RpcExecutor:
                         self._wake = trio.Event()
                         await self._wake.wait()
                     sid, body = self._disconnects.popleft()
+                    self._disconnecting += 1  # (counted from here: see flush)
                     nursery.start_soon(self._disconnect_call, sid, body)
                     if rate > 0:
                         await trio.sleep(1.0 / rate)
@@ -230,7 +232,18 @@ class RpcExecutor:
                         len(self._disconnects),
                     )
 
+    async def flush(self) -> None:
+        """Wait until every queued disconnect call was made."""
+        while self._disconnects or self._disconnecting:
+            await trio.sleep(0.05)
+
     async def _disconnect_call(self, sid: str, body: bytes) -> None:
+        try:
+            await self._disconnect_call_once(sid, body)
+        finally:
+            self._disconnecting -= 1
+
+    async def _disconnect_call_once(self, sid: str, body: bytes) -> None:
         try:
             answer = await self._call("disconnect", body, sid)
         except (RpcUnavailable, RpcFailed) as exc:
@@ -554,6 +567,8 @@ class RpcExecutor:
                         self.breaker.record(False, now)
                         self._sync_breaker()
                         raise RpcUnavailable(f"overloaded ({status})", retry_after or 0.0)
+                    # No verdict for the breaker (a half-open one frees its probe place).
+                    self.breaker.cancel()
                     self.metrics.inc_labeled("rpc_retries_total", "overloaded")
             finally:
                 self._in_flight -= 1

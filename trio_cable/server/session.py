@@ -380,7 +380,7 @@ class Session:
             if isinstance(outcome, Refused):
                 if outcome.reason is DisconnectReason.UNAUTHORIZED:
                     metrics.unauthorized_total += 1
-                log.info("%r: refused by the application (%s)", self, outcome.reason)
+                log.info("%r: refused by the connect callback (%s)", self, outcome.reason)
                 self.close(
                     outcome.reason,
                     reconnect=outcome.reconnect,
