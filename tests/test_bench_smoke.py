@@ -155,3 +155,23 @@ def test_scale_helpers() -> None:
     got = _from_buckets(before, after)
     assert got == {"p50_ms": 1.0, "p99_ms": 5.0, "max_ms": 50.0, "n": 100, "source": "histogram"}
     assert _from_buckets(after, after)["p99_ms"] is None
+
+
+@pytest.mark.slow
+def test_presence_bench_tiny(tmp_path: Path) -> None:
+    """``python -m bench presence`` end to end with 20 members: the naive row makes events,
+    the linger row makes none, and every member is present at the end of each row."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "presence", "--members", "20", "--rows", "1,2",
+         "--drain-period", "0.5", "--reconnect-min", "1.0", "--reconnect-max", "1.5",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "presence.json").read_text())
+    naive, linger = data["rows"]
+    assert naive["events_published"] > 0 and naive["presence_messages"] > 0, naive
+    assert linger["events_published"] == 0 and linger["presence_messages"] == 0, linger
+    assert naive["final_total"] == linger["final_total"] == 20
+    assert data["info"]["members"] == 10_000
+    assert (tmp_path / "presence.md").read_text().startswith("## Presence under a drain")
