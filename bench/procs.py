@@ -213,6 +213,15 @@ def start(
     return proc
 
 
+def start_redis(redis_server: str, port: int, directory: Path | str) -> Proc:
+    """``redis-server`` on the loopback *port*, no persistence, files in *directory*."""
+    return start(
+        [redis_server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+         "--dir", str(directory), "--maxclients", "10000"],
+        name="redis-server", port=port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 async def open_trio(
     argv: Sequence[str],
     *,

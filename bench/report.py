@@ -388,10 +388,11 @@ def write(
             if png is not None:
                 lines += ["", f"![{name}](plots/{png.name})"]
             lines.append("")
-    # Suites with their own runners and write-ups (issues 6, 7 and 8).
-    rollout = results_dir / "rollout.md"
-    if rollout.exists():
-        lines += [rollout.read_text().replace("](../plots/", "](plots/"), ""]
+    # Suites with their own runners and write-ups (issues 6, 7, 8 and 16).
+    for suite in ("rollout", "presence"):
+        written = results_dir / f"{suite}.md"
+        if written.exists():
+            lines += [written.read_text().replace("](../plots/", "](plots/"), ""]
     here = out.parent
 
     def link(name: str) -> str:  # a path of bench/, relative to where RESULTS.md goes

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgpack
@@ -228,8 +229,6 @@ def connect(server: Server, nursery: trio.Nursery) -> ClientFactory:
     :class:`CableClient` (``client.welcome`` holds the welcome message).  It connects to the
     ``server`` fixture, or to the server given as ``to=``."""
 
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
     async def _connect(
         subprotocol: str = "actioncable-v1-json",
@@ -373,3 +372,15 @@ def _parse_server_frame(buf: bytes) -> tuple[int, bytes, int] | None:
     if len(buf) < pos + length:
         return None
     return opcode, buf[pos : pos + length], pos + length
+
+
+@asynccontextmanager
+async def client_of(
+    server: Server, subprotocol: str = "actioncable-v1-ext-json", query: str = ""
+) -> AsyncIterator[CableClient]:
+    """A welcomed :class:`CableClient` of *server* (``client.welcome`` holds the welcome)."""
+    url = f"ws://127.0.0.1:{server.port}/cable{'?' + query if query else ''}"
+    async with open_websocket_url(url, subprotocols=[subprotocol]) as ws:
+        client = CableClient(ws, subprotocol)
+        client.welcome = await client.recv()  # type: ignore[attr-defined]
+        yield client

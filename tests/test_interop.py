@@ -95,14 +95,16 @@ class NodeRun:
         ]
 
 
-async def run_node(nursery: trio.Nursery, options: dict[str, Any]) -> NodeRun:
+async def run_node(
+    nursery: trio.Nursery, options: dict[str, Any], script: str = "scenario.mjs"
+) -> NodeRun:
     """Start the scenario in the background; its lines arrive in the returned NodeRun."""
     assert NODE is not None
     run = NodeRun()
 
     async def drive() -> None:
         process = await trio.lowlevel.open_process(
-            [NODE, "scenario.mjs", json.dumps(options)],
+            [NODE, script, json.dumps(options)],
             cwd=INTEROP,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -295,3 +297,47 @@ async def test_anycable_resumes_after_drain_without_gap(
     await run.wait_for("done", timeout=20)
     assert [line["data"] for line in run.of("message", channel="signed")] == list(range(1, 10))
     assert {line["reason"] for line in run.of("disconnected")} <= {"server_restart", None}
+
+
+# -- presence and whispers (issue 16) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "protocols",
+    [
+        ["actioncable-v1-ext-json", "actioncable-v1-ext-json"],
+        ["actioncable-v1-ext-json", "actioncable-v1-ext-msgpack"],
+    ],
+    ids=["json-json", "json-msgpack"],
+)
+@pytest.mark.parametrize("kind", ["public", "signed"])
+async def test_anycable_presence_and_whispers(
+    node_modules: Path, nursery: trio.Nursery, protocols: list[str], kind: str
+) -> None:
+    """Two @anycable/core clients: each sees the other's join, info() lists both, a whisper
+    reaches the other and not its sender, a leave is seen by the other."""
+    config = client_config(public_streams=True, streams_whisper=True)
+    server = await nursery.start(Server(config, client_app()).serve)
+    stream = {"stream": "interop/room"}
+    if kind == "signed":
+        stream = {"signed": sign_stream(SECRET, "interop/room")}
+    run = await run_node(
+        nursery,
+        {"url": server.url, "protocols": protocols, "timeoutMs": 20000, **stream},
+        script="presence.mjs",
+    )
+    await run.wait_for("done", timeout=25)
+    with trio.fail_after(5):
+        while run.returncode is None:
+            await trio.sleep(0.02)
+    assert run.returncode == 0, run.lines
+    both = {"a": {"name": "Alice"}, "b": {"name": "Bob"}}
+    assert run.of("info", client="a")[0]["state"] == both
+    assert run.of("info", client="b")[0]["state"] == both
+    # b left nothing behind for itself; a's leave is applied to b's state.
+    assert run.of("info", client="b-after-leave")[0]["state"] == {"b": {"name": "Bob"}}
+    whispers = run.of("whispers")[0]
+    assert whispers["a"] == [{"typing": "b"}] and whispers["b"] == [{"typing": "a"}]
+    b_presence = [line["message"] for line in run.of("presence", client="b")]
+    assert {"type": "join", "info": {"name": "Alice"}, "id": "a"} in b_presence
+    assert {"type": "leave", "id": "a"} in b_presence

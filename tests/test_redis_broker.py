@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from trio_websocket import open_websocket_url
 
-from tests.conftest import CableClient, RawClient, identifier, make_app
+from tests.conftest import RawClient, client_of, identifier, make_app
 from tests.procs import ROOT, cli_command
 from tests.redis_support import (
     REDIS_SERVER,
@@ -69,17 +67,6 @@ def start_nodes(nursery: trio.Nursery, redis: RedisProcess) -> Callable[..., Any
         return nodes
 
     return _start
-
-
-@asynccontextmanager
-async def client_of(
-    server: Server, subprotocol: str = EXT, query: str = ""
-) -> AsyncIterator[CableClient]:
-    url = f"ws://127.0.0.1:{server.port}/cable{'?' + query if query else ''}"
-    async with open_websocket_url(url, subprotocols=[subprotocol]) as ws:
-        client = CableClient(ws, subprotocol)
-        client.welcome = await client.recv()  # type: ignore[attr-defined]
-        yield client
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

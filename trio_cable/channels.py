@@ -79,6 +79,10 @@ class ChannelHost(Protocol):
 
     async def broadcast(self, stream: str, data: Any) -> None: ...
 
+    async def join_presence(self, channel: Channel, stream: str, pid: str, info: Any) -> None: ...
+
+    async def leave_presence(self, channel: Channel) -> None: ...
+
 
 class BaseChannel:
     """What every kind of channel shares: its name, the callbacks an application overrides,
@@ -141,7 +145,17 @@ class Channel(BaseChannel):
 
     # Slots keep the built-in channels small (a server holds one per subscription); an
     # application's subclass gets a __dict__ as usual unless it declares slots itself.
-    __slots__ = ("_state", "host", "identifier", "params", "rejected", "streams")
+    __slots__ = (
+        "_state",
+        "host",
+        "identifier",
+        "params",
+        "presence",
+        "presence_stream",
+        "rejected",
+        "streams",
+        "whisper_stream",
+    )
 
     def __init__(self, host: ChannelHost, identifier: str, params: dict[str, Any]) -> None:
         self.host = host
@@ -150,6 +164,13 @@ class Channel(BaseChannel):
         self.streams: list[str] = []
         self.rejected = False
         self._state: dict[str, Any] | None = None
+        #: The stream this subscription's whispers go to (AnyCable's ``$w``), or None: it
+        #: may not whisper.
+        self.whisper_stream: str | None = None
+        #: The stream whose presence this subscription may join and ask (``$p``), or None.
+        self.presence_stream: str | None = None
+        #: ``(presence id, info)`` while this subscription is present on presence_stream.
+        self.presence: tuple[str, Any] | None = None
 
     @property
     def state(self) -> dict[str, Any]:
@@ -173,20 +194,39 @@ class Channel(BaseChannel):
         """Send *message* to this subscription's client only."""
         self.host.transmit(self.identifier, message)
 
-    def stream_from(self, stream: str) -> None:
-        """Deliver broadcasts on *stream* to this subscription.  Raises ``ValueError`` for a
-        name no broker can carry (empty, or a lone surrogate: the subscription is rejected)."""
+    def stream_from(self, stream: str, *, whisper: bool = False) -> None:
+        """Deliver broadcasts on *stream* to this subscription; with *whisper*, let its
+        client whisper to *stream*'s other subscribers.  Raises ``ValueError`` for a name no
+        broker can carry (empty, or a lone surrogate: the subscription is rejected)."""
         if not is_stream_name(stream):
             raise ValueError(f"not a usable stream name: {stream[:100]!r}")
         if stream not in self.streams:
             self.streams.append(stream)
             self.host.add_stream(self.identifier, stream)
+        if whisper:
+            self.whisper_stream = stream
 
     def stop_stream_from(self, stream: str) -> None:
-        """Stop delivering broadcasts on *stream*."""
+        """Stop delivering broadcasts on *stream* (and whispering to it)."""
         if stream in self.streams:
             self.streams.remove(stream)
             self.host.remove_stream(self.identifier, stream)
+        if self.whisper_stream == stream:
+            self.whisper_stream = None
+
+    async def join_presence(self, stream: str, pid: str, info: Any = None) -> None:
+        """Make this subscription present on *stream* as *pid* (a user id: one user's
+        sessions count once) with *info* (any JSON value), and let its client ask and
+        change its presence there.  *stream*'s subscribers hear ``join`` when *pid* is new.
+        """
+        if not is_stream_name(stream):
+            raise ValueError(f"not a usable stream name: {stream[:100]!r}")
+        await self.host.join_presence(self, stream, str(pid), info)
+
+    async def leave_presence(self) -> None:
+        """End this subscription's presence (its stream hears ``leave`` when it was the
+        last session of its id)."""
+        await self.host.leave_presence(self)
 
     def stop_all_streams(self) -> None:
         """Stop every stream of this subscription."""
@@ -257,7 +297,11 @@ class PubSubChannel(Channel):
         if stream is None or not is_stream_name(stream):
             self.reject()
         else:
-            self.stream_from(stream)
+            # Public streams may always whisper, signed ones with --streams-whisper.
+            self.stream_from(
+                stream, whisper=not isinstance(signed, str) or settings.streams_whisper
+            )
+            self.presence_stream = stream
 
 
 class TurboStreamsChannel(PubSubChannel):

@@ -55,6 +55,9 @@ class Config:
     jwt_param: str = "jid"
     enforce_jwt: bool = False
     public_streams: bool = False
+    streams_whisper: bool = False
+    presence_ttl: float = 15.0
+    presence_window: float = 0.1
     broadcast_key: str | None = None
     allowed_origins: list[str] = field(default_factory=list)
     ping_interval: float = 3.0
@@ -69,6 +72,11 @@ class Config:
     max_send_queue: int = 4 * 1024 * 1024
     callback_concurrency: int = 64
     echo_path: str | None = None
+    # Fallback transports (SSE, long polling): paths (empty: off) and the long poll's timers.
+    sse_path: str | None = "/events"
+    poll_path: str | None = "/lp"
+    poll_interval: float = 15.0
+    poll_keepalive_timeout: float = 10.0
     # Avalanche safety (slow drain, advice, admission, per-connection limits, resume, history).
     drain_period: float = 10.0
     drain_rate: float = 0.0
@@ -102,6 +110,10 @@ class Config:
     compression: bool = False
     compression_threshold: int = 1024
     compression_level: int = 1
+    # Rebalancing across nodes (off by default).
+    rebalance: bool = False
+    rebalance_tolerance: float = 0.15
+    rebalance_rate: float = 20.0
 
     def __repr__(self) -> str:
         # Secrets never reach a log line, even when a whole Config is logged.
@@ -144,8 +156,13 @@ class Config:
         for p in self.path:
             if not p.startswith("/"):
                 raise _bad("path", f"{p!r} must start with '/'")
-        if self.echo_path and not self.echo_path.startswith("/"):
-            raise _bad("echo_path", f"{self.echo_path!r} must start with '/'")
+        for name in ("echo_path", "sse_path", "poll_path"):
+            value = getattr(self, name)
+            if value and not value.startswith("/"):
+                raise _bad(name, f"{value!r} must start with '/'")
+        endpoints = [p for p in (*self.path, self.echo_path, self.sse_path, self.poll_path) if p]
+        if len(set(endpoints)) != len(endpoints):
+            raise _bad("path", f"endpoint paths must differ: {', '.join(endpoints)}")
         for name, low, meaning in _LOWER_BOUNDS:
             value = getattr(self, name)
             if not (value > low if meaning == ">" else value >= low):
@@ -219,6 +236,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jwt_param", "query parameter that carries the JWT"),
     Setting("enforce_jwt", "refuse connections without a valid JWT"),
     Setting("public_streams", "allow $pubsub subscriptions to unsigned stream_name"),
+    Setting("streams_whisper", "let subscribers of signed streams whisper (public ones may)"),
+    Setting("presence_ttl", "seconds a disconnected session stays present (0: leaves at once)"),
+    Setting("presence_window", "seconds a stream's presence events are coalesced (0: off)"),
     Setting("broadcast_key", "bearer key required by POST /_broadcast", secret=True),
     Setting("allowed_origins", "allowed Origin hosts, comma separated, '*' prefix wildcard"),
     Setting("ping_interval", "seconds between pings (a client may ask ?pi=N)"),
@@ -233,6 +253,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_send_queue", "bytes queued for a slow client before too_slow"),
     Setting("callback_concurrency", "application callbacks running at once, server-wide"),
     Setting("echo_path", "path of a raw WebSocket echo endpoint (testing only)"),
+    Setting("sse_path", "Server-Sent Events endpoint path (empty: off)"),
+    Setting("poll_path", "long-polling endpoint path (empty: off)"),
+    Setting("poll_interval", "seconds a long poll waits for messages before answering empty"),
+    Setting("poll_keepalive_timeout", "seconds a long-polling session lives without a poll"),
     Setting("drain_period", "seconds over which a drain spreads its disconnects (0: at once)"),
     Setting("drain_rate", "most disconnects per second during a drain (0: no cap)"),
     Setting("shutdown_timeout", "longest a drain may take before the rest are cut"),
@@ -262,6 +286,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("compression", "negotiate permessage-deflate with clients that offer it"),
     Setting("compression_threshold", "messages shorter than this many bytes go uncompressed"),
     Setting("compression_level", "zlib level 1 (fastest) .. 9 (smallest)"),
+    Setting("rebalance", "hand connections over the cluster mean on to other nodes"),
+    Setting("rebalance_tolerance", "share over the mean (0.15: 15 %) before a node rebalances"),
+    Setting("rebalance_rate", "most rebalancing disconnects per second per node"),
 )
 
 _KINDS: dict[str, str] = {}
@@ -288,6 +315,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("drain_rate", 0, ">="),
     ("shutdown_timeout", 0, ">="),
     ("reconnect_advice", 0, ">="),
+    ("poll_interval", 0, ">"),
+    ("poll_keepalive_timeout", 0, ">"),
     ("max_connections", 0, ">="),
     ("handshake_rate", 0, ">="),
     ("max_pending_handshakes", 1, ">="),
@@ -296,6 +325,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("command_rate", 0, ">="),
     ("pong_timeout", 0, ">="),
     ("sessions_ttl", 0, ">="),
+    ("presence_ttl", 0, ">="),
+    ("presence_window", 0, ">="),
     ("history_limit", 0, ">="),
     ("history_ttl", 0, ">="),
     ("max_connections_per_address", 0, ">="),
@@ -307,6 +338,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("partial_messages_max_memory", 1024, ">="),
     ("compression_threshold", 0, ">="),
     ("compression_level", 1, ">="),
+    ("rebalance_tolerance", 0, ">"),
+    ("rebalance_rate", 0, ">"),
 )
 assert {name for name, _, _ in _LOWER_BOUNDS} == {
     s.name for s in SETTINGS if s.kind in ("int", "float") and s.name != "port"

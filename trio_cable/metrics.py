@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 # name -> help.  Counters are monotonically increasing totals.
 COUNTERS: dict[str, str] = {
-    "connections_total": "WebSocket connections accepted (after the handshake)",
+    "connections_total": "connections accepted (WebSockets, SSE streams, long-polling sessions)",
     "handshakes_failed_total": "HTTP requests that did not become a WebSocket (any reason)",
     "disconnects_total": "connections closed, for any reason",
     "unauthorized_total": "connections refused by JWT or the connect callback",
@@ -45,21 +45,35 @@ COUNTERS: dict[str, str] = {
     "remote_disconnects_total": "connections closed by a remote disconnect",
     "admission_decreases_total": "times adaptive admission lowered the limits",
     "gc_full_collections_total": "full (generation 2) garbage collections in this process",
+    "sse_connections_total": "Server-Sent Events streams opened",
+    "long_poll_sessions_total": "long-polling sessions opened",
+    "long_poll_requests_total": "long-polling requests served",
+    "long_poll_stale_requests_total": "polls naming a session that is gone (answered 401)",
+    "long_poll_timeouts_total": "long-polling sessions ended because no poll came",
     "compressed_frames_total": "frames sent deflated (permessage-deflate), each built once",
     "compression_saved_bytes_total": (
         "bytes deflate saved, per frame built (a broadcast frame is built once per group)"
     ),
     "compressed_messages_total": "compressed client messages inflated",
+    "rebalanced_total": "connections handed on to other nodes by rebalancing",
+    "whispers_total": "whispers broadcast to their stream",
+    "whispers_ignored_total": "whispers ignored: the subscription may not whisper",
+    "presence_commands_total": "presence join, leave and info commands handled",
+    "presence_refused_total": "presence commands refused (no presence stream, another id)",
+    "presence_events_total": "presence join/leave events fanned out by this node",
+    "presence_events_coalesced_total": "presence events cancelled or merged within a window",
 }
 
 # name -> (help, label name): counters split by a label.
 LABELED_COUNTERS: dict[str, tuple[str, str]] = {
-    "handshakes_refused_total": ("WebSocket handshakes refused, by reason", "reason"),
+    "handshakes_refused_total": ("new connections refused (any transport), by reason", "reason"),
     "disconnect_reasons_total": ("server-initiated disconnect messages, by reason", "reason"),
 }
 
 GAUGES: dict[str, str] = {
-    "connections": "open WebSocket connections",
+    "connections": "open connections (WebSocket, SSE, long-polling sessions)",
+    "sse_connections": "open Server-Sent Events streams",
+    "long_poll_sessions": "open long-polling sessions",
     "streams": "streams with at least one local subscriber",
     "send_queue_bytes": "bytes waiting in per-connection send queues",
     "partial_message_bytes": "bytes held by unfinished client messages, all connections",
@@ -146,9 +160,21 @@ class Metrics:
     remote_disconnects_total: int
     admission_decreases_total: int
     gc_full_collections_total: int
+    sse_connections_total: int
+    long_poll_sessions_total: int
+    long_poll_requests_total: int
+    long_poll_stale_requests_total: int
+    long_poll_timeouts_total: int
     compressed_frames_total: int
     compression_saved_bytes_total: int
     compressed_messages_total: int
+    rebalanced_total: int
+    whispers_total: int
+    whispers_ignored_total: int
+    presence_commands_total: int
+    presence_refused_total: int
+    presence_events_total: int
+    presence_events_coalesced_total: int
 
     def __init__(self) -> None:
         for name in COUNTERS:

@@ -31,6 +31,7 @@ from trio_cable.client.cable import (
     SubscriptionRejected,
     open_cable,
 )
+from trio_cable.client.sse import EventStream, open_event_stream
 
 __all__ = [
     "STRATEGIES",
@@ -40,6 +41,7 @@ __all__ = [
     "CableClosed",
     "CableError",
     "CableEvent",
+    "EventStream",
     "Message",
     "MessagesDropped",
     "MessagesMissing",
@@ -48,4 +50,5 @@ __all__ = [
     "SubscriptionRejected",
     "compute_delay",
     "open_cable",
+    "open_event_stream",
 ]

@@ -21,8 +21,8 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -38,6 +38,7 @@ from trio_websocket import (
 
 from trio_cable.client import state as proto
 from trio_cable.client.backoff import Backoff, BackoffTimer, parse_retry_after
+from trio_cable.client.longpoll import LongPollConnection, connect_long_poll, poll_url_for
 from trio_cable.client.websocket import connect as connect_websocket
 from trio_cable.protocol.codes import DisconnectReason
 
@@ -64,6 +65,9 @@ TokenProvider = Callable[[], "str | Awaitable[str]"]
 # retrying, so the client stops at once instead of hammering the server.
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _DEFAULT_PING_INTERVAL = 3.0
+#: How the cable reaches the server: WebSocket only, long polling only, or WebSocket falling
+#: back to long polling when its handshake keeps failing (``fallback_after`` times in a row).
+Transport = Literal["websocket", "long_poll", "auto"]
 # Failures of one connection attempt that a later attempt may not have.
 _CONNECT_ERRORS = (HandshakeError, OSError, trio.TooSlowError, ConnectionClosed)
 
@@ -156,7 +160,8 @@ class CableEvent:
     ``subscribe_timeout``, ``history_requested`` (``reason`` = ``gap`` when asked to fill a gap
     of a reliable stream), ``history_confirmed``, ``history_rejected``, ``duplicate``,
     ``messages_missing`` (``reason``, ``error`` = the :class:`MessagesMissing`), ``overflow``,
-    ``token_refreshed``, ``closed``.
+    ``token_refreshed``, ``fallback`` (WebSocket handshakes kept failing: from now on long
+    polling; ``attempt`` = the failures), ``closed``.
     """
 
     kind: str
@@ -368,9 +373,9 @@ class _Outcome:
 
 @dataclass
 class _Conn:
-    """One live WebSocket connection and what runs on it."""
+    """One live connection (a WebSocket, or a long-polling session) and what runs on it."""
 
-    ws: WebSocketConnection
+    ws: WebSocketConnection | LongPollConnection
     nursery: trio.Nursery
     outcome: _Outcome
     queue_send: trio.MemorySendChannel[tuple[Subscription, dict[str, Any] | None]]
@@ -410,9 +415,21 @@ class Cable:
         on_event: Callable[[CableEvent], None] | None = None,
         rng: random.Random | None = None,
         max_message_size: int = 16 * 1024 * 1024,
+        transport: Transport = "websocket",
+        poll_url: str | None = None,
+        fallback_after: int = 3,
         compression: bool = False,
     ) -> None:
         self.url = url
+        if transport not in ("websocket", "long_poll", "auto"):
+            raise ValueError(f"unknown transport {transport!r}")
+        if transport != "websocket" and "msgpack" in subprotocol:
+            raise ValueError("long polling speaks JSON: choose a JSON subprotocol")
+        self.transport: Transport = transport
+        self.poll_url = poll_url or poll_url_for(url)
+        self.fallback_after = fallback_after
+        #: WebSocket handshakes failed in a row (``auto`` falls back at ``fallback_after``).
+        self.websocket_failures = 0
         self.session = proto.ClientSession(
             subprotocol, resume=resume, hold_limit=hold_limit, gap_timeout=gap_timeout
         )
@@ -673,7 +690,7 @@ class Cable:
             error = _single(group)
             if error is group or not isinstance(error, _CONNECT_ERRORS):
                 raise
-            self._failed(outcome, error)
+            self._failed(outcome, error, websocket=not self.polling)
         if not outcome.connected:
             self._emit(
                 "connect_failed",
@@ -694,40 +711,70 @@ class Cable:
         )
         return outcome
 
-    def _failed(self, outcome: _Outcome, error: BaseException) -> None:
+    @property
+    def polling(self) -> bool:
+        """Whether the next connection is a long-polling one."""
+        if self.transport == "auto":
+            return self.websocket_failures >= self.fallback_after
+        return self.transport == "long_poll"
+
+    def _failed(self, outcome: _Outcome, error: BaseException, websocket: bool = False) -> None:
         outcome.error = error
+        busy = False
         if isinstance(error, ConnectionRejected):
             outcome.status = error.status_code
             outcome.retry_after = parse_retry_after(_header(error.headers, b"retry-after"))
-            if error.status_code not in _RETRYABLE_STATUS:
+            busy = error.status_code in _RETRYABLE_STATUS
+            if websocket and not busy and self.transport == "auto":
+                # Something between us and the server refuses WebSockets (a proxy's 400,
+                # 403, 405 ...): retrying will not change it; polling may pass.
+                self.websocket_failures = self.fallback_after
+            elif not busy:
                 outcome.fatal = CableClosed(
                     "refused", f"HTTP {error.status_code}", status=error.status_code
                 )
+        if websocket and not busy and self.transport == "auto":
+            self.websocket_failures += 1
+            if self.polling:
+                self._emit("fallback", attempt=self.websocket_failures, reason="long_poll")
 
     async def _connection(
         self, nursery: trio.Nursery, outcome: _Outcome, on_welcome: Callable[[], None]
     ) -> None:
         """One connection, from the handshake to its end (recorded in ``outcome``)."""
         url, subprotocols, headers = self._handshake_params()
+        polling = self.polling
+        ws: WebSocketConnection | LongPollConnection
         try:
             with trio.fail_after(self.connect_timeout):
-                ws = await connect_websocket(
-                    nursery,
-                    url,
-                    subprotocols=subprotocols,
-                    extra_headers=headers,
-                    max_message_size=self.max_message_size,
-                    compression=self.compression,
-                )
+                if polling:
+                    ws = await connect_long_poll(
+                        nursery,
+                        _with_query(self.poll_url, dict(parse_qsl(urlsplit(url).query))),
+                        [(k.decode(), v.decode()) for k, v in headers]
+                        + [("x-jid", t[len("anycable-token.") :]) for t in subprotocols[1:]],
+                        request_timeout=self.connect_timeout + 30.0,
+                    )
+                else:
+                    ws = await connect_websocket(
+                        nursery,
+                        url,
+                        subprotocols=subprotocols,
+                        extra_headers=headers,
+                        max_message_size=self.max_message_size,
+                        compression=self.compression,
+                    )
         except _CONNECT_ERRORS as exc:
-            self._failed(outcome, exc)
+            self._failed(outcome, exc, websocket=not polling)
             nursery.cancel_scope.cancel()
             return
+        if not polling:
+            self.websocket_failures = 0
         outcome.connected = True
         send, recv = trio.open_memory_channel[tuple[Subscription, dict[str, Any] | None]](math.inf)
         conn = _Conn(ws, nursery, outcome, send, recv, trio.current_time())
         try:
-            if ws.subprotocol != self.subprotocol:
+            if not polling and ws.subprotocol != self.subprotocol:
                 # The Rails client refuses such a server too: the frames would not parse.
                 outcome.fatal = CableClosed(
                     "protocol_error", f"server selected subprotocol {ws.subprotocol!r}"
@@ -1092,6 +1139,9 @@ async def open_cable(
     on_event: Callable[[CableEvent], None] | None = None,
     rng: random.Random | None = None,
     max_message_size: int = 16 * 1024 * 1024,
+    transport: Transport = "websocket",
+    poll_url: str | None = None,
+    fallback_after: int = 3,
     compression: bool = False,
 ) -> AsyncIterator[Cable]:
     """Connect to an Action Cable / AnyCable server and keep the connection up.
@@ -1126,6 +1176,13 @@ async def open_cable(
     - ``on_event``: called with a :class:`CableEvent` for every connection attempt, disconnect,
       subscription step ... (must not block).
     - ``rng``: randomness for jitter (seed it for reproducible runs).
+    - ``transport``: ``"websocket"`` (default), ``"long_poll"`` (``POST`` requests to
+      ``poll_url``, by default the URL's host with ``http(s)`` and ``/lp``: for networks where
+      nothing long-lived passes), or ``"auto"``: WebSocket, falling back to long polling for
+      good after ``fallback_after`` failed handshakes in a row (at once when the handshake is
+      refused with a status retrying cannot change, as proxies that refuse WebSockets do;
+      503 and 429 are a busy server, not a reason).  Long polling speaks the extended JSON
+      protocol (resume with ``?sid=``, history), and carries a token as ``X-JID``.
     - ``compression``: offer permessage-deflate (the server may decline).
     """
     cable = Cable(
@@ -1150,9 +1207,12 @@ async def open_cable(
         on_event=on_event,
         rng=rng,
         max_message_size=max_message_size,
+        transport=transport,
+        poll_url=poll_url,
+        fallback_after=fallback_after,
         compression=compression,
     )
-    try:
+    with unwrap_group():
         async with trio.open_nursery() as nursery:
             await nursery.start(cable._run)
             try:
@@ -1161,9 +1221,15 @@ async def open_cable(
                 cable._closing = True
                 await cable._leave()
                 nursery.cancel_scope.cancel()
+
+
+@contextmanager
+def unwrap_group() -> Iterator[None]:
+    """Strict exception groups wrap everything leaving a nursery; give the caller the one
+    real exception (its own, or CableClosed) rather than a group."""
+    try:
+        yield
     except BaseExceptionGroup as group:
-        # Strict exception groups wrap everything leaving a nursery; give the caller the one
-        # real exception (its own, or CableClosed) rather than a group.
         error = _single(group)
         if error is group:
             raise

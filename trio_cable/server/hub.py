@@ -205,7 +205,7 @@ class Hub:
     def _encoders(self, broadcast: Broadcast) -> tuple[BroadcastEncoder, BroadcastEncoder]:
         """``(plain, stored)``: the message for plain clients, and with its stream position
         for the extended protocols (the same one when it has no position)."""
-        plain = BroadcastEncoder(broadcast.data)
+        plain = BroadcastEncoder(broadcast.data, kind=broadcast.kind)
         if broadcast.offset is None:
             return plain, plain
         stored = BroadcastEncoder(
