@@ -5,8 +5,9 @@ temp dir, no persistence).  ``--members`` raw WebSocket clients (``actioncable-v
 one Trio process on the client core) subscribe to one public stream with ``presence`` (each
 its own id) on node A.  Once the stream holds every member, node A gets SIGTERM (a slow drain
 over ``--drain-period`` s, the way a deploy restarts a node); each client, told
-``server_restart``, reconnects at once to node B, either resuming its session (``sid``, then
-``join`` again as ``@anycable/core`` does) or as a new session that subscribes with presence.
+``server_restart``, reconnects to node B after its backoff (uniform in ``--reconnect-min``
+.. ``--reconnect-max`` s), either resuming its session (``sid``, then ``join`` again as
+``@anycable/core`` does) or as a new session that subscribes with presence.
 
 Measured: the presence messages the members receive from the SIGTERM until the stream is
 quiet again (and every linger is over), per member, for each row:
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -80,6 +82,7 @@ class Crowd:
 
     counting: bool = False
     presence_messages: int = 0
+    published: int = 0  # presence events published through Redis while counting
     on_b: int = 0
     last_presence: float = 0.0
     resumed: int = 0
@@ -101,8 +104,9 @@ async def _open(port: int, query: str = "") -> tuple[RawWS, dict[str, Any]]:
     return ws, welcome
 
 
-async def member(index: int, a: int, b: int, resume: bool, crowd: Crowd) -> None:
-    """One member: join on node A, count presence messages, move to B when told."""
+async def member(index: int, a: int, b: int, resume: bool, delay: float, crowd: Crowd) -> None:
+    """One member: join on node A, count presence messages, move to B when told (after
+    *delay* seconds, as a client's reconnect backoff would)."""
     presence = {"id": f"u{index}"}
     subscribe = {"command": "subscribe", "identifier": IDENTIFIER, "presence": presence}
     ws, welcome = await _open(a)
@@ -114,8 +118,9 @@ async def member(index: int, a: int, b: int, resume: bool, crowd: Crowd) -> None
         if message is None:
             if moved:
                 return
-            # Node A is draining: over to node B at once (the burst is the point).
+            # Node A is draining: over to node B after the client's backoff.
             await ws.aclose()
+            await trio.sleep(delay)
             ws, welcome = await _open(b, f"sid={sid}" if resume else "")
             if welcome.get("restored"):
                 crowd.resumed += 1
@@ -140,6 +145,29 @@ async def member(index: int, a: int, b: int, resume: bool, crowd: Crowd) -> None
             ws.closed = True
 
 
+async def count_published(redis_port: int, crowd: Crowd) -> None:
+    """Count the presence events the nodes publish through Redis (every ``join`` and
+    ``leave`` made, whether or not it reached anyone): ``redis-cli SUBSCRIBE`` on the
+    brokers' channel, one ``["<stream>",null,"presence"]`` header per event."""
+    process = await trio.lowlevel.open_process(
+        ["redis-cli", "-p", str(redis_port), "SUBSCRIBE", "trio_cable:pubsub"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    marker, tail = b',"presence"]', b""
+    try:
+        async for chunk in process.stdout:
+            data = tail + chunk
+            if crowd.counting:
+                crowd.published += data.count(marker)
+            tail = data[-(len(marker) - 1) :]
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
 async def presence_total(port: int) -> int:
     status, body = await http_request(
         HOST, port, "GET", f"/api/presence/{STREAM.replace('/', '%2F')}?records=false",
@@ -157,8 +185,9 @@ async def metric(port: int, name: str) -> float:
 
 
 async def run_row(
-    row: tuple[str, float, float, bool], args: argparse.Namespace, redis_url: str, logdir: Path
+    row: tuple[str, float, float, bool], args: argparse.Namespace, redis_port: int, logdir: Path
 ) -> dict[str, Any]:
+    redis_url = f"redis://{HOST}:{redis_port}/0"
     name, ttl, window, resume = row
     n = args.members
     ports = free_port(), free_port()
@@ -172,10 +201,12 @@ async def run_row(
                               "presence_window": window, "resume": resume}  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_published, redis_port, crowd)
 
             async def one(index: int) -> None:
                 try:
-                    await member(index, ports[0], ports[1], resume, crowd)
+                    delay = random.uniform(args.reconnect_min, args.reconnect_max)
+                    await member(index, ports[0], ports[1], resume, delay, crowd)
                 except (OSError, trio.BrokenResourceError) as exc:
                     crowd.errors.append(f"u{index}: {exc!r}")
 
@@ -189,6 +220,7 @@ async def run_row(
             result["present_before"] = await presence_total(ports[1])
             result["ramp_s"] = round(time.monotonic() - ramp_started, 1)
             await _quiet(crowd, 1.0, args.timeout)
+            await trio.sleep(2.0)  # the nodes save the sessions the arrival changed
             # The drain: counted from SIGTERM until quiet and every linger is over.
             crowd.counting = True
             started = time.monotonic()
@@ -201,6 +233,7 @@ async def run_row(
             await _quiet(crowd, 2.0, args.timeout)
             last = crowd.last_presence - started if crowd.presence_messages else 0.0
             result["settled_s"] = round(last, 1)
+            result["events_published"] = crowd.published
             result["presence_messages"] = crowd.presence_messages
             result["per_member"] = round(crowd.presence_messages / n, 2)
             result["final_total"] = await presence_total(ports[1])
@@ -279,12 +312,16 @@ def table(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Na
         "loopback): two `trio-cable serve --broker redis` nodes on the server core, "
         f"{args.members} raw ext-json clients on the client core, each present on one public "
         f"stream under its own id. Node A gets SIGTERM ({args.drain_period} s slow drain); "
-        "every client reconnects to node B at once. Counted: presence messages the members "
-        "received from the SIGTERM until the stream was quiet and every linger was over.",
+        "every client reconnects to node B after a delay uniform in "
+        f"[{args.reconnect_min}, {args.reconnect_max}] s (its backoff). Counted: presence "
+        "events the brokers made (joins and leaves published through Redis, each meant for "
+        "every member) and presence messages the members received, from the SIGTERM until the "
+        "stream was quiet and every linger was over.",
         "",
-        "| row | presence-ttl | presence-window | resume | present before | presence messages | "
-        "per member | coalesced (node B) | clients resumed | final total | settled after (s) |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | presence-ttl | presence-window | resume | present before | events made | "
+        "presence messages received | per member | coalesced (node B) | clients resumed | "
+        "final total | settled after (s) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "failed" in r:
@@ -293,6 +330,7 @@ def table(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Na
         lines.append(
             f"| {r['row']} | {r['presence_ttl']:g} | {r['presence_window']:g} | "
             f"{'yes' if r['resume'] else 'no'} | {r['present_before']} | "
+            f"{r['events_published']:,} | "
             f"{r['presence_messages']:,} | {r['per_member']} | "
             f"{r['coalesced_on_b']:,} | {r['resumed']} | {r['final_total']} | {r['settled_s']} |"
         )
@@ -314,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--members", type=int, default=2000)
     parser.add_argument("--drain-period", type=float, default=3.0)
+    parser.add_argument("--reconnect-min", type=float, default=0.5,
+                        help="a client's reconnect delay is uniform in [min, max] s")  # fmt: skip
+    parser.add_argument("--reconnect-max", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="bound of each phase (s)")
     parser.add_argument("--rows", default="", help="comma-separated row numbers (default all)")
     parser.add_argument("--quick", action="store_true",
@@ -336,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [ROWS[int(i) - 1] for i in args.rows.split(",") if i] or ROWS
     results = []
     with tempfile.TemporaryDirectory(prefix="presence-") as tmp:
-        redis_port = free_port()
-        redis = procs.start_redis(redis_server, redis_port, tmp)
+        redis = procs.start_redis(redis_server, tmp)
+        redis_port = redis.port
         try:
             for row in rows:
                 print(f"presence: {row[0]}, {args.members} members ...", file=sys.stderr)
@@ -347,9 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                         check=False, capture_output=True,
                     )  # fmt: skip
                 try:
-                    result = trio.run(
-                        run_row, row, args, f"redis://{HOST}:{redis_port}/0", Path(tmp)
-                    )
+                    result = trio.run(run_row, row, args, redis_port, Path(tmp))
                 except Exception as exc:  # one row's failure is a result, not the end
                     result = {"row": row[0], "members": args.members, "failed": repr(exc)}
                 results.append(result)

@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.output import AVALANCHE_RESULTS_DIR, BENCH_DIR, RESULTS_DIR, RESULTS_MD
 
-ORDER = ["micro", "echo", "broadcast", "wsbench", "memory", "profile"]
+ORDER = ["micro", "echo", "broadcast", "wsbench", "memory", "scale", "profile"]
 
 
 def save(result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
@@ -190,6 +190,40 @@ def section_memory(r: dict[str, Any]) -> list[str]:
     ]
 
 
+SCALE_HEADER = [
+    "target", "conns", "lag p50 / p99 / max (ms)", "churn /s", "churn lag max", "churn GC max",
+    "broadcast p50 / p99", "other client's reply max", "loop lag max meanwhile",
+    "every broadcast, in order",
+]  # fmt: skip
+
+
+def section_scale(r: dict[str, Any]) -> list[str]:
+    def m(stats: dict[str, Any]) -> str:
+        return _f(stats["median"])
+
+    table = [
+        [x["target"], f"{x['conns']:,}",
+         f"{m(x['lag_p50_ms'])} / {m(x['lag_p99_ms'])} / {m(x['lag_max_ms'])}",
+         _f(x["churn_rate"]["median"], 0), m(x["churn_lag_max_ms"]), m(x["churn_gc_max_ms"]),
+         f"{m(x['bcast_p50_ms'])} / {m(x['bcast_p99_ms'])}", m(x["probe_max_ms"]),
+         m(x["bcast_lag_max_ms"]) if "bcast_lag_max_ms" in x else "-",
+         "yes" if x["in_order"] else "**no**"]
+        for x in r["rows"]
+    ]  # fmt: skip
+    limits = r.get("limits", {})
+    return [
+        "## Scale on one process (issue 15)",
+        "",
+        "Idle subscribed connections, default 3 s pings: event-loop lag over the steady window, "
+        "then the same window with connects + disconnects (churn), then broadcasts to all "
+        "(delivery latency; the probe's worst ping / command round trip meanwhile). Limits: "
+        + ", ".join(f"{k} {v:g}" for k, v in limits.items())
+        + ".",
+        "",
+        *_table(SCALE_HEADER, table),
+    ]
+
+
 COMPRESSION_HEADER = [
     "target", "conns", "bytes/recipient", "vs plain", "CPU us/recipient", "vs plain",
     "KiB/conn idle", "vs plain", "missed",
@@ -236,6 +270,7 @@ SECTIONS = {
     "wsbench": section_wsbench,
     "memory": section_memory,
     "compression": section_compression,
+    "scale": section_scale,
     "profile": section_profile,
 }
 

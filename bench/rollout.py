@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -154,6 +155,7 @@ class ClientStats:
     """What one client saw."""
 
     received: dict[int, int] = field(default_factory=dict)  # seq -> times
+    order: list[int] = field(default_factory=list)  # every seq, as it arrived
     subscribed_at: float | None = None
     connects: int = 0
     resumed: int = 0
@@ -170,6 +172,7 @@ class Run:
         self.published: list[tuple[int, float]] = []
         self.stop = False
         self.publishing = True
+        self.t0 = time.time()
 
     async def client(self, stats: ClientStats) -> None:
         sid: str | None = None
@@ -246,6 +249,7 @@ class Run:
                     elif "offset" in message:
                         seq = int(message["message"])
                         stats.received[seq] = stats.received.get(seq, 0) + 1
+                        stats.order.append(seq)
                         position = (message["epoch"], message["offset"])
             except (OSError, EOFError, trio.BrokenResourceError, ValueError):
                 pass
@@ -443,6 +447,7 @@ def summarize(
     rebalance: bool = False,
 ) -> dict[str, Any]:
     lost = duplicated = expected = 0
+    lost_examples: list[dict[str, Any]] = []  # a few clients' lost messages, to look into
     for stats in run.clients:
         if stats.subscribed_at is None:
             continue
@@ -453,6 +458,11 @@ def summarize(
             times = stats.received.get(seq, 0)
             if times == 0:
                 lost += 1
+                if len(lost_examples) < 40:
+                    lost_examples.append(
+                        {"seq": seq, "sent_at": round(sent_at - run.t0, 2),
+                         "client_connects": stats.connects, "resumed": stats.resumed}
+                    )  # fmt: skip
             elif times > 1:
                 duplicated += times - 1
     peak_rate = max((row.get(f"rate{i}") or 0.0 for row in samples for i in range(3)), default=0.0)
@@ -460,9 +470,14 @@ def summarize(
     counts = [final.get(f"n{i}") or 0 for i in range(3)]
     peak_conns = max((row.get(f"n{i}") or 0 for row in samples for i in range(3)), default=0)
     moved = sum(row.get(f"moved{i}") or 0 for row in samples for i in range(3))
-    peak_moved = max(
-        (row.get(f"moved_rate{i}") or 0.0 for row in samples for i in range(3)), default=0.0
-    )
+    # Over windows of at least a second (pairs of samples): the bound is per second, and
+    # half-second samples catch the 0.1 s steps unevenly.
+    peak_moved = 0.0
+    for first, second in itertools.pairwise(samples):
+        span = second["t"] - first["t"] + 0.5
+        for i in range(3):
+            moved_in = (first.get(f"moved{i}") or 0) + (second.get(f"moved{i}") or 0)
+            peak_moved = max(peak_moved, moved_in / max(span, 1.0))
     return {
         "algorithm": algorithm,
         "rebalance": rebalance,
@@ -482,6 +497,7 @@ def summarize(
         "final_connections_per_node": counts,
         "final_imbalance": round(max(counts) / max(1, sum(counts) / 3), 2) if any(counts) else None,
         "events": events,
+        "lost_examples": lost_examples,
         "samples": samples,
     }
 
@@ -587,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="rollout-") as tmp:
         workdir = Path(tmp)
-        redis_port = free_port()
-        redis = procs.start_redis(redis_server, redis_port, tmp)
+        redis = procs.start_redis(redis_server, tmp)
+        redis_port = redis.port
         try:
             modes = {"no": [False], "yes": [True], "both": [False, True]}[args.rebalance]
             for algorithm, rebalance in [(a, r) for a in args.algorithms.split(",") for r in modes]:

@@ -14,6 +14,7 @@ import trio
 
 from tests.browser_support import CHROMIUM, SKIP_REASON, TESTS, chromium_page, static_server
 from tests.conftest import eventually, make_app
+from tests.handoff import hand_over
 from tests.redis_support import REDIS_SERVER, RedisProcess, redis_fixture  # noqa: F401
 from tests.redis_support import SKIP_REASON as NO_REDIS
 from tests.test_interop import node_modules as node_modules_fixture  # noqa: F401
@@ -60,7 +61,7 @@ async def takeover(
             # The port goes to a new node (the old one keeps its client); then the old one
             # drains: the browser is told when to come back (jittered advice), and comes
             # back to the new node, where what it missed comes from history.
-            old.stop_accepting()
+            await hand_over(old)
             new = await nursery.start(Server(node_config(redis, port), make_app()).serve)
             for n in range(6, 9):
                 await new.broadcast(stream, n)
@@ -112,3 +113,46 @@ async def test_anycable_web_over_websocket_gets_every_message_once_in_order_acro
     # subscribes again on the new node, asking history from its last position there.
     assert results["connects"] == 2 and results["events"].count("subscribed") == 2, results
     assert new.metrics.history_served_total == 1 and new.metrics.history_rejected_total == 0
+
+
+async def test_chromium_gets_compressed_broadcasts(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Chromium offers permessage-deflate on its own: with ``--compression`` it gets deflated
+    broadcasts and transmissions (its WebSocket inflates them), and its own long messages come
+    compressed and are inflated by the server."""
+    config = Config(port=0, public_streams=True, compression=True, compression_threshold=64)
+    server = await nursery.start(Server(config, make_app()).serve)
+    url = f"ws://127.0.0.1:{server.port}/cable"
+    identifier = '{"channel":"$pubsub","stream_name":"zipped"}'
+    script = f"""
+        window.results = {{messages: [], confirmed: false}};
+        const ws = new WebSocket({url!r}, ["actioncable-v1-json"]);
+        ws.onmessage = (event) => {{
+            const msg = JSON.parse(event.data);
+            if (msg.type === "welcome")
+                ws.send(JSON.stringify({{command: "subscribe", identifier: {identifier!r}}}));
+            else if (msg.type === "confirm_subscription") results.confirmed = true;
+            else if (msg.identifier && msg.message) results.messages.push(msg.message);
+        }};
+        window.cable = ws;
+        true
+    """
+    async with chromium_page("about:blank", tmp_path / "profile") as browser:
+        await browser.evaluate(script)
+        await browser.wait_for("results.confirmed")
+        before = server.metrics.compressed_frames_total
+        big = [{"n": n, "text": f"compressed words, message {n} " * 40} for n in range(1, 6)]
+        for message in big:
+            await server.broadcast("zipped", message)
+        await browser.wait_for("results.messages.length >= 5")
+        assert await browser.evaluate("results.messages") == big
+        assert server.metrics.compressed_frames_total >= before + 5
+        # The browser's own long message (Chromium compresses
+        # what it sends on a compressed connection); the server inflates it.
+        inflated_before = server.metrics.compressed_messages_total
+        await browser.evaluate(
+            f'cable.send(JSON.stringify({{command: "message", identifier: {identifier!r}, '
+            f'data: JSON.stringify({{action: "nothing", pad: "x".repeat(4000)}})}})); true'
+        )
+        await eventually(
+            lambda: server.metrics.compressed_messages_total > inflated_before, 30, "inflated"
+        )

@@ -96,15 +96,19 @@ class NodeRun:
 
 
 async def run_node(
-    nursery: trio.Nursery, options: dict[str, Any], script: str = "scenario.mjs"
+    nursery: trio.Nursery,
+    options: dict[str, Any],
+    script: str = "scenario.mjs",
+    node_args: tuple[str, ...] = (),
 ) -> NodeRun:
-    """Start the scenario in the background; its lines arrive in the returned NodeRun."""
+    """Start *script* (a scenario, by default) in the background; its lines arrive in the
+    returned NodeRun."""
     assert NODE is not None
     run = NodeRun()
 
     async def drive() -> None:
         process = await trio.lowlevel.open_process(
-            [NODE, script, json.dumps(options)],
+            [NODE, *node_args, script, json.dumps(options)],
             cwd=INTEROP,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tests.conftest import eventually, identifier, make_app
+from tests.handoff import hand_over
 from tests.redis_support import REDIS_SERVER, RedisProcess, redis_fixture  # noqa: F401
 from tests.redis_support import SKIP_REASON as NO_REDIS
 from trio_cable import Config, Server
@@ -182,7 +183,7 @@ async def test_poll_mode_client_resumes_after_a_drain_with_nothing_lost(nursery,
         for n in range(1, 6):
             await old.broadcast("poll/feed", n)
         await receive_until(5)
-        old.stop_accepting()
+        await hand_over(old)
         new = await nursery.start(Server(config(port), make_app()).serve)
         await old.drain()
         for n in range(6, 11):  # while the client is away (or coming back)

@@ -11,8 +11,10 @@ from urllib.parse import quote
 
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from tests.conftest import eventually, identifier, make_app
+from tests.handoff import hand_over
 from trio_cable import Config, Server
 from trio_cable.broker.memory import MemoryBroker
 from trio_cable.client import CableClosed, open_event_stream
@@ -309,7 +311,7 @@ async def test_python_event_stream_follows_a_stream_across_a_drain_and_takeover(
         for n in range(1, 4):
             await old.broadcast("py/feed", n)
         await until(3)
-        old.stop_accepting()
+        await hand_over(old)
         config.port = port
         new = await nursery.start(Server(config, make_app(), broker=broker).serve)
         await old.drain()
@@ -372,3 +374,28 @@ async def test_post_carries_several_subscribes_as_json_lines(sse_server):
     empty = await open_request(url, "POST", [], b"")
     assert (await empty.head()).status == 400
     await empty.aclose()
+
+
+async def test_sse_clients_see_presence_and_whispers_of_their_stream(sse_server):
+    """Presence events are events of their own type; whispers are messages without an id
+    (transient: nothing for Last-Event-ID to come back to)."""
+    sse = await SSEClient.open(sse_server, "stream=room")
+    await sse.until("confirm_subscription")
+    ident = json.dumps({"channel": "$pubsub", "stream_name": "room"})
+    url = f"ws://127.0.0.1:{sse_server.port}/cable"
+    async with open_websocket_url(url, subprotocols=["actioncable-v1-ext-json"]) as ws:
+        await ws.get_message()
+        for command in (
+            {"command": "subscribe", "identifier": ident},
+            {"command": "join", "identifier": ident, "presence": {"id": "42", "info": "ann"}},
+            {"command": "whisper", "identifier": ident, "data": {"typing": True}},
+        ):
+            await ws.send_message(json.dumps(command))
+        joined = (await sse.until("presence"))[-1]
+        assert json.loads(joined.data)["message"] == {"type": "join", "info": "ann", "id": "42"}
+        whisper = await sse.event()
+        while whisper.event == "ping":
+            whisper = await sse.event()
+        assert json.loads(whisper.data)["message"] == {"typing": True}
+        assert whisper.id is not None and whisper.id.startswith("@")  # unchanged: no position
+    await sse.aclose()

@@ -45,6 +45,8 @@ class ConnectRequest:
     remote: str
     subprotocol: str
     sid: str
+    #: The request target as the client sent it (path and query string).
+    target: str = ""
 
     @property
     def cookies(self) -> dict[str, str]:

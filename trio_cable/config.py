@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import hmac
 import math
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +39,9 @@ def _bad(setting: str, detail: str) -> ConfigError:
     """A :class:`ConfigError` about *setting*, worded ``"<setting>: <detail>"``."""
     return ConfigError(f"{setting}: {detail}", setting=setting, detail=detail)
 
+
+#: The ways anycable-rails publications reach the nodes through Redis (``broadcast_adapter``).
+BROADCAST_ADAPTERS = ("redis", "redisx")
 
 #: HMAC-SHA256 keys shorter than this are weaker than the hash (RFC 7518 3.2; PyJWT warns).
 MIN_SECRET_BYTES = 32
@@ -65,7 +70,13 @@ class Config:
     channels: str | None = None
     benchmark_channel: bool = False
     broker: str = "memory"
+    # Worker processes on one port (SO_REUSEPORT) under a supervisor; "auto" is one per core.
+    workers: int = 1
     redis_url: str = "redis://localhost:6379/0"
+    # How anycable-rails publications come in through Redis (AnyCable's names and defaults).
+    broadcast_adapter: str = "redis"
+    redis_channel: str = "__anycable__"
+    redisx_group: str = "bx"
     log_level: str = "info"
     handshake_timeout: float = 10.0
     close_timeout: float = 3.0
@@ -114,6 +125,20 @@ class Config:
     rebalance: bool = False
     rebalance_tolerance: float = 0.15
     rebalance_rate: float = 20.0
+    # The live dashboard at /_dashboard (off by default).
+    dashboard: bool = False
+    dashboard_key: str | None = None
+    # AnyCable HTTP RPC: the application answers connect, commands and disconnect over HTTP.
+    rpc_host: str | None = None
+    rpc_secret: str | None = None
+    rpc_headers: list[str] = field(default_factory=lambda: ["cookie"])
+    rpc_concurrency: int = 28
+    rpc_max_concurrency: int = 128
+    rpc_timeout: float = 3.0
+    rpc_command_timeout: float = 10.0
+    rpc_retries: int = 3
+    rpc_disconnect_rate: float = 100.0
+    rpc_breaker_cooldown: float = 5.0
 
     def __repr__(self) -> str:
         # Secrets never reach a log line, even when a whole Config is logged.
@@ -137,9 +162,24 @@ class Config:
         return self.jwt_secret or self.secret
 
     @property
+    def effective_dashboard_key(self) -> str | None:
+        """Key for the dashboard's data: ``dashboard_key``, else the broadcast key."""
+        return self.dashboard_key or self.effective_broadcast_key
+
+    @property
     def effective_broadcast_key(self) -> str | None:
         """Bearer key for ``POST /_broadcast``: ``broadcast_key``, else ``secret``."""
         return self.broadcast_key or self.secret
+
+    @property
+    def effective_rpc_secret(self) -> str | None:
+        """Bearer key for RPC calls: ``rpc_secret``, else derived from ``secret`` as
+        anycable-go derives it (``hex(HMAC-SHA256(secret, "rpc-cable"))``)."""
+        if self.rpc_secret:
+            return self.rpc_secret
+        if self.secret:
+            return hmac.new(self.secret.encode(), b"rpc-cable", hashlib.sha256).hexdigest()
+        return None
 
     def validate(self) -> Config:
         """Check every setting's range and the settings' consistency; return self so it chains.
@@ -171,6 +211,22 @@ class Config:
             raise _bad("compression_level", f"must be <= 9, not {self.compression_level}")
         if self.broker not in ("memory", "redis"):
             raise _bad("broker", f"unknown broker {self.broker!r} (known: memory, redis)")
+        if self.workers > 1 and self.broker != "redis":
+            raise _bad(
+                "workers",
+                f"{self.workers} workers need --broker redis (workers share broadcasts, "
+                f"history and sessions through it; broker is {self.broker!r})",
+            )
+        if self.broadcast_adapter not in BROADCAST_ADAPTERS:
+            known = ", ".join(BROADCAST_ADAPTERS)
+            raise _bad(
+                "broadcast_adapter", f"unknown adapter {self.broadcast_adapter!r} (known: {known})"
+            )
+        if self.broadcast_adapter == "redisx" and self.broker != "redis":
+            raise _bad("broadcast_adapter", "redisx reads a Redis stream: it needs --broker redis")
+        if not self.redis_channel or not self.redisx_group:
+            raise _bad("redis_channel" if not self.redis_channel else "redisx_group",
+                       "must not be empty")  # fmt: skip
         if self.enforce_jwt and not self.effective_jwt_secret:
             raise _bad("enforce_jwt", "needs a JWT secret: jwt_secret (or secret)")
         if not self.drain_rate and self.drain_period > self.shutdown_timeout:
@@ -182,6 +238,19 @@ class Config:
         if bool(self.tls_cert) != bool(self.tls_key):
             given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             raise _bad(given, f"needs {missing} too (the two go together)")
+        if self.rpc_host is not None and not self.rpc_host.startswith(("http://", "https://")):
+            raise _bad("rpc_host", f"{self.rpc_host!r} must be an http:// or https:// URL")
+        if self.rpc_max_concurrency < self.rpc_concurrency:
+            raise _bad(
+                "rpc_max_concurrency",
+                f"{self.rpc_max_concurrency} is below rpc_concurrency ({self.rpc_concurrency})",
+            )
+        if self.rpc_command_timeout < self.rpc_timeout:
+            raise _bad(
+                "rpc_command_timeout",
+                f"{self.rpc_command_timeout:g} s is shorter than one call (rpc_timeout "
+                f"{self.rpc_timeout:g} s)",
+            )
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise _bad(
                 "log_level",
@@ -246,7 +315,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("channels", "module:attribute naming the application's channels"),
     Setting("benchmark_channel", "enable the built-in BenchmarkChannel"),
     Setting("broker", "broker for broadcasts, history and sessions: memory or redis"),
+    Setting("workers", "worker processes on one port, 'auto': one per core (> 1 needs redis)"),
     Setting("redis_url", "Redis server for --broker redis", secret=True),
+    Setting(
+        "broadcast_adapter",
+        "how anycable-rails publications arrive (--broker redis): redis (PUBLISH to "
+        "--redis-channel; every node delivers, no history) or redisx (XADD to the stream "
+        "--redis-channel; one node takes each and publishes it with history)",
+    ),
+    Setting("redis_channel", "pub/sub channel (redis) or stream (redisx) of publications"),
+    Setting("redisx_group", "redisx: the consumer group the nodes share"),
     Setting("log_level", "debug, info, warning, error"),
     Setting("handshake_timeout", "seconds a client has to finish its HTTP request"),
     Setting("close_timeout", "seconds to wait for the client's close frame"),
@@ -287,8 +365,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("compression_threshold", "messages shorter than this many bytes go uncompressed"),
     Setting("compression_level", "zlib level 1 (fastest) .. 9 (smallest)"),
     Setting("rebalance", "hand connections over the cluster mean on to other nodes"),
-    Setting("rebalance_tolerance", "share over the mean (0.15: 15 %) before a node rebalances"),
+    Setting("rebalance_tolerance", "share over the mean before a node hands on (0.15: 15 pct)"),
     Setting("rebalance_rate", "most rebalancing disconnects per second per node"),
+    Setting("dashboard", "serve the live dashboard at /_dashboard"),
+    Setting(
+        "dashboard_key", "key the dashboard asks for (default: the broadcast key)", secret=True
+    ),
+    Setting("rpc_host", "AnyCable HTTP RPC application, http(s)://host/base (off: in-process)"),
+    Setting("rpc_secret", "bearer key for RPC calls (default: derived from secret)", secret=True),
+    Setting("rpc_headers", "request headers passed to the RPC application, comma separated"),
+    Setting("rpc_concurrency", "RPC calls in flight at first (the adaptive limit starts here)"),
+    Setting("rpc_max_concurrency", "RPC calls in flight at most (the adaptive limit's ceiling)"),
+    Setting("rpc_timeout", "seconds one RPC request may take"),
+    Setting("rpc_command_timeout", "seconds a command may wait for its RPC answer, all retries"),
+    Setting("rpc_retries", "retries of an RPC call never applied (transport error, 429, 503)"),
+    Setting("rpc_disconnect_rate", "disconnect RPC calls per second at most (0: no cap)"),
+    Setting("rpc_breaker_cooldown", "seconds a tripped RPC circuit breaker refuses before a probe"),
 )
 
 _KINDS: dict[str, str] = {}
@@ -311,6 +403,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("close_timeout", 0, ">="),
     ("max_send_queue", 1, ">="),
     ("callback_concurrency", 1, ">="),
+    ("workers", 1, ">="),
     ("drain_period", 0, ">="),
     ("drain_rate", 0, ">="),
     ("shutdown_timeout", 0, ">="),
@@ -340,6 +433,13 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("compression_level", 1, ">="),
     ("rebalance_tolerance", 0, ">"),
     ("rebalance_rate", 0, ">"),
+    ("rpc_concurrency", 1, ">="),
+    ("rpc_max_concurrency", 1, ">="),
+    ("rpc_timeout", 0, ">"),
+    ("rpc_command_timeout", 0, ">"),
+    ("rpc_retries", 0, ">="),
+    ("rpc_disconnect_rate", 0, ">="),
+    ("rpc_breaker_cooldown", 0, ">"),
 )
 assert {name for name, _, _ in _LOWER_BOUNDS} == {
     s.name for s in SETTINGS if s.kind in ("int", "float") and s.name != "port"
@@ -349,10 +449,17 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+#: Settings that also accept the word ``auto``: what it stands for.
+_AUTO: dict[str, Callable[[], Any]] = {"workers": lambda: os.cpu_count() or 1}
+
+
 def parse_value(setting: Setting, raw: Any, source: str | None = None) -> Any:
     """Turn a raw value (a string from the environment or a flag, or a TOML value) into the
     field's type; raise :class:`ConfigError` naming *source* (where the value came from,
     e.g. ``--port``; default: the setting's name) when that is impossible."""
+    auto = _AUTO.get(setting.name)
+    if auto is not None and isinstance(raw, str) and raw.strip().lower() == "auto":
+        return auto()
     try:
         return _parse(setting.kind, raw)
     except ValueError as exc:

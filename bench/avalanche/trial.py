@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,11 @@ from bench import procs
 
 SECRET = "avalanche-bench-secret-0123456789abcdef"  # loopback-only benchmark secret
 _BOOT = 1.5  # seconds for a child process to import trio_cable and start
+#: With this variable set to a directory, the server serves its dashboard (``--dashboard``)
+#: and headless Chromium screenshots it every few seconds while the trial runs, into it.
+DASHBOARD_ENV = "TRIO_CABLE_BENCH_DASHBOARD"
+_DASHBOARD_KEY = "avalanche-bench-dashboard-key-0123456789"
+_SHOT_EVERY = 4.0
 
 
 @dataclass
@@ -119,6 +126,44 @@ def _split(total: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def _dashboard_config() -> dict[str, Any]:
+    if not os.environ.get(DASHBOARD_ENV):
+        return {}
+    return {"dashboard": True, "dashboard_key": _DASHBOARD_KEY}
+
+
+async def _screenshots(port: int, out: Path, tag: str, workdir: Path) -> None:
+    """Open the dashboard in headless Chromium, log in, and keep a screenshot every few
+    seconds (``<tag>-<seconds>.png``) until cancelled with the trial.  Never fails a trial:
+    a browser problem is reported and the trial goes on."""
+    from bench.browser import CHROMIUM, chromium_page
+
+    if CHROMIUM is None:
+        print("dashboard screenshots: chromium is not installed", file=sys.stderr)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        async with chromium_page(
+            f"http://127.0.0.1:{port}/_dashboard", workdir / f"{tag}.chromium"
+        ) as page:
+            await page.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=1500, height=1150, deviceScaleFactor=1, mobile=False,
+            )  # fmt: skip
+            await page.wait_for("document.getElementById('key')")
+            await page.evaluate(
+                f"document.getElementById('key').value = {_DASHBOARD_KEY!r};"
+                "document.getElementById('login').requestSubmit(); true"
+            )
+            while True:
+                await trio.sleep(_SHOT_EVERY)
+                elapsed = int(time.monotonic() - started)
+                (out / f"{tag}-{elapsed:03d}.png").write_bytes(await page.screenshot())
+    except Exception as exc:  # a screenshot is a bonus, never the trial's failure
+        print(f"dashboard screenshots stopped: {exc!r}", file=sys.stderr)
+
+
 async def run_trial(
     spec: TrialSpec, workdir: Path, on_progress: Callable[[str, int, int], None] | None = None
 ) -> dict[str, Any]:
@@ -129,7 +174,7 @@ async def run_trial(
     tag = spec.name.replace(" ", "_").replace("+", "p").replace("/", "_")
     server_spec = {
         "port": port,
-        "config": {"log_level": "warning", **spec.server},
+        "config": {"log_level": "warning", **spec.server, **_dashboard_config()},
         "cost": spec.cost,
         "streams": spec.streams,
         "msg_interval": spec.msg_interval,
@@ -195,6 +240,9 @@ async def run_trial(
 
             for k, gen in enumerate(gens):
                 nursery.start_soon(gen.pump, lambda item, k=k: on_status(item, k))
+            shots = os.environ.get(DASHBOARD_ENV)
+            if shots:
+                nursery.start_soon(_screenshots, port, Path(shots), tag, workdir)
 
             async def until(condition: Callable[[], bool], phase: str, timeout: float) -> bool:
                 with trio.move_on_after(timeout):

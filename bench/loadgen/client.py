@@ -108,12 +108,17 @@ def cable_action(action: str, **data: object) -> bytes:
 _RETRIES = 20
 
 
-async def connect_one(url: str, dialect: str, compression: bool = False) -> Client:
+async def connect_one(
+    url: str, dialect: str, compression: bool = False, *, source: str | None = None,
+    identifier: str = IDENTIFIER, client: Client | None = None,
+) -> Client:  # fmt: skip
     """Open one connection, retrying a refused handshake (503/429) with jittered backoff;
-    with *compression*, offering permessage-deflate."""
+    with *compression*, offering permessage-deflate; from the local address *source* if
+    given (every 127.0.0.x is the loopback: each has its own ephemeral ports); in the cable
+    dialect subscribed to *identifier*; *client* is the listener to use (cable dialect)."""
     for attempt in range(_RETRIES):
         try:
-            return await _connect_once(url, dialect, compression)
+            return await _connect_once(url, dialect, compression, source, identifier, client)
         except WSInvalidStatusError:
             if attempt == _RETRIES - 1:
                 raise
@@ -121,32 +126,37 @@ async def connect_one(url: str, dialect: str, compression: bool = False) -> Clie
     raise AssertionError("unreachable")
 
 
-async def _connect_once(url: str, dialect: str, compression: bool = False) -> Client:
+async def _connect_once(
+    url: str, dialect: str, compression: bool = False, source: str | None = None,
+    identifier: str = IDENTIFIER, listener: Client | None = None,
+) -> Client:  # fmt: skip
     """Open one connection; in the cable dialect also wait for welcome and subscribe."""
     offer = {"Sec-WebSocket-Extensions": DEFLATE_OFFER} if compression else {}
+    local = {"local_addr": (source, 0)} if source else {}
     if dialect == "cable":
-        client = Client()
+        client = listener or Client()
         welcome = client.expect(b'"welcome"')
         headers = {"Sec-WebSocket-Protocol": CABLE_SUBPROTOCOL, **offer}
-        await ws_connect(lambda: client, url, extra_headers=headers)
+        await ws_connect(lambda: client, url, extra_headers=headers, **local)
         await welcome
         confirmed = client.expect(b'"confirm_subscription"')
-        client.send_text(cable_command("subscribe"))
+        client.send_text(json.dumps({"command": "subscribe", "identifier": identifier}).encode())
         await confirmed
         return client
-    _t, made = await ws_connect(Client, url, extra_headers=offer or None)
+    _t, made = await ws_connect(Client, url, extra_headers=offer or None, **local)
     return made  # type: ignore[no-any-return]
 
 
 async def connect_many(
-    url: str, dialect: str, count: int, concurrency: int = 200, compression: bool = False
-) -> list[Client]:
+    url: str, dialect: str, count: int, concurrency: int = 200, compression: bool = False,
+    source: str | None = None,
+) -> list[Client]:  # fmt: skip
     """Open *count* connections, at most *concurrency* handshakes at a time."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one() -> Client:
         async with gate:
-            return await connect_one(url, dialect, compression)
+            return await connect_one(url, dialect, compression, source=source)
 
     async with asyncio.timeout(_CONNECT_TIMEOUT + count / 200):
         return list(await asyncio.gather(*(one() for _ in range(count))))

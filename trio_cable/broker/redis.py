@@ -22,7 +22,12 @@ Layout in Redis (``prefix`` defaults to ``trio_cable``):
 ``<prefix>:pi:<stream>`` presence: hash presence id -> info JSON ("" for none).
 ``<prefix>:pexp``        presence: zset of lingering records (``<sid>\n<stream>``), scored by
                          the deadline (unix ms); every node sweeps it.
-``__anycable__``         publications of anycable-rails apps (``PUBLISH __anycable__``).
+``<prefix>:workers:<group>``  hash of the metrics snapshots of one supervisor's workers
+                         (``trio-cable serve --workers N``): a field per live worker, plus
+                         ``retired`` (the counters of workers that left) and
+                         ``gone:<worker>`` markers; expires when no worker writes any more.
+``__anycable__``         publications of anycable-rails apps: a pub/sub channel (``redis``
+                         adapter) or a Redis Stream read by the group ``bx`` (``redisx``).
 
 The stream name is the keys' hash tag (``{...}``), so on a Redis Cluster the two keys the
 publish script touches live in one slot.  The first ``{`` of both keys is the one before the
@@ -72,10 +77,24 @@ with no position.  Presence changes run one script each, which publishes the ``j
 ``leave`` event itself when the change makes one (an id new to the stream, its last session
 gone): every node sees the same de-duplicated events in the order Redis applied them.
 
-``__anycable__`` publications are delivered by every node to its local clients without a
-stream position and are not stored (AnyCable's fan-out ``redis`` broadcaster semantics: each
-node receives every message, so storing it would store it once per node).  Node commands
-(remote disconnect) reach every node.
+anycable-rails publications come in one of two ways (``broadcast_adapter``, AnyCable's
+names; the channel or stream is ``anycable_channel``, ``__anycable__`` by default):
+
+- ``redis``: ``PUBLISH __anycable__ <publication>``.  Every node receives every message and
+  delivers it to its local clients without a stream position, and none stores it (storing
+  it would store it once per node): no history, no resume of what was missed.
+- ``redisx``: ``XADD __anycable__ * payload <publication>`` (AnyCable's Redis Streams
+  broadcaster).  The nodes read the stream in one consumer group (``redisx_group``, ``bx``),
+  so exactly one node takes each entry; it publishes the publication through this broker
+  (history, offsets, every node), then acknowledges and deletes the entry.  The group is
+  created with the stream if neither exists yet (``XGROUP CREATE ... $ MKSTREAM``: what was
+  added before the first node ever ran is not replayed, as in AnyCable), and again if the
+  stream is deleted later.  An entry a node took but never acknowledged (it died) is claimed
+  by another node after ``redisx_claim_idle`` seconds: at least once, never lost.  Entries
+  are published in stream order by each node; two nodes taking consecutive entries of one
+  stream may publish them in either order (their offsets say which).
+
+Node commands (remote disconnect) in either reach every node.
 
 Faults: Redis unreachable at start raises :class:`RedisUnavailable` (a
 :class:`~trio_cable.config.ConfigError`).  Lost while running: the node keeps serving its
@@ -107,6 +126,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 import secrets
 import time
@@ -117,7 +137,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 import coredis
 import trio
 from coredis.connection import TCPLocation
-from coredis.exceptions import NoScriptError
+from coredis.exceptions import (
+    NoScriptError,
+    StreamConsumerGroupError,
+    StreamDuplicateConsumerGroupError,
+)
 from coredis.pool import ConnectionPool, SentinelConnectionPool
 from coredis.retry import NoRetryPolicy
 
@@ -157,8 +181,11 @@ _coredis_log = logging.getLogger("coredis")
 if not any(isinstance(f, _CoredisLogFilter) for f in _coredis_log.filters):
     _coredis_log.addFilter(_CoredisLogFilter())
 
-#: Channel anycable-rails publishes to.
+#: Channel (``redis``) or stream (``redisx``) anycable-rails publishes to.
 ANYCABLE_CHANNEL = "__anycable__"
+#: The ways publications arrive (see the module docstring).
+ADAPTERS = ("redis", "redisx")
+_REDISX_BATCH = 100  # entries read at once
 _META_MIN_TTL = 86400.0  # offsets survive at least a day without publications
 _BACKOFF_MAX = 5.0
 
@@ -294,6 +321,31 @@ if tonumber(ARGV[1]) > 0 then
   entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
 end
 return {meta[1], meta[2], now[1], now[2], entries}
+"""
+
+
+# KEYS: the group's hash.  ARGV: member, snapshot JSON, ttl ms.  Refuses (0) a member that
+# was retired (a worker that stalled past the staleness limit must not be counted twice).
+_PUT_SNAPSHOT = """
+if redis.call('HEXISTS', KEYS[1], 'gone:' .. ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: the group's hash.  ARGV: member, the snapshot expected ('' = any).  Moves the
+# member's counters into ``retired`` and marks it gone, in one step (two workers may notice
+# the same stale member at once: only one adds it).
+_RETIRE_SNAPSHOT = """
+local text = redis.call('HGET', KEYS[1], ARGV[1])
+if not text or (ARGV[2] ~= '' and text ~= ARGV[2]) then return 0 end
+local counters = cjson.decode(text)['counters']
+local raw = redis.call('HGET', KEYS[1], 'retired')
+local total = raw and cjson.decode(raw) or {}
+for key, value in pairs(counters) do total[key] = (total[key] or 0) + value end
+redis.call('HSET', KEYS[1], 'retired', cjson.encode(total), 'gone:' .. ARGV[1], '1')
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
 """
 
 
@@ -441,7 +493,14 @@ class RedisBroker(LocalNodes):
         heartbeat: float = 1.0,
         max_connections: int = 32,
         barrier_timeout: float = 1.0,
+        broadcast_adapter: str = "redis",
+        anycable_channel: str = ANYCABLE_CHANNEL,
+        redisx_group: str = "bx",
+        redisx_block: float = 1.0,
+        redisx_claim_idle: float = 10.0,
     ) -> None:
+        if broadcast_adapter not in ADAPTERS:
+            raise ValueError(f"broadcast_adapter {broadcast_adapter!r}: one of {ADAPTERS}")
         super().__init__()
         self.url = url
         try:
@@ -458,6 +517,14 @@ class RedisBroker(LocalNodes):
         self.heartbeat = heartbeat
         self.max_connections = max_connections
         self.barrier_timeout = barrier_timeout
+        self.broadcast_adapter = broadcast_adapter
+        self.anycable_channel = anycable_channel
+        self.redisx_group = redisx_group
+        #: How long one ``XREADGROUP`` blocks (seconds): how soon a stop or a claim is seen.
+        self.redisx_block = redisx_block
+        #: An entry taken this long ago (seconds) and not acknowledged is another node's to
+        #: take: its taker died or lost Redis.
+        self.redisx_claim_idle = redisx_claim_idle
         self.node_id = secrets.token_hex(6)
         self.channel = f"{prefix}:pubsub"
         self.ping_channel = f"{prefix}:ping:{self.node_id}"
@@ -473,6 +540,9 @@ class RedisBroker(LocalNodes):
                 "local_fallback_broadcasts",
                 "anycable_publications",
                 "anycable_invalid",
+                "redisx_entries",
+                "redisx_claimed",
+                "redisx_failures",
                 "stream_gaps",
                 "barrier_timeouts",
                 "presence_retries",
@@ -517,14 +587,16 @@ class RedisBroker(LocalNodes):
     # -- running -------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _connect(self) -> AsyncIterator[Any]:
-        """A command client for :attr:`url`'s deployment, open while the block runs.
+    async def _connect(self, blocking: float = 0.0) -> AsyncIterator[Any]:
+        """A command client for :attr:`url`'s deployment, open while the block runs; its
+        every reply comes within ``command_timeout`` (plus *blocking* seconds, for a client
+        that sends blocking reads).
 
         Every client has the broker's timeouts and no retries (see the module docstring);
         the Sentinel one follows failovers (its pool asks the sentinels where the primary is
         whenever it connects), the Cluster one follows slot moves."""
         target = self.target
-        connect, stream = self.connect_timeout, self.command_timeout
+        connect, stream = self.connect_timeout, self.command_timeout + blocking
         if target.kind == "sentinel":
             sentinel: coredis.Sentinel[bytes] = coredis.Sentinel(
                 [TCPLocation(host, port) for host, port in target.hosts],
@@ -599,15 +671,21 @@ class RedisBroker(LocalNodes):
                 async with self._connect() as client:
                     self._client = client
                     await self._check_server(client, where)
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(self._pubsub_loop)
-                        nursery.start_soon(self._heartbeat_loop)
-                        nursery.start_soon(self._presence_sweep_loop)
-                        nursery.start_soon(self._presence_writer)
-                        self._ready.set()
-                        started = True
-                        log.info("redis broker connected to %s (node %s)", where, self.node_id)
-                        task_status.started()
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(self._pubsub_loop)
+                            nursery.start_soon(self._heartbeat_loop)
+                            nursery.start_soon(self._presence_sweep_loop)
+                            nursery.start_soon(self._presence_writer)
+                            if self.broadcast_adapter == "redisx":
+                                nursery.start_soon(self._redisx_loop)
+                            self._ready.set()
+                            started = True
+                            log.info("redis broker connected to %s (node %s)", where, self.node_id)
+                            task_status.started()
+                    finally:
+                        if started:
+                            await self._flush_presence()
         except RedisUnavailable:
             raise
         except BaseException as exc:
@@ -678,8 +756,11 @@ class RedisBroker(LocalNodes):
         """One pub/sub connection: subscribe, read until the link fails."""
         with _quiet_teardown():
             async with self._connect() as client:
+                channels = [self.channel, self.ping_channel]
+                if self.broadcast_adapter == "redis":
+                    channels.append(self.anycable_channel)
                 pubsub = client.pubsub(
-                    channels=[self.channel, self.ping_channel, ANYCABLE_CHANNEL],
+                    channels=channels,
                     retry_policy=NoRetryPolicy(),
                     ignore_subscribe_messages=True,
                     subscription_timeout=self.connect_timeout + self.command_timeout,
@@ -735,7 +816,7 @@ class RedisBroker(LocalNodes):
                         self._markers_seen.clear()  # only waiters' markers matter, briefly
                     self._markers_seen.add(int(raw[1:]))
                     self._wake_barriers()
-            elif channel == ANYCABLE_CHANNEL:
+            elif channel == self.anycable_channel:
                 self._on_anycable(raw)
         except Exception:
             # A bad message must cost that message, never the link.
@@ -775,7 +856,7 @@ class RedisBroker(LocalNodes):
             items = cable.parse_publications(raw)
         except cable.InvalidCommand as exc:
             self.stats["anycable_invalid"] += 1
-            log.warning("bad publication on %s: %s", ANYCABLE_CHANNEL, exc.reason)
+            log.warning("bad publication on %s: %s", self.anycable_channel, exc.reason)
             return
         self.stats["anycable_publications"] += len(items)
         for item in items:
@@ -785,6 +866,116 @@ class RedisBroker(LocalNodes):
                     on_command(command)
             else:
                 self._deliver(Broadcast(item.stream, item.data, None, None, item.exclude_socket))
+
+    # -- redisx: publications from a Redis stream, one node each ------------------------
+
+    async def _redisx_loop(self) -> None:
+        """Consume the publications stream in the nodes' group until cancelled; after a
+        failure (Redis gone, a bad reply) start again with jittered exponential backoff."""
+        delay = 0.1
+        while True:
+            started = trio.current_time()
+            try:
+                await self._redisx_session()
+            except BaseException as exc:
+                if any(isinstance(e, trio.Cancelled) for e in _leaves(exc)):
+                    await self._redisx_leave()
+                    raise
+                self.stats["redisx_failures"] += 1
+                log.warning("redisx: reading %r failed (%s); retrying",
+                            self.anycable_channel, _describe(exc))  # fmt: skip
+            if trio.current_time() - started > _BACKOFF_MAX:
+                delay = 0.1  # it had been working: this is a new outage
+            await trio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _redisx_session(self) -> None:
+        # A client of its own: its reads block for redisx_block, which the command client's
+        # reply timeout would not allow.
+        key, group, consumer = self.anycable_channel, self.redisx_group, self.node_id
+        claim_ms = max(1, int(self.redisx_claim_idle * 1000))
+        with _quiet_teardown():
+            async with self._connect(blocking=self.redisx_block) as client:
+                await self._redisx_group(client)
+                last_claim = -math.inf
+                while True:
+                    try:
+                        if trio.current_time() - last_claim >= self.redisx_claim_idle / 2:
+                            # Entries another node took and never acknowledged.
+                            last_claim = trio.current_time()
+                            claimed = await client.xautoclaim(
+                                key, group, consumer, claim_ms, "0-0", count=_REDISX_BATCH
+                            )
+                            entries = tuple(claimed[1])
+                            if entries:
+                                self.stats["redisx_claimed"] += len(entries)
+                                log.info("redisx: claimed %d entries of a node gone quiet",
+                                         len(entries))  # fmt: skip
+                                await self._redisx_take(client, entries)
+                        reply = await client.xreadgroup(
+                            group, consumer, {key: ">"}, count=_REDISX_BATCH,
+                            block=max(1, int(self.redisx_block * 1000)),
+                        )  # fmt: skip
+                    except StreamConsumerGroupError:
+                        # NOGROUP: the stream (and its group) was deleted since.
+                        await self._redisx_group(client)
+                        continue
+                    for entries in (reply or {}).values():
+                        await self._redisx_take(client, entries)
+
+    async def _redisx_leave(self) -> None:
+        """Stopping: remove this node's consumer from the group unless it holds entries it
+        never acknowledged (those stay for another node to claim).  Best effort."""
+        client = self._client
+        if client is None:
+            return
+        key, group = self.anycable_channel, self.redisx_group
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(self.command_timeout),
+            contextlib.suppress(Exception),
+        ):
+            held = await client.xpending(key, group, "-", "+", 1, consumer=self.node_id)
+            if not held:
+                await client.xgroup_delconsumer(key, group, self.node_id)
+
+    async def _redisx_group(self, client: coredis.Redis[bytes]) -> None:
+        """Create the consumer group, and the stream with it, unless it exists."""
+        try:
+            await client.xgroup_create(self.anycable_channel, self.redisx_group, "$", mkstream=True)
+            log.info("redisx: created consumer group %r of stream %r",
+                     self.redisx_group, self.anycable_channel)  # fmt: skip
+        except StreamDuplicateConsumerGroupError:
+            pass  # another node (or an earlier run) made it
+
+    async def _redisx_take(self, client: coredis.Redis[bytes], entries: Any) -> None:
+        """Publish each entry's publications through the broker (history, every node),
+        then acknowledge and delete it.  An entry without a valid ``payload`` is counted,
+        logged and acknowledged: it would fail the same way on every node, forever."""
+        key, group = self.anycable_channel, self.redisx_group
+        for entry in entries:
+            fields = {_text(k): v for k, v in (entry.field_values or {}).items()}
+            payload = fields.get("payload")
+            self.stats["redisx_entries"] += 1
+            try:
+                if payload is None:
+                    raise cable.InvalidCommand("no payload field")
+                items = cable.parse_publications(
+                    payload if isinstance(payload, bytes) else str(payload).encode()
+                )
+            except cable.InvalidCommand as exc:
+                self.stats["anycable_invalid"] += 1
+                log.warning("bad publication in stream %s (entry %s): %s",
+                            key, _text(entry.identifier), exc.reason)  # fmt: skip
+                items = []
+            self.stats["anycable_publications"] += len(items)
+            for item in items:
+                if isinstance(item, cable.RemoteCommand):
+                    await self.publish_command(item.to_dict())
+                else:
+                    await self.publish(item.stream, item.data, item.exclude_socket)
+            await client.xack(key, group, [entry.identifier])
+            await client.xdel(key, [entry.identifier])
 
     def _deliver(self, broadcast: Broadcast) -> None:
         for deliver in list(self._nodes):
@@ -910,7 +1101,11 @@ class RedisBroker(LocalNodes):
         """Queue a presence change for the writer: sessions do not wait for Redis (a burst
         of thousands would otherwise hold as many pool slots), and one script applies a
         batch of them in order."""
-        if len(self._presence_queue) >= _PRESENCE_QUEUE_MAX:
+        if len(self._presence_queue) >= _PRESENCE_QUEUE_MAX or self.target.kind == "cluster":
+            # (A Cluster cannot run the batch: it spans streams, whose keys live on other
+            # shards.  Presence there is not supported yet: said once, counted.)
+            if self.target.kind == "cluster" and not self.stats["presence_dropped"]:
+                log.warning("presence is not supported on a Redis Cluster: changes dropped")
             self.stats["presence_dropped"] += 1
             return
         self._presence_queue.append([str(part) for part in change])
@@ -936,25 +1131,45 @@ class RedisBroker(LocalNodes):
                 await self._presence_wakeup.wait()
                 self._presence_wakeup = trio.Event()
                 continue
-            batch = queue[:_PRESENCE_BATCH_MAX]
-            args: list[Any] = [self._presence_prefix, self.channel]
-            for change in batch:
-                args.extend(change)
             try:
-                await self._presence_script(_PRESENCE_BATCH, args)
+                await self._apply_presence()
             except Exception as exc:
                 self.stats["presence_retries"] += 1
-                log.warning(
-                    "presence: %d changes not applied (%s): sent again", len(batch), _describe(exc)
-                )
+                log.warning("presence: changes not applied (%s): sent again", _describe(exc))
                 await trio.sleep(pause)
                 pause = min(pause * 2, _BACKOFF_MAX)
                 continue
             pause = 0.05
-            del queue[: len(batch)]
-            self._presence_written += len(batch)
-            self._presence_flushed.set()
-            self._presence_flushed = trio.Event()
+
+    async def _apply_presence(self) -> None:
+        """Apply the first batch of the queue (and take it off), or raise."""
+        queue = self._presence_queue
+        batch = queue[:_PRESENCE_BATCH_MAX]
+        args: list[Any] = [self._presence_prefix, self.channel]
+        for change in batch:
+            args.extend(change)
+        await self._presence_script(_PRESENCE_BATCH, args)
+        del queue[: len(batch)]
+        self._presence_written += len(batch)
+        self._presence_flushed.set()
+        self._presence_flushed = trio.Event()
+
+    async def _flush_presence(self) -> None:
+        """The node stops: apply what is still queued (the leaves and lingers of the
+        sessions its drain closed), bounded and shielded.  What is lost here stays present
+        in Redis until the stream's presence keys are dropped, so it is logged."""
+        queue = self._presence_queue
+        with trio.CancelScope(shield=True), trio.move_on_after(self.command_timeout * 2):
+            while queue:
+                try:
+                    await self._apply_presence()
+                except Exception as exc:
+                    log.warning("presence: could not apply changes at stop: %s", _describe(exc))
+                    break
+        if queue:
+            self.stats["presence_dropped"] += len(queue)
+            log.warning("presence: %d changes not applied before the broker stopped", len(queue))
+            queue.clear()
 
     async def _presence_caught_up(self) -> None:
         """Wait (bounded) until the changes queued so far are applied: this node reads its
@@ -1102,6 +1317,36 @@ class RedisBroker(LocalNodes):
             return None
         data = json.loads(raw)
         return data if isinstance(data, dict) else None
+
+    # -- the workers of one supervisor (trio_cable.server.cluster) ---------------------
+
+    def workers_key(self, group: str) -> str:
+        """The hash holding the metrics snapshots of supervisor *group*'s workers."""
+        return f"{self.prefix}:workers:{group}"
+
+    async def put_worker_snapshot(self, group: str, member: str, text: str, ttl: float) -> bool:
+        """Store worker *member*'s snapshot (JSON with a ``counters`` object); False when
+        *member* was retired meanwhile (see :meth:`retire_worker_snapshot`)."""
+        args = [member, text, max(1, int(ttl * 1000))]
+        with trio.fail_after(self.command_timeout + self.connect_timeout):
+            stored = await self._script(_PUT_SNAPSHOT, [self.workers_key(group)], args)
+        return bool(stored)
+
+    async def worker_snapshots(self, group: str) -> dict[str, str]:
+        """Every field of *group*'s hash: member -> snapshot, ``retired``, ``gone:*``."""
+        with trio.fail_after(self.command_timeout + self.connect_timeout):
+            raw = await self.client.hgetall(self.workers_key(group))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def retire_worker_snapshot(
+        self, group: str, member: str, expected: str | None = None
+    ) -> bool:
+        """Add *member*'s counters to the group's ``retired`` total and forget it (only if
+        its snapshot is still *expected*, when given); True when this call did it."""
+        args = [member, expected or ""]
+        with trio.fail_after(self.command_timeout + self.connect_timeout):
+            done = await self._script(_RETIRE_SNAPSHOT, [self.workers_key(group)], args)
+        return bool(done)
 
     # -- for tests and tools ------------------------------------------------------------
 

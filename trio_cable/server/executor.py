@@ -3,8 +3,8 @@
 The session decides *what* happens (the protocol); the executor runs the application's part
 of it: identify a connection, confirm or reject a subscription, run an action, say goodbye.
 :class:`ChannelExecutor` runs in-process :class:`~trio_cable.channels.Channel` classes on this
-Trio loop; an HTTP RPC executor (AnyCable's) will implement the same :class:`Executor`
-protocol.
+Trio loop; :class:`~trio_cable.server.rpc_executor.RpcExecutor` asks an application over
+AnyCable's HTTP RPC, behind the same :class:`Executor` protocol.
 
 Two policies live here, once:
 
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -36,11 +37,58 @@ from trio_cable.channels import (
     maybe_await,
 )
 from trio_cable.metrics import Metrics
+from trio_cable.protocol.codes import CloseCode, DisconnectReason
 from trio_cable.server.transport import Work
 
-__all__ = ["ChannelExecutor", "Executor"]
+__all__ = ["ChannelExecutor", "Connected", "Connection", "Executor", "Refused"]
 
 log = logging.getLogger("trio_cable.executor")
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The application accepted a connection."""
+
+    identifiers: dict[str, Any]
+    #: Messages for the client, sent after its welcome.
+    transmissions: Sequence[dict[str, Any]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The application did not accept a connection: the session closes it so."""
+
+    reason: DisconnectReason = DisconnectReason.UNAUTHORIZED
+    reconnect: bool = False
+    code: int = CloseCode.NORMAL
+    #: The ``reconnect_after`` advice (ms), for a refusal that says "come back later".
+    reconnect_after_ms: int | None = None
+
+
+#: What an executor's connect says: the unauthorized refusal is the common one.
+UNAUTHORIZED = Refused()
+
+
+class Connection(ChannelHost, Protocol):
+    """What an executor may use of a connection (the session implements it)."""
+
+    #: The client's IP address.
+    ip: str
+    #: The executor's own state for this connection (from :meth:`Executor.open`).
+    app_state: Any
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send an Action Cable message to the client."""
+
+    def close(
+        self,
+        reason: DisconnectReason | None = None,
+        *,
+        reconnect: bool = True,
+        code: int = CloseCode.NORMAL,
+        reconnect_after_ms: int | None = None,
+    ) -> None:
+        """End the connection (after the command being handled)."""
 
 
 class Executor(Protocol):
@@ -49,6 +97,23 @@ class Executor(Protocol):
     #: The server-wide limit on application callbacks running at once.
     limiter: trio.CapacityLimiter
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The executor's background work, for the node's nursery (started once)."""
+
+    async def flush(self) -> None:
+        """Return once the work owed for ended connections is done (a drain waits for it,
+        within its shutdown timeout)."""
+
+    def open(self, request: ConnectRequest, conn: Connection) -> Any:
+        """The executor's state for a new connection (kept as ``conn.app_state``)."""
+
+    def resume(self, state: Any, saved: Any) -> Any:
+        """The state of a restored connection: *state* from :meth:`open`, updated with what
+        :meth:`saved` returned for the session that is being restored."""
+
+    def saved(self, state: Any) -> Any:
+        """*state* as plain data stored with a resumable session (None: nothing to keep)."""
+
     def channel(
         self, host: ChannelHost, identifier: str, name: str, params: dict[str, Any]
     ) -> Channel | None:
@@ -56,9 +121,8 @@ class Executor(Protocol):
         No application code runs (a restored session uses this without callbacks)."""
         ...
 
-    async def connect(self, request: ConnectRequest, who: object) -> dict[str, Any] | None:
-        """The identifiers of a new connection, or None when the application refuses it.
-        *who* names the connection in logs."""
+    async def connect(self, request: ConnectRequest, conn: Connection) -> Connected | Refused:
+        """Identify a new connection (not called for JWT-identified or restored ones)."""
         ...
 
     async def subscribe(self, channel: Channel) -> bool:
@@ -77,6 +141,10 @@ class Executor(Protocol):
     async def perform(self, channel: Channel, action: str, data: dict[str, Any]) -> None:
         """Run an action."""
 
+    async def disconnect(self, conn: Connection, channels: Sequence[Channel]) -> None:
+        """The connection has ended; *channels* were its subscriptions (their streams are
+        already stopped), most recent first."""
+
 
 class ChannelExecutor:
     """Runs in-process channel classes: the registry and its callbacks."""
@@ -94,6 +162,21 @@ class ChannelExecutor:
         self.channels = dict(channels)
         self.limiter = limiter
         self.metrics = metrics
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # nothing runs in the background
+
+    async def flush(self) -> None:
+        return None  # callbacks run before a connection is gone
+
+    def open(self, request: ConnectRequest, conn: Connection) -> None:
+        return None  # in-process callbacks read the request itself
+
+    def resume(self, state: Any, saved: Any) -> None:
+        return None
+
+    def saved(self, state: Any) -> None:
+        return None
 
     def lookup(self, name: str) -> type[Channel] | None:
         """The channel class clients reach with ``"channel": name``."""
@@ -122,10 +205,10 @@ class ChannelExecutor:
             self.metrics.callback_errors_total += 1
             return False, None
 
-    async def connect(self, request: ConnectRequest, who: object) -> dict[str, Any] | None:
+    async def connect(self, request: ConnectRequest, conn: Connection) -> Connected | Refused:
         callback = self.app.connect_callback
         if callback is None:
-            return {}
+            return Connected({})
 
         async def identify() -> Any:
             try:
@@ -133,10 +216,10 @@ class ChannelExecutor:
             except Unauthorized:
                 return False  # a refusal, not an error
 
-        ok, result = await self._call(True, lambda: f"{who!r}: connect callback", identify)
+        ok, result = await self._call(True, lambda: f"{conn!r}: connect callback", identify)
         if not ok or result is False:
-            return None
-        return dict(result or {})
+            return UNAUTHORIZED
+        return Connected(dict(result or {}))
 
     async def subscribe(self, channel: Channel) -> bool:
         ok, _ = await self._call(
@@ -161,6 +244,10 @@ class ChannelExecutor:
         )
         if ok and not found:
             log.info("%r: %s has no action %r", channel.host, type(channel).__name__, action[:100])
+
+    async def disconnect(self, conn: Connection, channels: Sequence[Channel]) -> None:
+        for channel in channels:
+            await self.unsubscribe(channel)
 
     def perform_now(self, channel: Channel, action: str, data: dict[str, Any]) -> bool | Work:
         method = channel.sync_action(action)

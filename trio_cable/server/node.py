@@ -26,7 +26,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
@@ -49,6 +49,7 @@ from trio_cable.protocol.handshake import (
     origin_allowed,
     request_from_h11,
 )
+from trio_cable.server import dashboard
 from trio_cable.server.admission import (
     AdaptiveLimits,
     TokenBucket,
@@ -57,7 +58,7 @@ from trio_cable.server.admission import (
 )
 from trio_cable.server.drain import Drainer
 from trio_cable.server.echo import EchoSession
-from trio_cable.server.executor import ChannelExecutor
+from trio_cable.server.executor import ChannelExecutor, Executor
 from trio_cable.server.gc_control import GcControl
 from trio_cable.server.housekeeping import PingRounds
 from trio_cable.server.http import (
@@ -73,6 +74,7 @@ from trio_cable.server.hub import Hub
 from trio_cable.server.presence import InfoAnswers, PresenceCoalescer
 from trio_cable.server.reactor import Reactor, reactor_available
 from trio_cable.server.rebalance import Rebalancer
+from trio_cable.server.rpc_executor import RpcExecutor
 from trio_cable.server.session import Session
 from trio_cable.server.sockio import close_socket, send_all, tls_handshake
 from trio_cable.server.transport import WireFormat
@@ -95,6 +97,9 @@ from trio_cable.server.transports.websocket import (
     WebSocketContext,
     WebSocketTransport,
 )
+
+if TYPE_CHECKING:
+    from trio_cable.server.cluster import WorkerGroup
 
 log = logging.getLogger("trio_cable")
 
@@ -178,6 +183,15 @@ def _raise_open_file_limit() -> int:
     return soft
 
 
+def _since(query: dict[str, str]) -> float:
+    """``?since=`` of ``/metrics/samples``: a :func:`time.monotonic` time (0: everything)."""
+    try:
+        value = float(query.get("since", "0"))
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
 class Server:
     """A trio_cable server node.  Start it with ``await nursery.start(server.serve)``."""
 
@@ -193,9 +207,11 @@ class Server:
         *,
         broker: Broker | None = None,
         listen_socket: socket.socket | None = None,
+        label: str = "trio_cable",
     ) -> None:
         """*listen_socket*, when given, is an already bound and listening socket to serve on
-        (a supervisor's, or one handed over by a node being replaced)."""
+        (a supervisor's, or one handed over by a node being replaced).  *label* names the
+        node in its log (``trio_cable worker 1``)."""
         self.config = config = (config or Config()).validate()
         self.app = app or CableApp()
         self.metrics = Metrics()
@@ -212,7 +228,13 @@ class Server:
         if config.benchmark_channel:
             channels[BenchmarkChannel.name()] = BenchmarkChannel
         channels.update(self.app.channels)
-        self.executor = ChannelExecutor(self.app, channels, self.callback_limiter, self.metrics)
+        local = ChannelExecutor(self.app, channels, self.callback_limiter, self.metrics)
+        #: The in-process channels (also under an RPC executor: built-ins, --channels).
+        self.channel_executor = local
+        self.executor: Executor = local
+        if config.rpc_host:
+            # The application answers over HTTP; in-process channels still run here.
+            self.executor = RpcExecutor(config, local, self.metrics)
         # Welcomed sessions by ping interval: the ticker pings, checks pongs, saves sessions.
         self._ping_groups: dict[float, set[Session]] = {}
         self._sessions: dict[str, Session] = {}  # sid -> open session
@@ -224,6 +246,12 @@ class Server:
             listen_socket.setblocking(False)
             self._listen_socket = listen_socket
             self._port = int(listen_socket.getsockname()[1])
+        self.label = label
+        self._accepting = True
+        self._serving = False
+        #: The workers this node is one of (``serve --workers N``): /health and /metrics
+        #: answer for all of them.  None for a node on its own.
+        self.group: WorkerGroup | None = None
         self.started_at = time.time()
         # Admission control.
         self.handshake_bucket = TokenBucket(config.handshake_rate, config.handshake_rate)
@@ -351,6 +379,7 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.broker.run)
+                await nursery.start(self.executor.run)
                 if self.reactor is not None:
                     nursery.start_soon(self.reactor.run)
                 self.broker.bind(self._deliver, self._on_command)
@@ -361,7 +390,7 @@ class Server:
                 nursery.start_soon(self._lag_monitor)
                 if self.rebalancer is not None:
                     nursery.start_soon(self.rebalancer.run)
-                log.info("trio_cable listening on %s", self.url)
+                log.info("%s listening on %s", self.label, self.url)
                 task_status.started(self)
                 await self._accept_loop(sock, nursery)
                 # Not accepting any more (stop_accepting): serve the connections we have.
@@ -394,13 +423,37 @@ class Server:
     def stop_accepting(self) -> None:
         """Close the listening socket: no new connections reach this node (the existing ones
         are served on).  For handing the port to a replacement node; a drain alone keeps
-        answering new clients with 503 and advice instead."""
+        answering new clients with 503 and advice instead.
+
+        The connections the kernel already queued for this socket are accepted first (a
+        closed listener resets them): with ``SO_REUSEPORT`` the other sockets of the port
+        take the new ones from then on."""
         sock = self._listen_socket
+        self._accepting = False
         if sock is not None and sock.fileno() != -1:
-            close_socket(sock)
+            # Wakes the accept loop, which takes the queue and closes the socket; when the
+            # node is not serving, closing is all there is to do.
+            trio.lowlevel.notify_closing(sock)
+            if not self._serving:
+                sock.close()
 
     async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
-        while True:
+        self._serving = True
+        try:
+            await self._accept_until_stopped(listener, nursery)
+        finally:
+            self._serving = False
+        # stop_accepting(): what the kernel queued, then the socket goes.
+        with contextlib.suppress(OSError):
+            while listener.fileno() != -1:
+                sock, addr = listener.accept()
+                sock.setblocking(False)
+                _tune_socket(sock)
+                nursery.start_soon(self._handle_socket, sock, addr, nursery)
+        close_socket(listener)
+
+    async def _accept_until_stopped(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        while self._accepting:
             try:
                 await trio.lowlevel.wait_readable(listener)
             except trio.ClosedResourceError:
@@ -792,12 +845,24 @@ class Server:
         if path == "/health":
             if method not in ("GET", "HEAD"):
                 return Response.text(405, "use GET", [("allow", "GET")])
-            doc = self.health()
+            doc = self.health() if self.group is None else await self.group.health()
             return Response.json(503 if self.draining else 200, doc)
         if path == "/metrics":
             if method not in ("GET", "HEAD"):
                 return Response.text(405, "use GET", [("allow", "GET")])
-            return Response(200, prometheus_text(self.metrics), "text/plain; version=0.0.4")
+            if self.group is None:
+                text = prometheus_text(self.metrics)
+            else:
+                text = await self.group.metrics_text()
+            return Response(200, text, "text/plain; version=0.0.4")
+        if path == "/metrics/samples":
+            # Raw recent loop-lag and GC-pause samples (the histograms' buckets are too coarse
+            # for a benchmark's p99 and max); ?since=<time.monotonic()> cuts a window.
+            if method not in ("GET", "HEAD"):
+                return Response.text(405, "use GET", [("allow", "GET")])
+            return Response.json(200, self.metrics.recent(_since(request.query)))
+        if path == "/_dashboard" or path.startswith("/_dashboard/"):
+            return self._dashboard(request)
         if path == "/_broadcast":
             if method != "POST":
                 return Response.text(405, "use POST", [("allow", "POST")])
@@ -878,7 +943,7 @@ class Server:
 
     def lookup_channel(self, name: str) -> type[Channel] | None:
         """The channel class clients reach with ``"channel": name``."""
-        return self.executor.lookup(name)
+        return self.channel_executor.lookup(name)
 
     def start_pinging(self, session: Session) -> None:
         """Add a welcomed *session* to the shared ping ticker (honouring ``?pi=<seconds>``,
@@ -1087,11 +1152,49 @@ class Server:
         disconnect clients with ``server_restart`` and reconnect advice, spread over *period*
         seconds (default ``--drain-period``); return when all are gone or
         ``--shutdown-timeout`` has passed (the rest are cut)."""
+        started = trio.current_time()
         await self.drainer.drain(period)
+        # What the executor still owes the application (RPC disconnect calls, paced), within
+        # what is left of the shutdown timeout.
+        left = self.config.shutdown_timeout - (trio.current_time() - started)
+        with trio.move_on_after(max(0.0, left)):
+            await self.executor.flush()
 
     def drain_now(self) -> None:
         """Make a drain in progress disconnect everybody at once (a second signal)."""
         self.drainer.hurry()
+
+    def _dashboard(self, request: Request) -> Response:
+        """``/_dashboard``: the page and its files for anyone (they hold no data), the data
+        only with the key; all of it 404 unless ``--dashboard``."""
+        if not self.config.dashboard:
+            return Response.text(404, "not found")
+        if request.method not in ("GET", "HEAD"):
+            return Response.text(405, "use GET", [("allow", "GET")])
+        subpath = request.path.removeprefix("/_dashboard")
+        if subpath == "/data":
+            key = self.config.effective_dashboard_key
+            if not key or not bearer_ok(request.headers.get("authorization"), key):
+                return Response.text(
+                    401, "missing or wrong dashboard key", [("www-authenticate", "Bearer")]
+                )
+            broker = self.broker
+            connected = getattr(broker, "connected", None)
+            return Response.json(
+                200,
+                dashboard.snapshot(
+                    self.metrics,
+                    node=self.label,
+                    draining=self.draining,
+                    broker_kind=type(broker).__name__,
+                    broker_connected=connected if isinstance(connected, bool) else None,
+                ),
+            )
+        found = dashboard.asset(subpath)
+        if found is None:
+            return Response.text(404, "not found")
+        body, content_type = found
+        return Response(200, body, content_type)
 
     def health(self) -> dict[str, Any]:
         """The ``/health`` document."""

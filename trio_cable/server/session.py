@@ -55,7 +55,7 @@ from trio_cable.protocol.cable import (
 from trio_cable.protocol.codes import CloseCode, DisconnectReason
 from trio_cable.protocol.handshake import Request
 from trio_cable.server.admission import TokenBucket
-from trio_cable.server.executor import Executor
+from trio_cable.server.executor import Executor, Refused
 from trio_cable.server.history_gate import HistoryGate
 from trio_cable.server.hub import Hub
 from trio_cable.server.presence import InfoAnswers
@@ -136,6 +136,7 @@ class Session:
         "_by_jwt",
         "_gate",
         "_pending_close",
+        "app_state",
         "format",
         "identifiers",
         "ip",
@@ -179,6 +180,9 @@ class Session:
         self.ip = ip
         self.identifiers: dict[str, Any] = {}
         self.subscriptions: dict[str, Channel] = {}
+        #: The executor's state for this connection (None in-process; the RPC executor's
+        #: env and connection state).
+        self.app_state: Any = None
         self._budget = budget
         self._gate: HistoryGate | None = None
         self._by_jwt = False  # identified by a JWT (see session_data)
@@ -352,30 +356,44 @@ class Session:
             log.info("%r: refused: no JWT (--enforce-jwt)", self)
             self.close(DisconnectReason.UNAUTHORIZED, reconnect=False)
             return
+        request = ConnectRequest(
+            path=req.path,
+            query=req.query,
+            headers=req.headers,
+            remote=req.remote,
+            subprotocol=self.subprotocol,
+            sid=self.sid,
+            target=req.target,
+        )
+        executor = node.executor
+        self.app_state = executor.open(request, self)
         if self.extended:
             restore_sid = req.query.get("sid") or req.headers.get("x-anycable-restore-sid")
             if restore_sid and await self._restore(restore_sid, token_identifiers):
                 return
+        transmissions: Sequence[dict[str, Any]] = ()
         if token_identifiers is not None:
             self.identifiers = token_identifiers
             self._by_jwt = True
         else:
-            request = ConnectRequest(
-                path=req.path,
-                query=req.query,
-                headers=req.headers,
-                remote=req.remote,
-                subprotocol=self.subprotocol,
-                sid=self.sid,
-            )
-            identifiers = await node.executor.connect(request, self)
-            if identifiers is None:
-                metrics.unauthorized_total += 1
-                log.info("%r: refused by the connect callback (unauthorized)", self)
-                self.close(DisconnectReason.UNAUTHORIZED, reconnect=False)
+            outcome = await executor.connect(request, self)
+            if isinstance(outcome, Refused):
+                if outcome.reason is DisconnectReason.UNAUTHORIZED:
+                    metrics.unauthorized_total += 1
+                log.info("%r: refused by the connect callback (%s)", self, outcome.reason)
+                self.close(
+                    outcome.reason,
+                    reconnect=outcome.reconnect,
+                    code=outcome.code,
+                    reconnect_after_ms=outcome.reconnect_after_ms,
+                )
                 return
-            self.identifiers = identifiers
+            self.identifiers = outcome.identifiers
+            transmissions = outcome.transmissions
         self.send(cable.welcome(self.sid))
+        for message in transmissions:
+            metrics.transmissions_total += 1
+            self.send(message)
         self._welcomed()
         log.debug("%r: connected (%s) as %r", self, self.subprotocol, self.identifiers)
         if self.extended:
@@ -401,9 +419,11 @@ class Session:
 
     async def closed(self) -> None:
         await self._linger_presence()
-        while self.subscriptions:
-            _, channel = self.subscriptions.popitem()
-            await self._end_subscription(channel)
+        channels = list(reversed(self.subscriptions.values()))
+        self.subscriptions.clear()
+        for channel in channels:
+            channel.stop_all_streams()
+        await self.node.executor.disconnect(self, channels)
         log.debug("%r: disconnected", self)
 
     # -- commands ------------------------------------------------------------------------
@@ -763,6 +783,10 @@ class Session:
             node.metrics.history_rejected_total += 1
             self._history_answered(identifier, cable.reject_history(identifier))
             return
+        # A live copy of what the history holds may still wait in the hub's fan-out queue,
+        # addressed to this connection (the broker's read barrier saw it delivered to the
+        # hub, not written): it must reach the gate, which drops it, before the gate opens.
+        await node.hub.written()
         # Several streams: interleave by publication time; one stream stays in offset order.
         entries.sort(key=lambda item: (item[1].time, item[0], item[1].offset))
         fmt = self.format
@@ -800,7 +824,7 @@ class Session:
 
     def session_data(self) -> dict[str, Any]:
         """Everything a resumed session needs, as plain data a broker can store."""
-        return {
+        data: dict[str, Any] = {
             "identifiers": self.identifiers,
             # Identified by a JWT: only a valid token of the same identity restores it.
             "jwt": self._by_jwt,
@@ -816,6 +840,11 @@ class Session:
                 for identifier, channel in self.subscriptions.items()
             ],
         }
+        # The executor's connection state (the RPC application's cstate...), if any.
+        app = self.node.executor.saved(self.app_state)
+        if app is not None:
+            data["app"] = app
+        return data
 
     async def save_session(self) -> None:
         """Store this session under its sid (ext protocols only)."""
@@ -872,6 +901,7 @@ class Session:
         await node.take_over(old_sid)
         self.identifiers = identifiers
         self._by_jwt = by_jwt
+        self.app_state = node.executor.resume(self.app_state, data.get("app"))
         limit = node.config.max_subscriptions or 1 << 30
         restored: list[str] = []
         for item in data.get("subscriptions") or []:
