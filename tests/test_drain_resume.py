@@ -200,8 +200,8 @@ CABLE_CLIENTS = 200
 
 
 # 200 trio_cable clients (each a few tasks over trio-websocket: heavier than the lean ones),
-# a proxy and two servers in one process: ~10 s quiet, 62-85 s with a CPU hog beside it and
-# other work on the machine's 2 cores (load 7-10).
+# a proxy and two servers in one process: ~10 s quiet, 24-46 s with a CPU hog beside it and
+# other work on the machine's 2 cores (load 6.5-8.2), 62-85 s with three hogs (load 7-10).
 @pytest.mark.slow
 async def test_drain_with_trio_cable_clients_delivers_every_message_once_in_order(nursery):
     """The same drain with 200 trio_cable clients: each follows its ``reconnect_after``
