@@ -104,7 +104,7 @@ class LeanClient:
                     return message
 
 
-# 2,000 clients and two servers in one process: ~20 s, more on a busy machine (45-105 s with a
+# 2,000 clients and two servers in one process: ~20 s, more on a busy machine (26-105 s with a
 # CPU hog beside it and other work on the machine's 2 cores).  On a busy machine it found a
 # server bug: a few clients got messages out of order across the resume ([0, 1, 2, 3, 4, 13,
 # 14, 5, 6, ...]) while the hold of live broadcasts after a restore ended after a fixed 2 s;
@@ -196,14 +196,15 @@ async def test_drain_of_2000_clients_under_broadcast_loses_nothing_for_resuming_
     assert finished.is_set()
 
 
-CABLE_CLIENTS = 300
+CABLE_CLIENTS = 200
 
 
-# 300 trio_cable clients (each a few tasks over trio-websocket: heavier than the lean ones)
-# and two servers in one process: ~15 s quiet, ~40 s with a CPU hog beside it.
+# 200 trio_cable clients (each a few tasks over trio-websocket: heavier than the lean ones),
+# a proxy and two servers in one process: ~10 s quiet, 24-46 s with a CPU hog beside it and
+# other work on the machine's 2 cores (load 6.5-8.2), 62-85 s with three hogs (load 7-10).
 @pytest.mark.slow
 async def test_drain_with_trio_cable_clients_delivers_every_message_once_in_order(nursery):
-    """The same drain with the trio_cable client: each one follows its ``reconnect_after``
+    """The same drain with 200 trio_cable clients: each follows its ``reconnect_after``
     advice, resumes on node B (through a proxy that now points there), asks its history,
     and orders what it gets itself.  The program must see every message once, in order, and
     no gap reported."""
@@ -251,7 +252,7 @@ async def test_drain_with_trio_cable_clients_delivers_every_message_once_in_orde
             await node_b.broadcast(STREAM, {"seq": seq})
             await trio.sleep(0.03)
 
-    with trio.fail_after(240):
+    with trio.fail_after(480):
         async with trio.open_nursery() as clients:
             for i in range(CABLE_CLIENTS):
                 clients.start_soon(client, i)
@@ -267,9 +268,25 @@ async def test_drain_with_trio_cable_clients_delivers_every_message_once_in_orde
     assert not incomplete, (
         f"{len(incomplete)} clients with gaps/duplicates, e.g. {seen[incomplete[0]][:20]}"
     )
-    resumed = [
-        i for i, evs in enumerate(events) if any(e.kind == "connected" and e.restored for e in evs)
-    ]
-    assert len(resumed) == CABLE_CLIENTS
+    for evs in events:
+        drained = next(n for n, e in enumerate(evs) if e.kind == "disconnected")
+        assert evs[drained].reason == "server_restart", evs
+        after = evs[drained + 1 :]
+        if any(e.kind == "connected" and e.restored for e in after):
+            continue
+        # Not resumed: allowed only when an attempt on node B ran out of connect_timeout.
+        # Node B may have restored the session (taken it) for that attempt, whose welcome
+        # the client never read (seen under a CPU hog at load 10: a 60 s handshake); the next
+        # attempt finds no session and subscribes again with history: still every message
+        # once and in order (asserted above).
+        gave_up = [
+            e
+            for e in after
+            if (e.kind == "connect_failed" and isinstance(e.error, trio.TooSlowError))
+            or (e.kind == "disconnected" and e.reason == "stale")
+        ]
+        assert gave_up, [(e.kind, e.reason, e.restored, e.error) for e in after]
+        assert any(e.kind == "history_requested" for e in after)
     assert node_a.metrics.drained_total == CABLE_CLIENTS
+    # Each session restored once (by the attempt that got in first, read or not).
     assert node_b.metrics.sessions_resumed_total == CABLE_CLIENTS
