@@ -28,7 +28,7 @@ _BOOT = 1.5  # seconds for a child process to import trio_cable and start
 #: and headless Chromium screenshots it every few seconds while the trial runs, into it.
 DASHBOARD_ENV = "TRIO_CABLE_BENCH_DASHBOARD"
 _DASHBOARD_KEY = "avalanche-bench-dashboard-key-0123456789"
-_SHOT_EVERY = 4.0
+_SHOT_EVERY = 2.0
 
 
 @dataclass
@@ -156,10 +156,11 @@ async def _screenshots(port: int, out: Path, tag: str, workdir: Path) -> None:
                 f"document.getElementById('key').value = {_DASHBOARD_KEY!r};"
                 "document.getElementById('login').requestSubmit(); true"
             )
+            await page.wait_for("dashboard.points.length >= 1")
             while True:
-                await trio.sleep(_SHOT_EVERY)
                 elapsed = int(time.monotonic() - started)
                 (out / f"{tag}-{elapsed:03d}.png").write_bytes(await page.screenshot())
+                await trio.sleep(_SHOT_EVERY)
     except Exception as exc:  # a screenshot is a bonus, never the trial's failure
         print(f"dashboard screenshots stopped: {exc!r}", file=sys.stderr)
 
