@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -132,11 +133,11 @@ def _dashboard_config() -> dict[str, Any]:
     return {"dashboard": True, "dashboard_key": _DASHBOARD_KEY}
 
 
-async def _screenshots(port: int, out: Path, tag: str, workdir: Path) -> None:
+async def _screenshots(port: int, out: Path, tag: str) -> None:
     """Open the dashboard in headless Chromium, log in, and keep a screenshot every few
     seconds (``<tag>-<seconds>.png``) until cancelled with the trial.  Never fails a trial:
     a browser problem is reported and the trial goes on."""
-    from bench.browser import CHROMIUM, chromium_page
+    from bench.browser import CHROMIUM
 
     if CHROMIUM is None:
         print("dashboard screenshots: chromium is not installed", file=sys.stderr)
@@ -144,25 +145,30 @@ async def _screenshots(port: int, out: Path, tag: str, workdir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        async with chromium_page(
-            f"http://127.0.0.1:{port}/_dashboard", workdir / f"{tag}.chromium"
-        ) as page:
-            await page.call(
-                "Emulation.setDeviceMetricsOverride",
-                width=1500, height=1150, deviceScaleFactor=1, mobile=False,
-            )  # fmt: skip
-            await page.wait_for("document.getElementById('key')")
-            await page.evaluate(
-                f"document.getElementById('key').value = {_DASHBOARD_KEY!r};"
-                "document.getElementById('login').requestSubmit(); true"
-            )
-            await page.wait_for("dashboard.points.length >= 1")
-            while True:
-                elapsed = int(time.monotonic() - started)
-                (out / f"{tag}-{elapsed:03d}.png").write_bytes(await page.screenshot())
-                await trio.sleep(_SHOT_EVERY)
+        with tempfile.TemporaryDirectory(prefix="dashboard-chromium-") as profile:
+            await _shoot(port, Path(profile), out, tag, started)
     except Exception as exc:  # a screenshot is a bonus, never the trial's failure
         print(f"dashboard screenshots stopped: {exc!r}", file=sys.stderr)
+
+
+async def _shoot(port: int, profile: Path, out: Path, tag: str, started: float) -> None:
+    from bench.browser import chromium_page
+
+    async with chromium_page(f"http://127.0.0.1:{port}/_dashboard", profile) as page:
+        await page.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=1500, height=1150, deviceScaleFactor=1, mobile=False,
+        )  # fmt: skip
+        await page.wait_for("document.getElementById('key')")
+        await page.evaluate(
+            f"document.getElementById('key').value = {_DASHBOARD_KEY!r};"
+            "document.getElementById('login').requestSubmit(); true"
+        )
+        await page.wait_for("dashboard.points.length >= 1")
+        while True:
+            elapsed = int(time.monotonic() - started)
+            (out / f"{tag}-{elapsed:03d}.png").write_bytes(await page.screenshot())
+            await trio.sleep(_SHOT_EVERY)
 
 
 async def run_trial(
@@ -243,7 +249,7 @@ async def run_trial(
                 nursery.start_soon(gen.pump, lambda item, k=k: on_status(item, k))
             shots = os.environ.get(DASHBOARD_ENV)
             if shots:
-                nursery.start_soon(_screenshots, port, Path(shots), tag, workdir)
+                nursery.start_soon(_screenshots, port, Path(shots), tag)
 
             async def until(condition: Callable[[], bool], phase: str, timeout: float) -> bool:
                 with trio.move_on_after(timeout):
