@@ -257,3 +257,26 @@ def test_rpc_settings_are_checked_and_the_key_derived() -> None:
         Config(rpc_concurrency=50, rpc_max_concurrency=10).validate()
     with pytest.raises(ConfigError, match="rpc_command_timeout"):
         Config(rpc_timeout=5, rpc_command_timeout=1).validate()
+
+
+async def test_a_request_that_timed_out_is_never_sent_again(
+    nursery: trio.Nursery, rpc_app: RpcTestApp, connect: ClientFactory
+) -> None:
+    # The application takes longer than --rpc-timeout: it may well have done the work, so
+    # the server must not ask again, though it has time left for retries.
+    rpc_app.delay = 1.0
+    config = rpc_config(rpc_app, rpc_timeout=0.3, rpc_command_timeout=5.0, rpc_retries=3)
+    server = await nursery.start(Server(config).serve)
+    async with connect(headers=COOKIE, to=server, expect_welcome=False) as client:
+        message = await client.recv(timeout=10)
+    # The refusal comes after the server gave up: a retry would have been sent before it.
+    assert message["type"] == "disconnect" and message["reason"] == "server_restart"
+    assert message["reconnect"] is True
+    assert len(rpc_app.calls("/connect")) == 1
+    assert server.metrics.labeled["rpc_errors_total"]["timeout"] == 1
+    assert server.metrics.rpc_limit_decreases_total == 1  # a timeout is an overload signal
+    assert "overloaded" not in server.metrics.labeled["rpc_retries_total"]
+    # A timeout is also a breaker failure, but one is not enough to open it.
+    rpc_app.delay = 0.0
+    async with connect(headers=COOKIE, to=server) as client:
+        assert await client.recv() == {"type": "hello", "user": "ann"}
