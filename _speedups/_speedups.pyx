@@ -46,6 +46,7 @@ __all__ = [
 # ImportError, never a silent drift.
 from trio_cable.protocol.codes import (
     CLOSE_CODE_RANGES,
+    COMPRESSED,
     MAX_CLOSE_REASON,
     MAX_CONTROL_PAYLOAD,
     OP_BINARY,
@@ -75,6 +76,7 @@ cdef enum:
     C_PROTOCOL_ERROR = 1002
     C_INVALID_PAYLOAD = 1007
     C_MESSAGE_TOO_BIG = 1009
+    C_COMPRESSED = 0x40
     # When idle, a parser gives back buffers grown past this (a server holds thousands).
     _KEEP_CAPACITY = 16384
     # The receive buffer's first allocation, so that tiny reads don't realloc one by one.
@@ -84,6 +86,7 @@ if (
     (C_OP_CONT, C_OP_TEXT, C_OP_BINARY, C_OP_CLOSE, C_OP_PONG)
     != (OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PONG)
     or (C_MAX_CONTROL, C_MAX_CLOSE_REASON) != (MAX_CONTROL_PAYLOAD, MAX_CLOSE_REASON)
+    or C_COMPRESSED != COMPRESSED
     or (C_PROTOCOL_ERROR, C_INVALID_PAYLOAD, C_MESSAGE_TOO_BIG)
     != (CloseCode.PROTOCOL_ERROR, CloseCode.INVALID_PAYLOAD, CloseCode.MESSAGE_TOO_BIG)
     or CLOSE_CODE_RANGES != ((1000, 1003), (1007, 1014), (3000, 4999))
@@ -478,7 +481,8 @@ def close_code_and_reason(payload):
 
 @cython.auto_pickle(False)
 cdef class FrameParser:
-    """Parses the frames a client sends to the server (RFC 6455, no extensions).
+    """Parses the frames a client sends to the server (RFC 6455; with ``compression`` on,
+    permessage-deflate's RSV1 too).
 
     Sans-I/O: :meth:`feed` the bytes read from the socket, then call :meth:`next_message`
     until it returns None.  Data frame payloads are unmasked (and text validated) as their
@@ -492,6 +496,7 @@ cdef class FrameParser:
     cdef size_t _start, _end, _cap
     cdef uint64_t _max
     cdef bint _require_mask
+    cdef bint _compression
     cdef object _error  # (code, reason) once dead
     # The frame whose payload is being read (valid while _f_in).
     cdef bint _f_in, _f_fin
@@ -501,6 +506,7 @@ cdef class FrameParser:
     cdef size_t _f_phase      # payload bytes read so far, mod 4
     # The data message being assembled when it spans frames or reads (_m_opcode 0: none).
     cdef int _m_opcode
+    cdef bint _m_compressed   # RSV1 on its first frame: bytes to inflate, not validate
     cdef uint64_t _m_size
     cdef int _m_utf8
     cdef uint8_t* _mbuf
@@ -510,11 +516,13 @@ cdef class FrameParser:
         self._buf = NULL
         self._mbuf = NULL
 
-    def __init__(self, max_message_size=1048576, require_mask=True):
+    def __init__(self, max_message_size=1048576, require_mask=True, compression=False):
         if max_message_size < 0:
             raise ValueError("max_message_size must be >= 0")
         self._max = min(int(max_message_size), _MAX_LENGTH)
         self._require_mask = bool(require_mask)
+        self._compression = bool(compression)
+        self._m_compressed = False
         self._start = self._end = self._cap = 0
         self._error = None
         self._f_in = False
@@ -541,6 +549,11 @@ cdef class FrameParser:
     def require_mask(self):
         """Whether unmasked frames are a protocol error (they are for a server)."""
         return self._require_mask
+
+    @property
+    def compression(self):
+        """Whether RSV1 marks a compressed message (permessage-deflate was negotiated)."""
+        return self._compression
 
     def feed(self, data):
         """Append bytes received from the client; *data* is copied, so its buffer can be reused."""
@@ -616,8 +629,14 @@ cdef class FrameParser:
         cdef uint64_t length = b1 & 0x7F
         cdef size_t size = 2
         cdef int k
+        cdef bint compressed = False
         if b0 & 0x70:
-            raise self._fail(C_PROTOCOL_ERROR, _R.RSV)
+            # RSV1 alone, with permessage-deflate, on the first frame of a data message.
+            if (b0 & 0x70) != 0x40 or not self._compression:
+                raise self._fail(C_PROTOCOL_ERROR, _R.RSV)
+            if opcode != C_OP_TEXT and opcode != C_OP_BINARY:
+                raise self._fail(C_PROTOCOL_ERROR, _R.RSV1_NOT_FIRST)
+            compressed = True
         if opcode >= C_OP_CLOSE:
             if opcode > C_OP_PONG:
                 raise self._fail(C_PROTOCOL_ERROR, _R.OPCODE)
@@ -669,6 +688,7 @@ cdef class FrameParser:
         self._f_phase = 0
         if opcode == C_OP_TEXT or opcode == C_OP_BINARY:
             self._m_opcode = opcode
+            self._m_compressed = compressed
             self._m_size = 0
             self._m_utf8 = U_ACCEPT
         return 1
@@ -731,7 +751,8 @@ cdef class FrameParser:
                 if opcode == C_OP_CLOSE:
                     self._check_close(payload)
                 return opcode, payload
-            text = self._m_opcode == C_OP_TEXT
+            # A compressed text message is validated once inflated, by whoever inflates it.
+            text = self._m_opcode == C_OP_TEXT and not self._m_compressed
             m64 = _mask64(self._f_mask, self._f_phase)
             if self._f_fin and self._m_size == 0 and avail >= remaining:
                 # The whole message is one frame that is all here: unmask (and validate)
@@ -750,6 +771,8 @@ cdef class FrameParser:
                 self._f_in = False
                 opcode = self._m_opcode
                 self._m_opcode = 0
+                if self._m_compressed:
+                    opcode |= C_COMPRESSED
                 return opcode, payload
             take = avail if avail < remaining else <size_t>remaining
             if take:
@@ -776,6 +799,8 @@ cdef class FrameParser:
                     raise self._fail(C_INVALID_PAYLOAD, _R.TEXT_UTF8)
                 payload = PyBytes_FromStringAndSize(<char*>self._mbuf, <Py_ssize_t>self._m_size)
                 opcode = self._m_opcode
+                if self._m_compressed:
+                    opcode |= C_COMPRESSED
                 self._m_opcode = 0
                 self._m_size = 0
                 if self._mcap > _KEEP_CAPACITY:

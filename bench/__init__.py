@@ -1,8 +1,9 @@
 """trio_cable's benchmark suite: a checkout-only package, run as ``python -m bench ...`` from
 the repository (it is not installed with trio_cable).  See ``bench/README.md``.
 
-Five harnesses: the comparative suite (:mod:`bench.cli`), avalanche (:mod:`bench.avalanche`),
-rollout (:mod:`bench.rollout`), soak (:mod:`bench.soak`) and fuzz (:mod:`bench.fuzz`); they
+Six harnesses: the comparative suite (:mod:`bench.cli`), avalanche (:mod:`bench.avalanche`),
+rollout (:mod:`bench.rollout`), presence (:mod:`bench.presence`), soak (:mod:`bench.soak`) and
+fuzz (:mod:`bench.fuzz`); they
 share :mod:`bench.procs` (processes and pinning), :mod:`bench.output` (where results go) and
 :mod:`bench.deps` (optional dependencies).  Everything is imported lazily, so that the load
 generator and the peer servers do not pay for it.
@@ -45,6 +46,10 @@ def _dispatch(args: list[str]) -> int:
         from bench.rollout import main as rollout_main
 
         return rollout_main(args[1:])
+    if args and args[0] == "presence":
+        from bench.presence import main as presence_main
+
+        return presence_main(args[1:])
     if args and args[0] == "fuzz":
         from bench.fuzz.cli import main as fuzz_main
 

@@ -33,6 +33,10 @@ from bench.procs import ROOT
 CACHE = Path(os.environ.get("BENCH_CACHE") or ROOT / ".bench-cache")
 _READY = ".bench-ready"
 
+_SCALE_COMPARED = (
+    "lag_p99_ms", "lag_max_ms", "lag_bucket_p99_ms", "lag_bucket_max_ms", "churn_gc_max_ms",
+    "bcast_p99_ms", "probe_max_ms",
+)  # fmt: skip
 #: Per benchmark: the fields that make a row's configuration, and the compared metrics
 #: (row field -> sample field; both medians and per-repeat values are compared).
 METRICS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
@@ -42,6 +46,8 @@ METRICS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
         {"cpu_us": "server_cpu_us_per_recipient", "delivered_per_s": "delivered_per_s"},
     ),
     "memory": (("conns",), {"bytes_per_conn": "bytes_per_conn"}),
+    # The rows of bench.scale hold these too (its steady, churn and broadcast phases).
+    "scale": (("conns",), {k: k for k in _SCALE_COMPARED}),
 }
 
 

@@ -6,6 +6,7 @@ Usage::
     python -m bench echo --targets picows,trio_cable
     python -m bench echo --baseline main      # trio_cable of revision main side by side
     python -m bench profile --scenario echo-cable
+    python -m bench scale [--sizes 1000,5000,18000] [--duration 60] [--baseline REF]
     python -m bench report [--from DIR]       # RESULTS.md and plots from saved results
 """
 
@@ -22,9 +23,11 @@ from bench import output
 from bench.deps import require, require_tool
 from bench.options import Options
 
-BENCHES = ["micro", "echo", "broadcast", "wsbench", "memory"]
+BENCHES = ["micro", "echo", "broadcast", "wsbench", "memory", "compression"]
+#: Benchmarks run only when named (not by ``all``): scale takes minutes per size.
+ALONE = ["scale"]
 #: The benchmarks that run a baseline revision next to the current checkout (bench.baseline).
-COMPARED = ("echo", "broadcast", "memory")
+COMPARED = ("echo", "broadcast", "memory", "scale")
 #: The optional packages of each benchmark's own process and its load generator.
 _NEEDS = {
     "micro": ("websockets",),
@@ -32,22 +35,28 @@ _NEEDS = {
     "broadcast": ("picows", "uvloop", "psutil"),
     "wsbench": ("picows", "uvloop", "psutil"),
     "memory": ("picows", "uvloop", "psutil"),
+    "compression": ("picows", "uvloop", "psutil", "websockets"),
     "profile": ("picows", "uvloop", "psutil"),
+    "scale": ("picows", "uvloop", "psutil"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the benchmark command line."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("bench", choices=[*BENCHES, "all", "profile", "report"])
+    p.add_argument("bench", choices=[*BENCHES, *ALONE, "all", "profile", "report"])
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat")
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (default 3)")
     p.add_argument("--targets", default="", help="comma-separated targets (default: all); "
                    "trio_cable@REF / trio_cable-cable@REF run revision REF's server")  # fmt: skip
     p.add_argument("--baseline", "--compare-ref", action="append", default=[], metavar="REF",
                    help="run every trio_cable target of revision REF too, side by side "
-                   "(echo, broadcast, memory); repeatable")  # fmt: skip
+                   "(echo, broadcast, memory, scale); repeatable")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument("--sizes", default="", help="scale: comma-separated connection counts "
+                   "(default 1000,5000,18000; --quick: 200,600)")  # fmt: skip
+    p.add_argument("--duration", type=float, default=None, help="scale: seconds of each "
+                   "phase (steady, churn; default 60, --quick: 3)")  # fmt: skip
     output.add_arguments(p)
     p.add_argument(
         "--from",
@@ -143,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     if report_only and args.update_results and args.source is not None:
         raise output.UsageError("report --update-results rewrites bench/RESULTS.md from the "
                                 "committed bench/results only (no --from)")  # fmt: skip
-    output.check(args, quick=args.quick)
+    # A scale run with shorter phases than the full one's is quick too (never committed).
+    short = args.duration is not None and args.duration < 60
+    output.check(args, quick=args.quick or short, why_quick="a --quick or --duration < 60 run")
     names = BENCHES if args.bench == "all" else [] if report_only else [args.bench]
     if (args.baseline or "@" in args.targets) and not set(names) & set(COMPARED):
         raise output.UsageError(f"a baseline revision runs in {', '.join(COMPARED)} (and all)")
@@ -153,12 +164,20 @@ def main(argv: list[str] | None = None) -> int:
         require_tool("py-spy")
     if not args.no_report:
         require("matplotlib")
+    if (args.sizes or args.duration is not None) and names != ["scale"]:
+        raise output.UsageError("--sizes and --duration go with scale")
+    try:
+        sizes = [int(n) for n in args.sizes.split(",") if n]
+    except ValueError:
+        raise output.UsageError(f"--sizes {args.sizes}: comma-separated integers") from None
     opts = Options(
         quick=args.quick, repeats=max(1, args.repeats),
         targets=[t for t in args.targets.split(",") if t], progress=not args.quiet,
+        sizes=sizes, duration=args.duration,
     )  # fmt: skip
     _targets(args, opts, [n for n in names if n != "micro"])
-    opts.write_to(output.choose(args, args.bench, quick=args.quick))
+    opts.write_to(output.choose(args, args.bench, quick=args.quick or short,
+                                why_quick="a --quick or --duration < 60 run"))  # fmt: skip
 
     from bench.procs import pin_self, raise_nofile
     from bench.report import save, write

@@ -11,7 +11,8 @@ from bench.output import PLOTS_DIR, PROFILES_DIR, RESULTS_DIR, RESULTS_MD
 
 @dataclass
 class Options:
-    """``--quick``, ``--repeats``, ``--targets``, the baselines, and where results go."""
+    """``--quick``, ``--repeats``, ``--targets``, the baselines, where results go, and the
+    scale benchmark's ``--sizes`` and ``--duration``."""
 
     quick: bool = False
     repeats: int = 3
@@ -22,6 +23,8 @@ class Options:
     profiles_dir: Path = PROFILES_DIR
     results_md: Path = RESULTS_MD
     progress: bool = True
+    sizes: list[int] = field(default_factory=list)  # scale: connection counts (empty: default)
+    duration: float | None = None  # scale: seconds per phase (None: default)
 
     def write_to(self, out: Path | None) -> None:
         """Results, plots, profiles and RESULTS.md go to *out* (``None``: the committed places

@@ -11,6 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def _save(fig: Any, out: Path, name: str) -> Path:
+    """Lay out *fig*, write it to ``out/name.png`` and let it go."""
+    fig.tight_layout()
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _err(stats: list[dict[str, Any]]) -> tuple[list[float], list[list[float]]]:
     med = [s["median"] or 0.0 for s in stats]
     lo = [m - (s["min"] or m) for m, s in zip(med, stats, strict=True)]
@@ -34,11 +43,7 @@ def plot_micro(result: dict[str, Any], out: Path) -> Path:
         ax.set_ylabel("GB/s")
         ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = out / "micro.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "micro")
 
 
 def plot_echo(result: dict[str, Any], out: Path) -> Path:
@@ -65,11 +70,7 @@ def plot_echo(result: dict[str, Any], out: Path) -> Path:
     ax.set_title("Echo: server CPU per round trip (median, min-max)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "echo.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "echo")
 
 
 def plot_broadcast(result: dict[str, Any], out: Path) -> Path:
@@ -88,11 +89,7 @@ def plot_broadcast(result: dict[str, Any], out: Path) -> Path:
     for ax in (ax1, ax2):
         ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = out / "broadcast.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "broadcast")
 
 
 def plot_wsbench(result: dict[str, Any], out: Path) -> Path:
@@ -117,11 +114,7 @@ def plot_wsbench(result: dict[str, Any], out: Path) -> Path:
     )
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = out / "wsbench.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "wsbench")
 
 
 def plot_memory(result: dict[str, Any], out: Path) -> Path:
@@ -146,11 +139,38 @@ def plot_memory(result: dict[str, Any], out: Path) -> Path:
     ax.set_title("Server memory per idle subscribed connection")
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = out / "memory.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out, "memory")
+
+
+def plot_scale(result: dict[str, Any], out: Path) -> Path:
+    rows = result["rows"]
+    limits = result.get("limits", {})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    panels = [
+        ("Idle, default pings: event-loop lag", [("lag_p99_ms", "p99"), ("lag_max_ms", "max")],
+         [limits.get("lag_p99_ms"), limits.get("lag_max_ms")]),
+        ("1,000 connects/s of churn", [("churn_lag_max_ms", "lag max"),
+                                       ("churn_gc_max_ms", "full-GC pause max")],
+         [limits.get("churn_gc_max_ms")]),
+        ("Broadcast to all", [("bcast_p50_ms", "delivery p50"), ("bcast_p99_ms", "delivery p99"),
+                              ("probe_max_ms", "another client's reply, max")],
+         [limits.get("probe_max_ms")]),
+    ]  # fmt: skip
+    for ax, (title, series, lines) in zip(axes, panels, strict=True):
+        for target in dict.fromkeys(r["target"] for r in rows):
+            mine = sorted((r for r in rows if r["target"] == target), key=lambda r: r["conns"])
+            for key, label in series:
+                pts = [(r["conns"], r[key]["median"]) for r in mine if r[key]["median"]]
+                style = "--" if "@" in target else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                        label=f"{target}: {label}")  # fmt: skip
+        for limit in lines:
+            if limit:
+                ax.axhline(limit, color="red", linestyle=":", linewidth=1)
+        ax.set(xscale="log", yscale="log", xlabel="connections", ylabel="ms", title=title)
+        ax.legend(fontsize=6)
+        ax.grid(True, alpha=0.3)
+    return _save(fig, out, "scale")
 
 
 PLOTTERS = {
@@ -159,6 +179,7 @@ PLOTTERS = {
     "broadcast": plot_broadcast,
     "wsbench": plot_wsbench,
     "memory": plot_memory,
+    "scale": plot_scale,
 }
 
 

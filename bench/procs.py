@@ -213,6 +213,17 @@ def start(
     return proc
 
 
+def start_redis(redis_server: str, directory: str | Path) -> Proc:
+    """A throw-away ``redis-server`` on a free loopback port (no persistence, files in
+    *directory*), ready to use; its URL is ``redis://HOST:<port>/0``."""
+    port = free_port()
+    return start(
+        [redis_server, "--port", str(port), "--bind", HOST, "--save", "",
+         "--appendonly", "no", "--dir", str(directory), "--maxclients", "10000"],
+        name="redis-server", port=port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 async def open_trio(
     argv: Sequence[str],
     *,

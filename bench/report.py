@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.output import AVALANCHE_RESULTS_DIR, BENCH_DIR, RESULTS_DIR, RESULTS_MD
 
-ORDER = ["micro", "echo", "broadcast", "wsbench", "memory", "profile"]
+ORDER = ["micro", "echo", "broadcast", "wsbench", "memory", "scale", "profile"]
 
 
 def save(result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
@@ -190,6 +190,66 @@ def section_memory(r: dict[str, Any]) -> list[str]:
     ]
 
 
+SCALE_HEADER = [
+    "target", "conns", "lag p50 / p99 / max (ms)", "churn /s", "churn lag max", "churn GC max",
+    "broadcast p50 / p99", "other client's reply max", "loop lag max meanwhile",
+    "every broadcast, in order",
+]  # fmt: skip
+
+
+def section_scale(r: dict[str, Any]) -> list[str]:
+    def m(stats: dict[str, Any]) -> str:
+        return _f(stats["median"])
+
+    table = [
+        [x["target"], f"{x['conns']:,}",
+         f"{m(x['lag_p50_ms'])} / {m(x['lag_p99_ms'])} / {m(x['lag_max_ms'])}",
+         _f(x["churn_rate"]["median"], 0), m(x["churn_lag_max_ms"]), m(x["churn_gc_max_ms"]),
+         f"{m(x['bcast_p50_ms'])} / {m(x['bcast_p99_ms'])}", m(x["probe_max_ms"]),
+         m(x["bcast_lag_max_ms"]) if "bcast_lag_max_ms" in x else "-",
+         "yes" if x["in_order"] else "**no**"]
+        for x in r["rows"]
+    ]  # fmt: skip
+    limits = r.get("limits", {})
+    return [
+        "## Scale on one process (issue 15)",
+        "",
+        "Idle subscribed connections, default 3 s pings: event-loop lag over the steady window, "
+        "then the same window with connects + disconnects (churn), then broadcasts to all "
+        "(delivery latency; the probe's worst ping / command round trip meanwhile). Limits: "
+        + ", ".join(f"{k} {v:g}" for k, v in limits.items())
+        + ".",
+        "",
+        *_table(SCALE_HEADER, table),
+    ]
+
+
+COMPRESSION_HEADER = [
+    "target", "conns", "bytes/recipient", "vs plain", "CPU us/recipient", "vs plain",
+    "KiB/conn idle", "vs plain", "missed",
+]  # fmt: skip
+
+
+def section_compression(r: dict[str, Any]) -> list[str]:
+    table = [
+        [x["target"], f"{x['conns']:,}", _mm(x["wire_bytes"], 0), _ratio(x["wire_bytes_vs_plain"]),
+         _mm(x["cpu_us"], 2), _ratio(x["cpu_us_vs_plain"]),
+         _mm(x["bytes_per_conn"], 1, 1 / 1024), _ratio(x["bytes_per_conn_vs_plain"]),
+         str(x["missed"])]
+        for x in r["rows"]
+    ]  # fmt: skip
+    return [
+        "## 6. permessage-deflate: bytes, CPU and memory",
+        "",
+        f"A broadcast of {r['payload_bytes']:,} B of JSON (chat-like records) to every "
+        "connection; *vs plain* is the ratio to the same server without compression, same run. "
+        "Bytes are data-frame payload bytes received per recipient; memory is RSS per idle "
+        "subscribed connection.",
+        "",
+        *_table(COMPRESSION_HEADER, table),
+    ]
+
+
 def section_profile(r: dict[str, Any]) -> list[str]:
     lines = ["## Profiles of the trio_cable server (py-spy, share of on-CPU samples)", ""]
     for p in r["profiles"]:
@@ -209,6 +269,8 @@ SECTIONS = {
     "broadcast": section_broadcast,
     "wsbench": section_wsbench,
     "memory": section_memory,
+    "compression": section_compression,
+    "scale": section_scale,
     "profile": section_profile,
 }
 
@@ -361,10 +423,11 @@ def write(
             if png is not None:
                 lines += ["", f"![{name}](plots/{png.name})"]
             lines.append("")
-    # Suites with their own runners and write-ups (issues 6, 7 and 8).
-    rollout = results_dir / "rollout.md"
-    if rollout.exists():
-        lines += [rollout.read_text().replace("](../plots/", "](plots/"), ""]
+    # Suites with their own runners and write-ups (issues 6, 7, 8 and 16).
+    for suite in ("rollout", "presence"):
+        written = results_dir / f"{suite}.md"
+        if written.exists():
+            lines += [written.read_text().replace("](../plots/", "](plots/"), ""]
     here = out.parent
 
     def link(name: str) -> str:  # a path of bench/, relative to where RESULTS.md goes

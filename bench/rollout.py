@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -55,8 +56,16 @@ IDENTIFIER = json.dumps({"channel": "$pubsub", "stream_name": STREAM})
 class Node:
     """One ``trio-cable serve`` process on a fixed port (restartable)."""
 
-    def __init__(self, index: int, redis_url: str, args: argparse.Namespace, logdir: Path):
+    def __init__(
+        self,
+        index: int,
+        redis_url: str,
+        args: argparse.Namespace,
+        logdir: Path,
+        rebalance: bool = False,
+    ):
         self.index = index
+        self.rebalance = rebalance
         self.port = free_port()
         self.redis_url = redis_url
         self.args = args
@@ -86,6 +95,11 @@ class Node:
                 f"--reconnect-advice={self.args.reconnect_advice}",
                 f"--handshake-rate={self.args.handshake_rate}",
                 "--log-level=warning",
+                *(
+                    ["--rebalance", f"--rebalance-rate={self.args.rebalance_rate}"]
+                    if self.rebalance
+                    else []
+                ),
             ),
             name=f"node{self.index}",
             port=self.port,
@@ -99,36 +113,21 @@ class Node:
         self.proc = None
 
 
-HAPROXY_CFG = """
-global
-    maxconn 9000
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-    timeout tunnel 1h
-    timeout http-request 10s
-frontend cable
-    bind {host}:{port}
-    default_backend nodes
-backend nodes
-    balance {algorithm}
-    option httpchk GET /health
-    http-check expect status 200
-    default-server inter 300ms fall 1 rise 2 maxconn 8000
-{servers}
-"""
+#: The HAProxy config of the deployment kit: the benchmark runs the file users deploy.
+HAPROXY_CFG_PATH = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "haproxy.cfg"
 
 
 def start_haproxy(algorithm: str, nodes: list[Node], workdir: Path) -> procs.Proc:
     port = free_port()
-    servers = "\n".join(f"    server n{n.index} {HOST}:{n.port} check" for n in nodes)
+    # The deploy config reads its bind address and algorithm from the environment and ends
+    # with its backend, where the nodes go.
+    servers = "".join(f"    server n{n.index} {HOST}:{n.port} check\n" for n in nodes)
     cfg = workdir / f"haproxy-{algorithm}.cfg"
-    cfg.write_text(HAPROXY_CFG.format(host=HOST, port=port, algorithm=algorithm, servers=servers))
+    cfg.write_text(HAPROXY_CFG_PATH.read_text() + servers)
+    env = procs.child_env(CABLE_BIND=f"{HOST}:{port}", CABLE_BALANCE=algorithm)
     with open(workdir / f"haproxy-{algorithm}.log", "wb") as log:
         return procs.start([_tool("haproxy"), "-f", str(cfg), "-db"], name="haproxy", port=port,
-                           stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+                           stdout=subprocess.DEVNULL, stderr=log, env=env)  # fmt: skip
 
 
 def _tool(name: str) -> str:
@@ -156,6 +155,7 @@ class ClientStats:
     """What one client saw."""
 
     received: dict[int, int] = field(default_factory=dict)  # seq -> times
+    order: list[int] = field(default_factory=list)  # every seq, as it arrived
     subscribed_at: float | None = None
     connects: int = 0
     resumed: int = 0
@@ -171,6 +171,8 @@ class Run:
         self.deadline = deadline
         self.published: list[tuple[int, float]] = []
         self.stop = False
+        self.publishing = True
+        self.t0 = time.time()
 
     async def client(self, stats: ClientStats) -> None:
         sid: str | None = None
@@ -247,6 +249,7 @@ class Run:
                     elif "offset" in message:
                         seq = int(message["message"])
                         stats.received[seq] = stats.received.get(seq, 0) + 1
+                        stats.order.append(seq)
                         position = (message["epoch"], message["offset"])
             except (OSError, EOFError, trio.BrokenResourceError, ValueError):
                 pass
@@ -256,7 +259,7 @@ class Run:
 
     async def publisher(self, interval: float) -> None:
         seq = 0
-        while not self.stop and trio.current_time() < self.deadline:
+        while self.publishing and not self.stop and trio.current_time() < self.deadline:
             seq += 1
             body = json.dumps({"stream": STREAM, "data": str(seq)}).encode()
             request = (
@@ -324,25 +327,29 @@ def _http_get(port: int, path: str) -> bytes | None:
         return None
 
 
-def sample_node(port: int) -> tuple[int | None, float | None]:
-    """(open connections, connections accepted so far) of the node on *port*."""
+def sample_node(port: int) -> tuple[int | None, float | None, float | None]:
+    """(open connections, connections accepted so far, connections handed on by rebalancing
+    so far) of the node on *port*."""
     health = _http_get(port, "/health")
     metrics = _http_get(port, "/metrics")
     connections = None
-    accepted = None
+    accepted = rebalanced = None
     with contextlib.suppress(ValueError, TypeError):
         connections = int(json.loads(health or b"")["connections"])
     if metrics:
         match = re.search(rb"(?m)^\w*connections_total(?:\{\})?\s+([0-9.e+]+)$", metrics)
         if match:
             accepted = float(match.group(1))
-    return connections, accepted
+        match = re.search(rb"(?m)^\w*rebalanced_total(?:\{\})?\s+([0-9.e+]+)$", metrics)
+        if match:
+            rebalanced = float(match.group(1))
+    return connections, accepted, rebalanced
 
 
 async def run_algorithm(
-    algorithm: str, args: argparse.Namespace, redis_url: str, workdir: Path
+    algorithm: str, args: argparse.Namespace, redis_url: str, workdir: Path, rebalance: bool
 ) -> dict[str, Any]:
-    nodes = [Node(i, redis_url, args, workdir) for i in range(3)]
+    nodes = [Node(i, redis_url, args, workdir, rebalance) for i in range(3)]
     for node in nodes:
         node.start()
     haproxy = start_haproxy(algorithm, nodes, workdir)
@@ -351,8 +358,11 @@ async def run_algorithm(
     events: list[tuple[float, str]] = []
     t0 = time.time()
     budget = args.ramp + 3 * (args.drain_period + args.settle + 5) + 30
+    if rebalance:
+        budget += args.rebalance_wait
     run = Run(port, args.clients, trio.current_time() + budget)
     last_accepted: dict[int, tuple[float, float]] = {}
+    last_moved: dict[int, tuple[float, float]] = {}
     try:
         async with trio.open_nursery() as nursery:
 
@@ -361,8 +371,17 @@ async def run_algorithm(
                     now = time.time()
                     row: dict[str, Any] = {"t": round(now - t0, 2)}
                     for node in nodes:
-                        conns, accepted = await trio.to_thread.run_sync(sample_node, node.port)
-                        rate = None
+                        conns, accepted, moved = await trio.to_thread.run_sync(
+                            sample_node, node.port
+                        )
+                        rate = moved_rate = None
+                        if moved is not None:
+                            prev = last_moved.get(node.index)
+                            if prev is not None and now > prev[0]:
+                                delta = moved - prev[1] if moved >= prev[1] else moved
+                                moved_rate = delta / (now - prev[0])
+                                row[f"moved{node.index}"] = delta
+                            last_moved[node.index] = (now, moved)
                         if accepted is not None:
                             prev = last_accepted.get(node.index)
                             if prev is not None and now > prev[0]:
@@ -371,6 +390,7 @@ async def run_algorithm(
                             last_accepted[node.index] = (now, accepted)
                         row[f"n{node.index}"] = conns
                         row[f"rate{node.index}"] = rate
+                        row[f"moved_rate{node.index}"] = moved_rate
                     samples.append(row)
                     await trio.sleep(0.5)
 
@@ -388,14 +408,34 @@ async def run_algorithm(
                 events.append((round(time.time() - t0, 2), f"restart n{node.index}"))
                 await trio.to_thread.run_sync(node.start)
                 await trio.sleep(args.settle)
-            await trio.sleep(2)
+            if rebalance:
+                # Until the counts are even (every node within 10 % of the mean for five
+                # samples in a row), or the wait is over.
+                events.append((round(time.time() - t0, 2), "rollout done"))
+                deadline = trio.current_time() + args.rebalance_wait
+                while trio.current_time() < deadline:
+                    recent = samples[-5:]
+                    if len(recent) == 5 and all(_even(row) for row in recent):
+                        break
+                    await trio.sleep(0.5)
+            # The last publications reach clients that are between two nodes too: publishing
+            # stops, then they have the reconnect advice and a margin to come back for them.
+            run.publishing = False
+            await trio.sleep(args.reconnect_advice + 5)
             run.stop = True
             nursery.cancel_scope.cancel()
     finally:
         haproxy.stop(10)
         for node in nodes:
             node.stop(5)
-    return summarize(algorithm, args, run, samples, events)
+    return summarize(algorithm, args, run, samples, events, rebalance)
+
+
+def _even(row: dict[str, Any], within: float = 1.10) -> bool:
+    counts = [row.get(f"n{i}") for i in range(3)]
+    if any(c is None for c in counts) or not sum(counts):  # type: ignore[arg-type]
+        return False
+    return max(counts) <= within * sum(counts) / 3  # type: ignore[type-var,arg-type,operator]
 
 
 def summarize(
@@ -404,8 +444,10 @@ def summarize(
     run: Run,
     samples: list[dict[str, Any]],
     events: list[tuple[float, str]],
+    rebalance: bool = False,
 ) -> dict[str, Any]:
     lost = duplicated = expected = 0
+    lost_examples: list[dict[str, Any]] = []  # a few clients' lost messages, to look into
     for stats in run.clients:
         if stats.subscribed_at is None:
             continue
@@ -416,14 +458,32 @@ def summarize(
             times = stats.received.get(seq, 0)
             if times == 0:
                 lost += 1
+                if len(lost_examples) < 40:
+                    lost_examples.append(
+                        {"seq": seq, "sent_at": round(sent_at - run.t0, 2),
+                         "client_connects": stats.connects, "resumed": stats.resumed}
+                    )  # fmt: skip
             elif times > 1:
                 duplicated += times - 1
     peak_rate = max((row.get(f"rate{i}") or 0.0 for row in samples for i in range(3)), default=0.0)
     final = samples[-3] if len(samples) >= 3 else (samples[-1] if samples else {})
     counts = [final.get(f"n{i}") or 0 for i in range(3)]
     peak_conns = max((row.get(f"n{i}") or 0 for row in samples for i in range(3)), default=0)
+    moved = sum(row.get(f"moved{i}") or 0 for row in samples for i in range(3))
+    # Over windows of at least a second (pairs of samples): the bound is per second, and
+    # half-second samples catch the 0.1 s steps unevenly.
+    peak_moved = 0.0
+    for first, second in itertools.pairwise(samples):
+        span = second["t"] - first["t"] + 0.5
+        for i in range(3):
+            moved_in = (first.get(f"moved{i}") or 0) + (second.get(f"moved{i}") or 0)
+            peak_moved = max(peak_moved, moved_in / max(span, 1.0))
     return {
         "algorithm": algorithm,
+        "rebalance": rebalance,
+        "rebalance_rate_limit": args.rebalance_rate if rebalance else None,
+        "rebalanced": int(moved),
+        "peak_rebalance_rate_per_node": round(peak_moved, 1),
         "clients": args.clients,
         "subscribed": sum(1 for s in run.clients if s.subscribed_at is not None),
         "published": len(run.published),
@@ -437,6 +497,7 @@ def summarize(
         "final_connections_per_node": counts,
         "final_imbalance": round(max(counts) / max(1, sum(counts) / 3), 2) if any(counts) else None,
         "events": events,
+        "lost_examples": lost_examples,
         "samples": samples,
     }
 
@@ -460,8 +521,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         for t, label in result["events"]:
             ax.axvline(t, color="grey", lw=0.6, ls="--")
             ax.text(t, ax.get_ylim()[1] * 0.95, label, rotation=90, fontsize=7, va="top")
+        with_rebalancing = ", then rebalancing" if result.get("rebalance") else ""
         ax.set_title(
-            f"{result['algorithm']}: {result['clients']} clients, rolling restart with slow drain"
+            f"{result['algorithm']}: {result['clients']} clients, rolling restart with slow "
+            f"drain{with_rebalancing}"
         )
         ax.set_ylabel("connections")
         ax.legend(loc="upper right", fontsize=8)
@@ -474,16 +537,23 @@ def table_rows(results: list[dict[str, Any]]) -> list[str]:
     rows = [
         "| balancer | clients | rebalancing | peak conns/node | final conns per node | "
         "final max/mean | peak handshakes/s/node | published | lost | duplicated | "
-        "history rejected |",
-        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "history rejected | handed on (peak/s/node, bound) |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
+        moved = (
+            f"{r['rebalanced']} ({r['peak_rebalance_rate_per_node']}/s, "
+            f"<= {r['rebalance_rate_limit']:g}/s)"
+            if r.get("rebalance")
+            else "-"
+        )
         rows.append(
-            f"| {r['algorithm']} | {r['clients']} | no | {r['peak_connections_per_node']} | "
+            f"| {r['algorithm']} | {r['clients']} | {'yes' if r.get('rebalance') else 'no'} | "
+            f"{r['peak_connections_per_node']} | "
             f"{' / '.join(str(c) for c in r['final_connections_per_node'])} | "
             f"{r['final_imbalance']} | {r['peak_handshake_rate_per_node']} | {r['published']} | "
             f"{r['lost']} / {r['deliveries_expected']} | {r['duplicated']} | "
-            f"{r['history_rejected']} |"
+            f"{r['history_rejected']} | {moved} |"
         )
     return rows
 
@@ -501,6 +571,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reconnect-advice", type=float, default=3.0)
     parser.add_argument("--handshake-rate", type=float, default=0.0)
     parser.add_argument("--publish-interval", type=float, default=0.2)
+    parser.add_argument(
+        "--rebalance",
+        choices=["no", "yes", "both"],
+        default="no",
+        help="run with --rebalance on the nodes (both: each algorithm twice)",
+    )
+    parser.add_argument(
+        "--rebalance-rate",
+        type=float,
+        default=20.0,
+        help="the nodes' --rebalance-rate (disconnects/s/node)",
+    )
+    parser.add_argument("--rebalance-wait", type=float, default=150.0,
+                        help="longest wait for even counts after the rollout")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small and short: 300 clients, "
                         "one algorithm, 2 s drains (refuses --update-results)")  # fmt: skip
     output.add_arguments(parser)
@@ -519,19 +603,17 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="rollout-") as tmp:
         workdir = Path(tmp)
-        redis_port = free_port()
-        redis = procs.start(
-            [redis_server, "--port", str(redis_port), "--bind", HOST, "--save", "",
-             "--appendonly", "no", "--dir", tmp, "--maxclients", "10000"],
-            name="redis-server", port=redis_port, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        redis = procs.start_redis(redis_server, tmp)
+        redis_port = redis.port
         try:
-            for algorithm in args.algorithms.split(","):
-                print(f"rollout: {algorithm}, {args.clients} clients ...", file=sys.stderr)
+            modes = {"no": [False], "yes": [True], "both": [False, True]}[args.rebalance]
+            for algorithm, rebalance in [(a, r) for a in args.algorithms.split(",") for r in modes]:
+                label = " with rebalancing" if rebalance else ""
+                print(f"rollout: {algorithm}{label}, {args.clients} clients ...", file=sys.stderr)
                 result = trio.run(
-                    run_algorithm, algorithm, args, f"redis://{HOST}:{redis_port}/0", workdir
-                )
+                    run_algorithm, algorithm, args, f"redis://{HOST}:{redis_port}/0", workdir,
+                    rebalance,
+                )  # fmt: skip
                 results.append(result)
                 print(
                     f"  lost {result['lost']}/{result['deliveries_expected']}, "

@@ -25,7 +25,9 @@ def serving(
     afterwards.  A baseline target's server runs from its own tree."""
     spec = TARGETS[target]
     port = procs.free_port()
-    cmd = server_command(spec.server, procs.HOST, port, ping_interval=ping_interval)
+    cmd = server_command(
+        spec.server, procs.HOST, port, ping_interval=ping_interval, compression=spec.compression
+    )
     tree = spec.tree
     with procs.start(
         cmd, name=target, port=port, core=procs.cores()[0], nofile=True,
@@ -45,6 +47,8 @@ def load(
         "--dialect", spec.dialect,
         "--server-pid", str(server.pid),
     ]  # fmt: skip
+    if spec.compression:
+        args.append("--compression")
     for key, value in params.items():
         flag = "--" + key.replace("_", "-")
         if value is True:

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgpack
@@ -228,8 +229,6 @@ def connect(server: Server, nursery: trio.Nursery) -> ClientFactory:
     :class:`CableClient` (``client.welcome`` holds the welcome message).  It connects to the
     ``server`` fixture, or to the server given as ``to=``."""
 
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
     async def _connect(
         subprotocol: str = "actioncable-v1-json",
@@ -314,13 +313,19 @@ class RawClient:
 
     async def read_frame(self, timeout: float = 5.0) -> tuple[int, bytes] | None:
         """The next server frame (opcode, payload), or None at EOF."""
+        frame = await self.read_frame_rsv(timeout)
+        return None if frame is None else frame[:2]
+
+    async def read_frame_rsv(self, timeout: float = 5.0) -> tuple[int, bytes, int] | None:
+        """The next server frame (opcode, payload, its RSV bits 0..7), or None at EOF."""
         with trio.fail_after(timeout):
             while True:
                 parsed = _parse_server_frame(self.buffer)
                 if parsed is not None:
                     opcode, payload, used = parsed
+                    rsv = (self.buffer[0] >> 4) & 7
                     self.buffer = self.buffer[used:]
-                    return opcode, payload
+                    return opcode, payload, rsv
                 try:
                     data = await self.stream.receive_some(65536)
                 except trio.BrokenResourceError:
@@ -367,3 +372,15 @@ def _parse_server_frame(buf: bytes) -> tuple[int, bytes, int] | None:
     if len(buf) < pos + length:
         return None
     return opcode, buf[pos : pos + length], pos + length
+
+
+@asynccontextmanager
+async def client_of(
+    server: Server, subprotocol: str = "actioncable-v1-ext-json", query: str = ""
+) -> AsyncIterator[CableClient]:
+    """A welcomed :class:`CableClient` of *server* (``client.welcome`` holds the welcome)."""
+    url = f"ws://127.0.0.1:{server.port}/cable{'?' + query if query else ''}"
+    async with open_websocket_url(url, subprotocols=[subprotocol]) as ws:
+        client = CableClient(ws, subprotocol)
+        client.welcome = await client.recv()  # type: ignore[attr-defined]
+        yield client

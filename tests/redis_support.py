@@ -7,9 +7,10 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import pytest
 import trio
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -174,3 +175,14 @@ class RedisProxy:
         self._scopes.discard(scope)
         await upstream.aclose()
         await client.aclose()
+
+
+@pytest.fixture(name="redis")
+def redis_fixture(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A running ``redis-server`` for one test (import this fixture where it is used)."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    proc = RedisProcess(directory)
+    proc.start()
+    yield proc
+    proc.stop()

@@ -50,7 +50,7 @@ def test_a_baseline_is_refused_where_it_would_not_run(bench: str) -> None:
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr == (
-        "python -m bench: a baseline revision runs in echo, broadcast, memory (and all)\n"
+        "python -m bench: a baseline revision runs in echo, broadcast, memory, scale (and all)\n"
     )
 
 

@@ -32,9 +32,9 @@ def _run_bench(*args: str, results: Path, timeout: float) -> dict:
 @pytest.mark.slow
 def test_all_benches_quick(tmp_path: Path) -> None:
     summary = _run_bench(
-        "all", "--targets", "picows,trio_cable,trio_cable-cable", results=tmp_path, timeout=50
+        "all", "--targets", "picows,trio_cable,trio_cable-cable", results=tmp_path, timeout=90
     )
-    assert set(summary) == {"micro", "echo", "broadcast", "wsbench", "memory"}
+    assert set(summary) == {"micro", "echo", "broadcast", "wsbench", "memory", "compression"}
 
     micro = summary["micro"]["rows"]
     assert {r["impl"] for r in micro} >= {"pure", "websockets.speedups"}
@@ -100,3 +100,58 @@ def test_main_is_importable() -> None:
     import bench
 
     assert callable(bench.main)
+
+
+@pytest.mark.slow
+def test_compression_bench_quick(tmp_path: Path) -> None:
+    summary = _run_bench(
+        "compression", "--targets", "trio_cable-cable,trio_cable-deflate",
+        results=tmp_path, timeout=90,
+    )["compression"]  # fmt: skip
+    rows = {r["target"]: r for r in summary["rows"]}
+    assert set(rows) == {"trio_cable-cable", "trio_cable-deflate"}
+    for row in rows.values():
+        assert row["missed"] == 0 and row["cpu_us"] > 0 and row["bytes_per_conn"] > 0
+    plain, deflated = rows["trio_cable-cable"], rows["trio_cable-deflate"]
+    # ~3 KB of chat-like JSON deflates to well under half on the wire.
+    assert plain["wire_bytes"] > 2_500
+    assert deflated["wire_bytes"] < plain["wire_bytes"] / 2
+    assert deflated["wire_bytes_vs_plain"] == pytest.approx(
+        deflated["wire_bytes"] / plain["wire_bytes"]
+    )
+
+
+def test_scale_bench_quick(tmp_path: Path) -> None:
+    """``bench scale --quick``: the three phases run, every figure is there, every held
+    connection got every broadcast in order, and the lag came from the server's raw samples."""
+    summary = _run_bench("scale", "--sizes", "150", "--duration", "1.5", results=tmp_path,
+                         timeout=120)["scale"]  # fmt: skip
+    (row,) = summary["rows"]
+    assert row["target"] == "trio_cable-cable" and row["conns"] == 150
+    assert row["in_order"] is True
+    assert 0 <= row["lag_p50_ms"] <= row["lag_p99_ms"] <= row["lag_max_ms"]
+    assert row["churn_rate"] > 0 and row["bcast_p50_ms"] > 0 and row["probe_max_ms"] > 0
+    assert row["bcast_lag_max_ms"] is not None and row["bcast_lag_max_ms"] >= 0
+    (sample,) = json.loads((tmp_path / "scale.json").read_text())["samples"]
+    assert sample["connected"] == 150 and sample["loadgens"] == 1
+    assert sample["steady"]["lag"]["source"] == "samples"
+    assert sample["steady"]["lag"]["n"] > 0 and sample["steady"]["probe"]["ping"]["n"] > 0
+    bcast = sample["broadcast"]
+    assert bcast["delivered"] == bcast["expected"] == 150 * bcast["broadcasts"]
+    assert bcast["missing"] == bcast["out_of_order"] == bcast["duplicates"] == 0
+    assert sample["churn"]["churn"]["made"] > 0 and sample["churn"]["churn"]["failed"] == 0
+    assert (tmp_path / "plots" / "scale.png").exists()
+
+
+def test_scale_helpers() -> None:
+    from bench.scale import _from_buckets, shares
+
+    assert shares(1000) == [1000] and shares(18000) == [9000, 9000]
+    assert shares(18001) == [6001, 6000, 6000] and sum(shares(36000)) == 36000
+    inf = float("inf")
+    before = {0.001: 5.0, 0.005: 5.0, 0.01: 5.0, 0.05: 5.0, inf: 5.0}
+    # In the window: 90 under 1 ms, 9 in 1-5 ms, 1 in 10-50 ms.
+    after = {0.001: 95.0, 0.005: 104.0, 0.01: 104.0, 0.05: 105.0, inf: 105.0}
+    got = _from_buckets(before, after)
+    assert got == {"p50_ms": 1.0, "p99_ms": 5.0, "max_ms": 50.0, "n": 100, "source": "histogram"}
+    assert _from_buckets(after, after)["p99_ms"] is None

@@ -196,6 +196,42 @@ async def test_js_client(
     assert not run.of("rejected")
 
 
+@pytest.mark.parametrize("protocol", ["actioncable-v1-ext-json", "actioncable-v1-msgpack"])
+async def test_js_client_with_permessage_deflate(
+    node_modules: Path, nursery: trio.Nursery, protocol: str
+) -> None:
+    """The ``ws`` package offers permessage-deflate by default: with ``--compression`` the
+    server accepts, @anycable/core receives compressed broadcasts and transmissions, and the
+    client's own compressed messages (``ws`` deflates those over 1 KiB) are inflated."""
+    server = await nursery.start(
+        Server(client_config(compression=True, compression_threshold=64), client_app()).serve
+    )
+    signed = sign_stream(SECRET, "interop/signed")
+    long_text = "a long action argument, compressed by ws " * 50
+    run = await run_node(
+        nursery,
+        {
+            "client": "anycable",
+            "protocol": protocol,
+            "url": server.url + "?user=js",
+            "signed": signed,
+            "echoText": long_text,
+            "timeoutMs": 15000,
+        },
+    )
+    await run.wait_for("ready")
+    big = {"n": 1, "text": "broadcast words " * 200}
+    await server.broadcast("interop", big)
+    await server.broadcast("interop/signed", {"n": 2, "text": "signed words " * 200})
+    await run.wait_for("done")
+    echo = [line["data"] for line in run.of("message", channel="echo")]
+    assert big in echo
+    assert {"text": long_text, "action": "echo"} in echo
+    assert [line["data"]["n"] for line in run.of("message", channel="signed")] == [2]
+    assert server.metrics.compressed_frames_total >= 3  # two broadcasts and the echo at least
+    assert server.metrics.compressed_messages_total >= 1  # the client's long perform
+
+
 async def test_js_client_rejected_signature(
     node_modules: Path, server: Server, nursery: trio.Nursery
 ) -> None:
@@ -265,3 +301,47 @@ async def test_anycable_resumes_after_drain_without_gap(
     await run.wait_for("done", timeout=20)
     assert [line["data"] for line in run.of("message", channel="signed")] == list(range(1, 10))
     assert {line["reason"] for line in run.of("disconnected")} <= {"server_restart", None}
+
+
+# -- presence and whispers (issue 16) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "protocols",
+    [
+        ["actioncable-v1-ext-json", "actioncable-v1-ext-json"],
+        ["actioncable-v1-ext-json", "actioncable-v1-ext-msgpack"],
+    ],
+    ids=["json-json", "json-msgpack"],
+)
+@pytest.mark.parametrize("kind", ["public", "signed"])
+async def test_anycable_presence_and_whispers(
+    node_modules: Path, nursery: trio.Nursery, protocols: list[str], kind: str
+) -> None:
+    """Two @anycable/core clients: each sees the other's join, info() lists both, a whisper
+    reaches the other and not its sender, a leave is seen by the other."""
+    config = client_config(public_streams=True, streams_whisper=True)
+    server = await nursery.start(Server(config, client_app()).serve)
+    stream = {"stream": "interop/room"}
+    if kind == "signed":
+        stream = {"signed": sign_stream(SECRET, "interop/room")}
+    run = await run_node(
+        nursery,
+        {"url": server.url, "protocols": protocols, "timeoutMs": 20000, **stream},
+        script="presence.mjs",
+    )
+    await run.wait_for("done", timeout=25)
+    with trio.fail_after(5):
+        while run.returncode is None:
+            await trio.sleep(0.02)
+    assert run.returncode == 0, run.lines
+    both = {"a": {"name": "Alice"}, "b": {"name": "Bob"}}
+    assert run.of("info", client="a")[0]["state"] == both
+    assert run.of("info", client="b")[0]["state"] == both
+    # b left nothing behind for itself; a's leave is applied to b's state.
+    assert run.of("info", client="b-after-leave")[0]["state"] == {"b": {"name": "Bob"}}
+    whispers = run.of("whispers")[0]
+    assert whispers["a"] == [{"typing": "b"}] and whispers["b"] == [{"typing": "a"}]
+    b_presence = [line["message"] for line in run.of("presence", client="b")]
+    assert {"type": "join", "info": {"name": "Alice"}, "id": "a"} in b_presence
+    assert {"type": "leave", "id": "a"} in b_presence

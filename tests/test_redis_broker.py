@@ -7,17 +7,16 @@ coredis upgrade that changes them shows up here."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from trio_websocket import open_websocket_url
 
-from tests.conftest import CableClient, RawClient, identifier, make_app
+from tests.conftest import RawClient, client_of, identifier, make_app
 from tests.procs import ROOT, cli_command
 from tests.redis_support import (
     REDIS_SERVER,
@@ -69,17 +68,6 @@ def start_nodes(nursery: trio.Nursery, redis: RedisProcess) -> Callable[..., Any
         return nodes
 
     return _start
-
-
-@asynccontextmanager
-async def client_of(
-    server: Server, subprotocol: str = EXT, query: str = ""
-) -> AsyncIterator[CableClient]:
-    url = f"ws://127.0.0.1:{server.port}/cable{'?' + query if query else ''}"
-    async with open_websocket_url(url, subprotocols=[subprotocol]) as ws:
-        client = CableClient(ws, subprotocol)
-        client.welcome = await client.recv()  # type: ignore[attr-defined]
-        yield client
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -232,6 +220,110 @@ async def test_anycable_publications_and_remote_disconnect_reach_every_node(star
         # A node's own remote_disconnect reaches the other nodes too.
         await b.remote_disconnect({"user": "bob"}, reconnect=True)
         assert await bob.recv() == {"type": "disconnect", "reason": "remote", "reconnect": True}
+
+
+# -- redisx: AnyCable's Redis Streams broadcaster ----------------------------------------------
+
+REDIS_CLI = shutil.which("redis-cli")
+
+
+def xadd_as_anycable(redis: RedisProcess, publication: Any, stream: str = "__anycable__") -> None:
+    """What AnyCable's documentation says a Rails app does with the redisx adapter:
+    ``redis-cli XADD __anycable__ "*" payload '<publication JSON>'``."""
+    body = json.dumps(publication)
+    if REDIS_CLI is None:  # the same command over a raw socket
+        assert redis.command("XADD", stream, "*", "payload", body).startswith(b"$")
+        return
+    out = subprocess.run(
+        [REDIS_CLI, "-p", str(redis.port), "XADD", stream, "*", "payload", body],
+        capture_output=True, text=True, timeout=10, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip().count("-") == 1, out.stdout  # an entry id, "1709754437079-0"
+
+
+def _int_reply(reply: bytes) -> int:
+    assert reply.startswith(b":"), reply
+    return int(reply[1:].split(b"\r\n", 1)[0])
+
+
+async def test_redisx_publication_reaches_both_nodes_once_with_offsets_and_history(
+    start_nodes, redis
+):
+    # A fresh Redis: neither the stream nor the group exists; the nodes create them.
+    a, b = await start_nodes(2, broadcast_adapter="redisx", redisx_block=0.2)
+    await wait_for(lambda: b"bx" in redis.command("XINFO", "GROUPS", "__anycable__"))
+    ident = identifier(stream="rails")
+    async with client_of(a) as on_a, client_of(b) as on_b:
+        await on_a.subscribe(ident)
+        await on_b.subscribe(ident)
+        xadd_as_anycable(redis, {"stream": "rails", "data": json.dumps({"from": "rails"})})
+        first_a, first_b = await on_a.recv(raw=True), await on_b.recv(raw=True)
+        assert first_a["message"] == first_b["message"] == {"from": "rails"}
+        assert (first_a["stream_id"], first_a["offset"]) == ("rails", 1)
+        assert (first_b["epoch"], first_b["offset"]) == (first_a["epoch"], 1)
+        # Once: the next message on each is the next publication, offset 2 (had both nodes
+        # taken the entry, its second copy would be offset 2).
+        xadd_as_anycable(redis, [{"stream": "rails", "data": "2"}])
+        for client in (on_a, on_b):
+            got = await client.recv(raw=True)
+            assert (got["message"], got["offset"]) == (2, 2)
+        assert a.broker.stats["redisx_entries"] + b.broker.stats["redisx_entries"] == 2
+        # In the history (the data as published: clients decode it), for a client that
+        # missed them; acknowledged and deleted from the publications stream.
+        history = await b.broker.history_since_offset("rails", first_a["epoch"], 0)
+        assert [(e.offset, e.data) for e in history] == [(1, '{"from": "rails"}'), (2, "2")]
+        async with client_of(b) as late:  # and a client that asks gets them, decoded
+            await late.subscribe(ident)
+            since = {"streams": {"rails": {"epoch": first_a["epoch"], "offset": 0}}}
+            await late.send({"command": "history", "identifier": ident, "history": since})
+            got = [await late.recv(raw=True) for _ in range(3)]
+            assert [(m.get("message"), m.get("offset")) for m in got[:2]] == [
+                ({"from": "rails"}, 1), (2, 2)
+            ]  # fmt: skip
+            assert got[2] == {"identifier": ident, "type": "confirm_history"}
+        await wait_for(lambda: _int_reply(redis.command("XLEN", "__anycable__")) == 0)
+        assert redis.command("XPENDING", "__anycable__", "bx").startswith(b"*4\r\n:0")
+        # PUBLISH __anycable__ is not read in this mode (one way in, or twice delivered).
+        assert redis.command("PUBLISH", "__anycable__", "{}") == b":0\r\n"
+
+        # The stream deleted under the nodes (and its group with it): made again, served.
+        assert redis.command("DEL", "__anycable__") == b":1\r\n"
+        await wait_for(lambda: b"bx" in redis.command("XINFO", "GROUPS", "__anycable__"))
+        # Garbage costs its entry only (acknowledged, counted), not the reader.
+        xadd_as_anycable(redis, "{not a publication")
+        xadd_as_anycable(redis, {"stream": "rails", "data": "3"})
+        for client in (on_a, on_b):
+            got = await client.recv(raw=True)
+            assert (got["message"], got["offset"]) == (3, 3)
+        assert a.broker.stats["anycable_invalid"] + b.broker.stats["anycable_invalid"] == 1
+        await wait_for(lambda: _int_reply(redis.command("XLEN", "__anycable__")) == 0)
+
+
+async def test_redisx_entry_of_a_dead_consumer_is_claimed_and_published(start_nodes, redis):
+    # A node took an entry and died before acknowledging it (here: a reader that never
+    # acknowledges).  The group exists already.
+    assert redis.command("XGROUP", "CREATE", "__anycable__", "bx", "$", "MKSTREAM") == b"+OK\r\n"
+    xadd_as_anycable(redis, {"stream": "orphan", "data": json.dumps("rescued")})
+    taken = redis.command("XREADGROUP", "GROUP", "bx", "dead", "COUNT", "1",
+                          "STREAMS", "__anycable__", ">")  # fmt: skip
+    assert b"rescued" in taken
+    (node,) = await start_nodes(1, broadcast_adapter="redisx", redisx_claim_idle=0.5)
+    await wait_for(lambda: node.broker.stats["redisx_claimed"] == 1)
+    epoch, last = await node.broker.stream_position("orphan")
+    assert epoch is not None and last == 1
+    history = await node.broker.history_since_offset("orphan", epoch, 0)
+    assert [e.data for e in history] == ['"rescued"']
+    await wait_for(lambda: _int_reply(redis.command("XLEN", "__anycable__")) == 0)
+
+
+def test_redisx_needs_the_redis_broker() -> None:
+    from trio_cable.config import ConfigError
+
+    with pytest.raises(ConfigError, match="redisx reads a Redis stream"):
+        Config(broadcast_adapter="redisx").validate()
+    with pytest.raises(ConfigError, match="unknown adapter"):
+        Config(broker="redis", broadcast_adapter="kafka").validate()
+    assert Config(broker="redis", broadcast_adapter="redisx").validate().redisx_group == "bx"
 
 
 # -- history semantics: the same answers as the in-memory broker -----------------------------

@@ -177,6 +177,27 @@ async def test_metrics_endpoint(server: Server, connect):
     assert "trio_cable_subscriptions_total 1.0" in text
 
 
+async def test_metrics_samples_are_recent_raw_lags(server: Server):
+    """``/metrics/samples`` has the lag monitor's raw samples, cut by ``?since=``."""
+
+    async def samples(since: float = 0.0) -> dict:
+        request = f"GET /metrics/samples?since={since!r} HTTP/1.1\r\nHost: x\r\n\r\n"
+        status, body = await _http(server, request.encode())
+        assert status == 200
+        return json.loads(body)
+
+    start = time.monotonic()
+    await trio.sleep(0.3)  # the probe samples every 50 ms
+    doc = await samples()
+    lags = doc["loop_lag_seconds"]
+    assert len(lags) >= 2 and isinstance(doc["gc_full_pause_seconds"], list)
+    assert all(0 <= lag < 5 for _t, lag in lags)
+    assert sum(t >= start for t, _lag in lags) >= 2
+    later = await samples(since=lags[-1][0])
+    assert later["loop_lag_seconds"][0] == lags[-1]
+    assert all(t >= lags[-1][0] for t, _lag in later["loop_lag_seconds"])
+
+
 async def _http(server: Server, request: bytes) -> tuple[int, bytes]:
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     await stream.send_all(request)

@@ -461,3 +461,35 @@ async def test_too_slow_farewell_and_closed_unsubscribes() -> None:
     await session.closed()
     assert session not in node.attached
     assert node.hub.subscribers("chat:1") == 0
+
+
+async def test_history_waits_for_live_copies_still_in_the_fan_out_queue(monkeypatch) -> None:
+    # A big audience is written by the hub's fan-out task, later than the broker delivered
+    # it: a history read can hold a message whose live copy is still queued for this very
+    # connection.  It must be dropped by the gate, not written after it opened (seen as a
+    # duplicate at a resume with 1,000 clients per worker).
+    from trio_cable.server import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "INLINE_RECIPIENTS", 0)  # every broadcast is a job
+    node = LocalNode(app=chat_app())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.hub.run_fanout)
+        await trio.testing.wait_all_tasks_blocked()
+        session, transport = make_session(node, wire=EXT)
+        await session.opened()
+        await send(session, {"command": "subscribe", "identifier": ident(room="1")})
+        await node.broadcast("chat:1", {"n": 1})
+        await trio.testing.wait_all_tasks_blocked()
+        position = transport.take()[-1]
+        assert position["offset"] == 1
+        await node.broadcast("chat:1", {"n": 2})  # stored; its live copy waits for the task
+        assert node.hub.pending_fanouts == 1
+        streams = {"chat:1": {"epoch": position["epoch"], "offset": 1}}
+        await send(
+            session,
+            {"command": "history", "identifier": ident(room="1"), "history": {"streams": streams}},
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        got = [m.get("offset", m.get("type")) for m in transport.take()]
+        assert got == [2, "confirm_history"]
+        nursery.cancel_scope.cancel()

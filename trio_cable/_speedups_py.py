@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from trio_cable.protocol.codes import (
     CLOSE_CODE_RANGES,
+    COMPRESSED,
     MAX_CLOSE_REASON,
     MAX_CONTROL_PAYLOAD,
     OP_BINARY,
@@ -230,7 +231,9 @@ def close_code_and_reason(payload: Buffer) -> tuple[int | None, str]:
 
 
 class FrameParser:
-    """Parses the frames a client sends to the server (RFC 6455, no extensions).
+    """Parses the frames a client sends to the server (RFC 6455; with ``compression`` on,
+    permessage-deflate's RSV1 too: a message whose first frame has RSV1 set comes out as
+    ``opcode | COMPRESSED``, its payload deflated and not yet UTF-8 checked).
 
     Sans-I/O: :meth:`feed` the bytes read from the socket, then call :meth:`next_message`
     until it returns None.  Data frame payloads are unmasked (and text validated) as their
@@ -240,6 +243,7 @@ class FrameParser:
 
     __slots__ = (
         "_buf",
+        "_compression",
         "_error",
         "_f_fin",
         "_f_in",
@@ -247,6 +251,7 @@ class FrameParser:
         "_f_mask",
         "_f_opcode",
         "_f_phase",
+        "_m_compressed",
         "_m_opcode",
         "_m_parts",
         "_m_size",
@@ -256,11 +261,15 @@ class FrameParser:
         "_validator",
     )
 
-    def __init__(self, max_message_size: int = 1048576, require_mask: bool = True) -> None:
+    def __init__(
+        self, max_message_size: int = 1048576, require_mask: bool = True, compression: bool = False
+    ) -> None:
         if max_message_size < 0:
             raise ValueError("max_message_size must be >= 0")
         self._max = min(int(max_message_size), _MAX_LENGTH)
         self._require_mask = bool(require_mask)
+        self._compression = bool(compression)
+        self._m_compressed = False
         self._buf = bytearray()
         self._pos = 0
         self._error: tuple[int, str] | None = None
@@ -293,6 +302,11 @@ class FrameParser:
         """Whether unmasked frames are a protocol error (they are for a server)."""
         return self._require_mask
 
+    @property
+    def compression(self) -> bool:
+        """Whether RSV1 marks a compressed message (permessage-deflate was negotiated)."""
+        return self._compression
+
     def feed(self, data: Buffer) -> None:
         """Append bytes received from the client; *data* is copied, so its buffer can be reused."""
         if self._error is not None:
@@ -316,9 +330,15 @@ class FrameParser:
             return False
         b0 = buf[pos]
         b1 = buf[pos + 1]
-        if b0 & 0x70:
-            raise self._fail(_PROTOCOL_ERROR, _R.RSV)
         opcode = b0 & 0x0F
+        compressed = False
+        if b0 & 0x70:
+            # RSV1 alone, with permessage-deflate, on the first frame of a data message.
+            if (b0 & 0x70) != 0x40 or not self._compression:
+                raise self._fail(_PROTOCOL_ERROR, _R.RSV)
+            if opcode not in (OP_TEXT, OP_BINARY):
+                raise self._fail(_PROTOCOL_ERROR, _R.RSV1_NOT_FIRST)
+            compressed = True
         fin = bool(b0 & 0x80)
         length = b1 & 0x7F
         if opcode >= 8:
@@ -372,6 +392,7 @@ class FrameParser:
         self._f_phase = 0
         if opcode in (OP_TEXT, OP_BINARY):
             self._m_opcode = opcode
+            self._m_compressed = compressed
             self._m_size = 0
         return True
 
@@ -413,7 +434,8 @@ class FrameParser:
                 if opcode == OP_CLOSE:
                     self._check_close(payload)
                 return opcode, payload
-            text = self._m_opcode == OP_TEXT
+            # A compressed text message is validated once inflated, by whoever inflates it.
+            text = self._m_opcode == OP_TEXT and not self._m_compressed
             if self._f_fin and not self._m_size and avail >= remaining:
                 # The whole message is one frame that is all here: no reassembly needed.
                 payload = _xor(memoryview(buf)[pos : pos + remaining], self._f_mask)
@@ -423,6 +445,8 @@ class FrameParser:
                     raise self._fail(_INVALID_PAYLOAD, _R.TEXT_UTF8)
                 opcode = self._m_opcode
                 self._m_opcode = 0
+                if self._m_compressed:
+                    opcode |= COMPRESSED
                 return opcode, payload
             take = min(avail, remaining)
             if take:
@@ -450,6 +474,8 @@ class FrameParser:
                 payload = bytes(self._m_parts)
                 self._m_parts = bytearray()
                 opcode = self._m_opcode
+                if self._m_compressed:
+                    opcode |= COMPRESSED
                 self._m_opcode = 0
                 self._m_size = 0
                 return opcode, payload

@@ -81,8 +81,60 @@ class ChannelHost(Protocol):
 
     async def broadcast(self, stream: str, data: Any) -> None: ...
 
+    async def join_presence(self, channel: Channel, stream: str, pid: str, info: Any) -> None: ...
 
-class Channel:
+    async def leave_presence(self, channel: Channel) -> None: ...
+
+
+class BaseChannel:
+    """What every kind of channel shares: its name, the callbacks an application overrides,
+    and which methods are actions.  :class:`Channel` runs in the server's process;
+    :class:`trio_cable.rpc.Channel` in an application answering AnyCable RPC."""
+
+    #: Name clients use in the identifier's ``channel`` field; defaults to the class name.
+    channel_name: ClassVar[str | None] = None
+    #: The class whose methods are the framework's, not actions (each kind's base sets it).
+    _framework_class: ClassVar[type[BaseChannel]]
+
+    __slots__ = ()
+
+    @classmethod
+    def name(cls) -> str:
+        """The channel name clients subscribe with."""
+        return cls.channel_name or cls.__name__
+
+    def subscribed(self) -> Awaitable[None] | None:
+        """Called when a client subscribes; call ``reject()`` to refuse."""
+        return None
+
+    def unsubscribed(self) -> Awaitable[None] | None:
+        """Called when the subscription ends (unsubscribe or disconnect)."""
+        return None
+
+    def receive(self, data: dict[str, Any]) -> Awaitable[None] | None:
+        """Called for messages whose action is ``receive`` (or that have no action)."""
+        return None
+
+    @classmethod
+    def action_names(cls) -> frozenset[str]:
+        """Public methods a client may call as actions: none of the framework's but
+        ``receive``."""
+        cached = cls.__dict__.get("_action_names")
+        if cached is None:
+            base = set(dir(cls._framework_class)) - {"receive"}
+            cached = frozenset(
+                name
+                for name in dir(cls)
+                if not name.startswith("_")
+                and name not in base
+                and callable(getattr(cls, name))
+                and not isinstance(inspect.getattr_static(cls, name), (classmethod, staticmethod))
+            )
+            cls._action_names = cached  # type: ignore[attr-defined]
+        return cached
+
+
+class Channel(BaseChannel):
     """Base class of application channels.
 
     One instance per subscription.  ``identifier`` is the client's identifier string (echoed
@@ -90,14 +142,22 @@ class Channel:
     connection's identity (from JWT or the connect callback).
     """
 
-    #: Name clients use in the identifier's ``channel`` field; defaults to the class name.
-    channel_name: ClassVar[str | None] = None
     #: False for built-ins that run no application code: they skip the callback limiter.
     app_callbacks: ClassVar[bool] = True
 
     # Slots keep the built-in channels small (a server holds one per subscription); an
     # application's subclass gets a __dict__ as usual unless it declares slots itself.
-    __slots__ = ("_state", "host", "identifier", "params", "rejected", "streams")
+    __slots__ = (
+        "_state",
+        "host",
+        "identifier",
+        "params",
+        "presence",
+        "presence_stream",
+        "rejected",
+        "streams",
+        "whisper_stream",
+    )
 
     def __init__(self, host: ChannelHost, identifier: str, params: dict[str, Any]) -> None:
         self.host = host
@@ -106,6 +166,13 @@ class Channel:
         self.streams: list[str] = []
         self.rejected = False
         self._state: dict[str, Any] | None = None
+        #: The stream this subscription's whispers go to (AnyCable's ``$w``), or None: it
+        #: may not whisper.
+        self.whisper_stream: str | None = None
+        #: The stream whose presence this subscription may join and ask (``$p``), or None.
+        self.presence_stream: str | None = None
+        #: ``(presence id, info)`` while this subscription is present on presence_stream.
+        self.presence: tuple[str, Any] | None = None
 
     @property
     def state(self) -> dict[str, Any]:
@@ -118,29 +185,10 @@ class Channel:
     def state(self, value: dict[str, Any]) -> None:
         self._state = value
 
-    @classmethod
-    def name(cls) -> str:
-        """The channel name clients subscribe with."""
-        return cls.channel_name or cls.__name__
-
     @property
     def identifiers(self) -> dict[str, Any]:
         """The connection's identifiers."""
         return self.host.identifiers
-
-    # -- callbacks an application overrides -------------------------------------------------
-
-    def subscribed(self) -> Awaitable[None] | None:
-        """Called when a client subscribes; call :meth:`reject` to refuse."""
-        return None
-
-    def unsubscribed(self) -> Awaitable[None] | None:
-        """Called when the subscription ends (unsubscribe or disconnect)."""
-        return None
-
-    def receive(self, data: dict[str, Any]) -> Awaitable[None] | None:
-        """Called for messages whose action is ``receive`` (or that have no action)."""
-        return None
 
     # -- what a channel can do -----------------------------------------------------------------
 
@@ -148,20 +196,39 @@ class Channel:
         """Send *message* to this subscription's client only."""
         self.host.transmit(self.identifier, message)
 
-    def stream_from(self, stream: str) -> None:
-        """Deliver broadcasts on *stream* to this subscription.  Raises ``ValueError`` for a
-        name no broker can carry (empty, or a lone surrogate: the subscription is rejected)."""
+    def stream_from(self, stream: str, *, whisper: bool = False) -> None:
+        """Deliver broadcasts on *stream* to this subscription; with *whisper*, let its
+        client whisper to *stream*'s other subscribers.  Raises ``ValueError`` for a name no
+        broker can carry (empty, or a lone surrogate: the subscription is rejected)."""
         if not is_stream_name(stream):
             raise ValueError(f"not a usable stream name: {stream[:100]!r}")
         if stream not in self.streams:
             self.streams.append(stream)
             self.host.add_stream(self.identifier, stream)
+        if whisper:
+            self.whisper_stream = stream
 
     def stop_stream_from(self, stream: str) -> None:
-        """Stop delivering broadcasts on *stream*."""
+        """Stop delivering broadcasts on *stream* (and whispering to it)."""
         if stream in self.streams:
             self.streams.remove(stream)
             self.host.remove_stream(self.identifier, stream)
+        if self.whisper_stream == stream:
+            self.whisper_stream = None
+
+    async def join_presence(self, stream: str, pid: str, info: Any = None) -> None:
+        """Make this subscription present on *stream* as *pid* (a user id: one user's
+        sessions count once) with *info* (any JSON value), and let its client ask and
+        change its presence there.  *stream*'s subscribers hear ``join`` when *pid* is new.
+        """
+        if not is_stream_name(stream):
+            raise ValueError(f"not a usable stream name: {stream[:100]!r}")
+        await self.host.join_presence(self, stream, str(pid), info)
+
+    async def leave_presence(self) -> None:
+        """End this subscription's presence (its stream hears ``leave`` when it was the
+        last session of its id)."""
+        await self.host.leave_presence(self)
 
     def stop_all_streams(self) -> None:
         """Stop every stream of this subscription."""
@@ -177,23 +244,6 @@ class Channel:
         await self.host.broadcast(stream, data)
 
     # -- dispatch ----------------------------------------------------------------------------
-
-    @classmethod
-    def action_names(cls) -> frozenset[str]:
-        """Public methods a client may call as actions."""
-        cached = cls.__dict__.get("_action_names")
-        if cached is None:
-            base = set(dir(Channel)) - {"receive"}
-            cached = frozenset(
-                name
-                for name in dir(cls)
-                if not name.startswith("_")
-                and name not in base
-                and callable(getattr(cls, name))
-                and not isinstance(inspect.getattr_static(cls, name), (classmethod, staticmethod))
-            )
-            cls._action_names = cached  # type: ignore[attr-defined]
-        return cached
 
     async def perform(self, action: str, data: dict[str, Any]) -> bool:
         """Run the method named *action*; return False when there is no such action."""
@@ -212,6 +262,9 @@ class Channel:
             return None
         method: Callable[[dict[str, Any]], Any] = getattr(self, action)
         return method
+
+
+Channel._framework_class = Channel
 
 
 async def maybe_await(value: Any) -> Any:
@@ -246,7 +299,11 @@ class PubSubChannel(Channel):
         if stream is None or not is_stream_name(stream):
             self.reject()
         else:
-            self.stream_from(stream)
+            # Public streams may always whisper, signed ones with --streams-whisper.
+            self.stream_from(
+                stream, whisper=not isinstance(signed, str) or settings.streams_whisper
+            )
+            self.presence_stream = stream
 
 
 class TurboStreamsChannel(PubSubChannel):
@@ -311,10 +368,10 @@ class CallbackNameWarning(UserWarning):
     category=CallbackNameWarning)``."""
 
 
-_checked: weakref.WeakSet[type[Channel]] = weakref.WeakSet()
+_checked: weakref.WeakSet[type[BaseChannel]] = weakref.WeakSet()
 
 
-def warn_callback_near_misses(cls: type[Channel]) -> None:
+def warn_callback_near_misses(cls: type[BaseChannel]) -> None:
     """Warn (:class:`CallbackNameWarning`, once per class) about each method of *cls* whose
     name is close to, but not, one of :data:`CALLBACK_NAMES`.  The warning points at the
     method's own file and line."""
@@ -323,13 +380,13 @@ def warn_callback_near_misses(cls: type[Channel]) -> None:
     _checked.add(cls)
     seen: set[str] = set()
     for klass in cls.__mro__:
-        if klass in Channel.__mro__:
+        if klass in cls._framework_class.__mro__:
             continue
         for name, value in vars(klass).items():
             if name in seen or name.startswith("_") or name in CALLBACK_NAMES:
                 continue
             seen.add(name)
-            if hasattr(Channel, name) or not callable(value):
+            if hasattr(cls._framework_class, name) or not callable(value):
                 continue
             close = difflib.get_close_matches(name.lower(), CALLBACK_NAMES, n=1, cutoff=0.85)
             if not close or not _callable_as(value, close[0]):

@@ -12,6 +12,7 @@ on stderr naming what was wrong, never a traceback: exit status 2 for configurat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import importlib
 import importlib.metadata
@@ -19,7 +20,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import sysconfig
 import traceback
@@ -39,6 +39,7 @@ from trio_cable.config import (
     ConfigError,
     load_config_and_sources,
 )
+from trio_cable.supervisor import Supervisor, run_worker, serve_node, worker_spec
 
 log = logging.getLogger("trio_cable")
 
@@ -241,28 +242,7 @@ async def run_server(config: Config, app: CableApp) -> None:
 
     server = Server(config, app)
     server.bind()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-
-            async def drain_then_stop() -> None:
-                await server.drain()
-                nursery.cancel_scope.cancel()
-
-            received = 0
-            async for signum in signals:
-                received += 1
-                name = signal.Signals(signum).name
-                if received == 1:
-                    log.info("received %s: draining (send again to hurry)", name)
-                    nursery.start_soon(drain_then_stop)
-                elif received == 2:
-                    log.info("received %s again: disconnecting everybody now", name)
-                    server.drain_now()
-                else:
-                    log.info("received %s a third time: stopping", name)
-                    nursery.cancel_scope.cancel()
-                    break
+    await serve_node(server)
 
 
 def _secret(flag: str | None, *names: str) -> str:
@@ -281,19 +261,32 @@ def _short_secret_advice(length: int) -> str:
     )
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     flags = {s.name: getattr(args, s.name) for s in SETTINGS}
     config, sources = load_config_and_sources(flags, toml_path=args.config)
+    spec = worker_spec()
+    if spec is not None:
+        # The supervisor resolved the port (--port 0 is one port for all its workers).
+        config = dataclasses.replace(config, port=spec.port)
+    who = "" if spec is None else f"[worker {spec.index}]"
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{who}: %(message)s",
     )
-    for name in config.short_secrets():
-        value: str = getattr(config, name)
-        log.warning("%s: %s", sources.get(name, name), _short_secret_advice(len(value.encode())))
+    if spec is None and config.workers > 1:
+        # The workers check secrets and load the application; the supervisor runs them.
+        return trio.run(Supervisor(config, argv).run)
+    if spec is None or spec.index == 0:
+        for name in config.short_secrets():
+            value: str = getattr(config, name)
+            advice = _short_secret_advice(len(value.encode()))
+            log.warning("%s: %s", sources.get(name, name), advice)
     app = load_app(config.channels, sources.get("channels", "channels"))
     try:
-        trio.run(run_server, config, app)
+        if spec is None:
+            trio.run(run_server, config, app)
+        else:
+            trio.run(run_worker, config, app, spec)
     except BaseExceptionGroup as group:
         # A broker that cannot start (e.g. Redis unreachable) fails inside the nursery:
         # report it like any other configuration error, in one line.
@@ -344,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warnings.simplefilter("ignore", InsecureKeyLengthWarning)
                 print(issue_token(secret, identifiers, ttl=args.ttl))
             return 0
-        return _serve(args)
+        return _serve(args, args_list)
     except ConfigError as exc:
         print(f"trio-cable: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import hmac
 import math
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,9 @@ def _bad(setting: str, detail: str) -> ConfigError:
     return ConfigError(f"{setting}: {detail}", setting=setting, detail=detail)
 
 
+#: The ways anycable-rails publications reach the nodes through Redis (``broadcast_adapter``).
+BROADCAST_ADAPTERS = ("redis", "redisx")
+
 #: HMAC-SHA256 keys shorter than this are weaker than the hash (RFC 7518 3.2; PyJWT warns).
 MIN_SECRET_BYTES = 32
 
@@ -57,6 +60,9 @@ class Config:
     jwt_param: str = "jid"
     enforce_jwt: bool = False
     public_streams: bool = False
+    streams_whisper: bool = False
+    presence_ttl: float = 15.0
+    presence_window: float = 0.1
     broadcast_key: str | None = None
     allowed_origins: list[str] = field(default_factory=list)
     ping_interval: float = 3.0
@@ -64,13 +70,24 @@ class Config:
     channels: str | None = None
     benchmark_channel: bool = False
     broker: str = "memory"
+    # Worker processes on one port (SO_REUSEPORT) under a supervisor; "auto" is one per core.
+    workers: int = 1
     redis_url: str = "redis://localhost:6379/0"
+    # How anycable-rails publications come in through Redis (AnyCable's names and defaults).
+    broadcast_adapter: str = "redis"
+    redis_channel: str = "__anycable__"
+    redisx_group: str = "bx"
     log_level: str = "info"
     handshake_timeout: float = 10.0
     close_timeout: float = 3.0
     max_send_queue: int = 4 * 1024 * 1024
     callback_concurrency: int = 64
     echo_path: str | None = None
+    # Fallback transports (SSE, long polling): paths (empty: off) and the long poll's timers.
+    sse_path: str | None = "/events"
+    poll_path: str | None = "/lp"
+    poll_interval: float = 15.0
+    poll_keepalive_timeout: float = 10.0
     # Avalanche safety (slow drain, advice, admission, per-connection limits, resume, history).
     drain_period: float = 10.0
     drain_rate: float = 0.0
@@ -100,6 +117,17 @@ class Config:
     history_max_memory: int = 256 * 1024 * 1024
     message_timeout: float = 30.0
     partial_messages_max_memory: int = 64 * 1024 * 1024
+    # permessage-deflate (RFC 7692), off until asked for.
+    compression: bool = False
+    compression_threshold: int = 1024
+    compression_level: int = 1
+    # Rebalancing across nodes (off by default).
+    rebalance: bool = False
+    rebalance_tolerance: float = 0.15
+    rebalance_rate: float = 20.0
+    # The live dashboard at /_dashboard (off by default).
+    dashboard: bool = False
+    dashboard_key: str | None = None
     # AnyCable HTTP RPC: the application answers connect, commands and disconnect over HTTP.
     rpc_host: str | None = None
     rpc_secret: str | None = None
@@ -134,6 +162,11 @@ class Config:
         return self.jwt_secret or self.secret
 
     @property
+    def effective_dashboard_key(self) -> str | None:
+        """Key for the dashboard's data: ``dashboard_key``, else the broadcast key."""
+        return self.dashboard_key or self.effective_broadcast_key
+
+    @property
     def effective_broadcast_key(self) -> str | None:
         """Bearer key for ``POST /_broadcast``: ``broadcast_key``, else ``secret``."""
         return self.broadcast_key or self.secret
@@ -163,14 +196,37 @@ class Config:
         for p in self.path:
             if not p.startswith("/"):
                 raise _bad("path", f"{p!r} must start with '/'")
-        if self.echo_path and not self.echo_path.startswith("/"):
-            raise _bad("echo_path", f"{self.echo_path!r} must start with '/'")
+        for name in ("echo_path", "sse_path", "poll_path"):
+            value = getattr(self, name)
+            if value and not value.startswith("/"):
+                raise _bad(name, f"{value!r} must start with '/'")
+        endpoints = [p for p in (*self.path, self.echo_path, self.sse_path, self.poll_path) if p]
+        if len(set(endpoints)) != len(endpoints):
+            raise _bad("path", f"endpoint paths must differ: {', '.join(endpoints)}")
         for name, low, meaning in _LOWER_BOUNDS:
             value = getattr(self, name)
             if not (value > low if meaning == ">" else value >= low):
                 raise _bad(name, f"must be {meaning} {low:g}, not {value:g}")
+        if self.compression_level > 9:
+            raise _bad("compression_level", f"must be <= 9, not {self.compression_level}")
         if self.broker not in ("memory", "redis"):
             raise _bad("broker", f"unknown broker {self.broker!r} (known: memory, redis)")
+        if self.workers > 1 and self.broker != "redis":
+            raise _bad(
+                "workers",
+                f"{self.workers} workers need --broker redis (workers share broadcasts, "
+                f"history and sessions through it; broker is {self.broker!r})",
+            )
+        if self.broadcast_adapter not in BROADCAST_ADAPTERS:
+            known = ", ".join(BROADCAST_ADAPTERS)
+            raise _bad(
+                "broadcast_adapter", f"unknown adapter {self.broadcast_adapter!r} (known: {known})"
+            )
+        if self.broadcast_adapter == "redisx" and self.broker != "redis":
+            raise _bad("broadcast_adapter", "redisx reads a Redis stream: it needs --broker redis")
+        if not self.redis_channel or not self.redisx_group:
+            raise _bad("redis_channel" if not self.redis_channel else "redisx_group",
+                       "must not be empty")  # fmt: skip
         if self.enforce_jwt and not self.effective_jwt_secret:
             raise _bad("enforce_jwt", "needs a JWT secret: jwt_secret (or secret)")
         if not self.drain_rate and self.drain_period > self.shutdown_timeout:
@@ -249,6 +305,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jwt_param", "query parameter that carries the JWT"),
     Setting("enforce_jwt", "refuse connections without a valid JWT"),
     Setting("public_streams", "allow $pubsub subscriptions to unsigned stream_name"),
+    Setting("streams_whisper", "let subscribers of signed streams whisper (public ones may)"),
+    Setting("presence_ttl", "seconds a disconnected session stays present (0: leaves at once)"),
+    Setting("presence_window", "seconds a stream's presence events are coalesced (0: off)"),
     Setting("broadcast_key", "bearer key required by POST /_broadcast", secret=True),
     Setting("allowed_origins", "allowed Origin hosts, comma separated, '*' prefix wildcard"),
     Setting("ping_interval", "seconds between pings (a client may ask ?pi=N)"),
@@ -256,13 +315,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("channels", "module:attribute naming the application's channels"),
     Setting("benchmark_channel", "enable the built-in BenchmarkChannel"),
     Setting("broker", "broker for broadcasts, history and sessions: memory or redis"),
+    Setting("workers", "worker processes on one port, 'auto': one per core (> 1 needs redis)"),
     Setting("redis_url", "Redis server for --broker redis", secret=True),
+    Setting(
+        "broadcast_adapter",
+        "how anycable-rails publications arrive (--broker redis): redis (PUBLISH to "
+        "--redis-channel; every node delivers, no history) or redisx (XADD to the stream "
+        "--redis-channel; one node takes each and publishes it with history)",
+    ),
+    Setting("redis_channel", "pub/sub channel (redis) or stream (redisx) of publications"),
+    Setting("redisx_group", "redisx: the consumer group the nodes share"),
     Setting("log_level", "debug, info, warning, error"),
     Setting("handshake_timeout", "seconds a client has to finish its HTTP request"),
     Setting("close_timeout", "seconds to wait for the client's close frame"),
     Setting("max_send_queue", "bytes queued for a slow client before too_slow"),
     Setting("callback_concurrency", "application callbacks running at once, server-wide"),
     Setting("echo_path", "path of a raw WebSocket echo endpoint (testing only)"),
+    Setting("sse_path", "Server-Sent Events endpoint path (empty: off)"),
+    Setting("poll_path", "long-polling endpoint path (empty: off)"),
+    Setting("poll_interval", "seconds a long poll waits for messages before answering empty"),
+    Setting("poll_keepalive_timeout", "seconds a long-polling session lives without a poll"),
     Setting("drain_period", "seconds over which a drain spreads its disconnects (0: at once)"),
     Setting("drain_rate", "most disconnects per second during a drain (0: no cap)"),
     Setting("shutdown_timeout", "longest a drain may take before the rest are cut"),
@@ -288,6 +360,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("message_timeout", "seconds a message may take from its first byte to its last"),
     Setting(
         "partial_messages_max_memory", "bytes all unfinished client messages may hold together"
+    ),
+    Setting("compression", "negotiate permessage-deflate with clients that offer it"),
+    Setting("compression_threshold", "messages shorter than this many bytes go uncompressed"),
+    Setting("compression_level", "zlib level 1 (fastest) .. 9 (smallest)"),
+    Setting("rebalance", "hand connections over the cluster mean on to other nodes"),
+    Setting("rebalance_tolerance", "share over the mean before a node hands on (0.15: 15 pct)"),
+    Setting("rebalance_rate", "most rebalancing disconnects per second per node"),
+    Setting("dashboard", "serve the live dashboard at /_dashboard"),
+    Setting(
+        "dashboard_key", "key the dashboard asks for (default: the broadcast key)", secret=True
     ),
     Setting("rpc_host", "AnyCable HTTP RPC application, http(s)://host/base (off: in-process)"),
     Setting("rpc_secret", "bearer key for RPC calls (default: derived from secret)", secret=True),
@@ -321,10 +403,13 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("close_timeout", 0, ">="),
     ("max_send_queue", 1, ">="),
     ("callback_concurrency", 1, ">="),
+    ("workers", 1, ">="),
     ("drain_period", 0, ">="),
     ("drain_rate", 0, ">="),
     ("shutdown_timeout", 0, ">="),
     ("reconnect_advice", 0, ">="),
+    ("poll_interval", 0, ">"),
+    ("poll_keepalive_timeout", 0, ">"),
     ("max_connections", 0, ">="),
     ("handshake_rate", 0, ">="),
     ("max_pending_handshakes", 1, ">="),
@@ -333,6 +418,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("command_rate", 0, ">="),
     ("pong_timeout", 0, ">="),
     ("sessions_ttl", 0, ">="),
+    ("presence_ttl", 0, ">="),
+    ("presence_window", 0, ">="),
     ("history_limit", 0, ">="),
     ("history_ttl", 0, ">="),
     ("max_connections_per_address", 0, ">="),
@@ -342,6 +429,10 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("history_max_memory", 1024, ">="),
     ("message_timeout", 0, ">"),
     ("partial_messages_max_memory", 1024, ">="),
+    ("compression_threshold", 0, ">="),
+    ("compression_level", 1, ">="),
+    ("rebalance_tolerance", 0, ">"),
+    ("rebalance_rate", 0, ">"),
     ("rpc_concurrency", 1, ">="),
     ("rpc_max_concurrency", 1, ">="),
     ("rpc_timeout", 0, ">"),
@@ -358,10 +449,17 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+#: Settings that also accept the word ``auto``: what it stands for.
+_AUTO: dict[str, Callable[[], Any]] = {"workers": lambda: os.cpu_count() or 1}
+
+
 def parse_value(setting: Setting, raw: Any, source: str | None = None) -> Any:
     """Turn a raw value (a string from the environment or a flag, or a TOML value) into the
     field's type; raise :class:`ConfigError` naming *source* (where the value came from,
     e.g. ``--port``; default: the setting's name) when that is impossible."""
+    auto = _AUTO.get(setting.name)
+    if auto is not None and isinstance(raw, str) and raw.strip().lower() == "auto":
+        return auto()
     try:
         return _parse(setting.kind, raw)
     except ValueError as exc:

@@ -7,8 +7,10 @@ collector (prometheus-client) reads them only when ``/metrics`` is scraped.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,7 +23,7 @@ from prometheus_client.registry import Collector
 
 # name -> help.  Counters are monotonically increasing totals.
 COUNTERS: dict[str, str] = {
-    "connections_total": "WebSocket connections accepted (after the handshake)",
+    "connections_total": "connections accepted (WebSockets, SSE streams, long-polling sessions)",
     "handshakes_failed_total": "HTTP requests that did not become a WebSocket (any reason)",
     "disconnects_total": "connections closed, for any reason",
     "unauthorized_total": "connections refused by JWT or the connect callback",
@@ -45,6 +47,23 @@ COUNTERS: dict[str, str] = {
     "remote_disconnects_total": "connections closed by a remote disconnect",
     "admission_decreases_total": "times adaptive admission lowered the limits",
     "gc_full_collections_total": "full (generation 2) garbage collections in this process",
+    "sse_connections_total": "Server-Sent Events streams opened",
+    "long_poll_sessions_total": "long-polling sessions opened",
+    "long_poll_requests_total": "long-polling requests served",
+    "long_poll_stale_requests_total": "polls naming a session that is gone (answered 401)",
+    "long_poll_timeouts_total": "long-polling sessions ended because no poll came",
+    "compressed_frames_total": "frames sent deflated (permessage-deflate), each built once",
+    "compression_saved_bytes_total": (
+        "bytes deflate saved, per frame built (a broadcast frame is built once per group)"
+    ),
+    "compressed_messages_total": "compressed client messages inflated",
+    "rebalanced_total": "connections handed on to other nodes by rebalancing",
+    "whispers_total": "whispers broadcast to their stream",
+    "whispers_ignored_total": "whispers ignored: the subscription may not whisper",
+    "presence_commands_total": "presence join, leave and info commands handled",
+    "presence_refused_total": "presence commands refused (no presence stream, another id)",
+    "presence_events_total": "presence join/leave events fanned out by this node",
+    "presence_events_coalesced_total": "presence events cancelled or merged within a window",
     "rpc_disconnects_skipped_total": "disconnect RPC calls not made (unseen by the application)",
     "rpc_limit_decreases_total": "times the adaptive RPC concurrency limit came down",
     "rpc_limit_increases_total": "times the adaptive RPC concurrency limit went up",
@@ -53,7 +72,7 @@ COUNTERS: dict[str, str] = {
 
 # name -> (help, label name): counters split by a label.
 LABELED_COUNTERS: dict[str, tuple[str, str]] = {
-    "handshakes_refused_total": ("WebSocket handshakes refused, by reason", "reason"),
+    "handshakes_refused_total": ("new connections refused (any transport), by reason", "reason"),
     "disconnect_reasons_total": ("server-initiated disconnect messages, by reason", "reason"),
     "rpc_calls_total": ("RPC requests sent to the application, by method", "method"),
     "rpc_errors_total": ("RPC requests that got no usable answer, by reason", "reason"),
@@ -63,7 +82,9 @@ LABELED_COUNTERS: dict[str, tuple[str, str]] = {
 }
 
 GAUGES: dict[str, str] = {
-    "connections": "open WebSocket connections",
+    "connections": "open connections (WebSocket, SSE, long-polling sessions)",
+    "sse_connections": "open Server-Sent Events streams",
+    "long_poll_sessions": "open long-polling sessions",
     "streams": "streams with at least one local subscriber",
     "send_queue_bytes": "bytes waiting in per-connection send queues",
     "partial_message_bytes": "bytes held by unfinished client messages, all connections",
@@ -128,6 +149,32 @@ class Histogram:
         return out
 
 
+#: Recent samples kept per sampled histogram: at one loop-lag probe every 50 ms, 4,096 are
+#: the last 3.4 minutes, enough for a benchmark's 60 s window read once at its end.
+SAMPLES_KEPT = 4096
+#: The histograms whose recent raw samples are also kept (``/metrics/samples``): a histogram
+#: says how many lags fell in 5-10 ms, a benchmark wants the p99 and the max to the ms.
+SAMPLED = ("loop_lag_seconds", "gc_full_pause_seconds")
+
+
+class Samples:
+    """The last :data:`SAMPLES_KEPT` values of a measurement, each with the
+    :func:`time.monotonic` time it was taken (a system-wide clock on Linux, so another
+    process can cut a window out of them)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, kept: int = SAMPLES_KEPT) -> None:
+        self._items: deque[tuple[float, float]] = deque(maxlen=kept)
+
+    def add(self, value: float) -> None:
+        self._items.append((time.monotonic(), value))
+
+    def since(self, start: float = 0.0) -> list[tuple[float, float]]:
+        """The samples taken at *start* or later, oldest first."""
+        return [item for item in self._items if item[0] >= start]
+
+
 class Metrics:
     """Plain counters; ``gauges`` maps a gauge name to a function read at scrape time."""
 
@@ -156,6 +203,21 @@ class Metrics:
     remote_disconnects_total: int
     admission_decreases_total: int
     gc_full_collections_total: int
+    sse_connections_total: int
+    long_poll_sessions_total: int
+    long_poll_requests_total: int
+    long_poll_stale_requests_total: int
+    long_poll_timeouts_total: int
+    compressed_frames_total: int
+    compression_saved_bytes_total: int
+    compressed_messages_total: int
+    rebalanced_total: int
+    whispers_total: int
+    whispers_ignored_total: int
+    presence_commands_total: int
+    presence_refused_total: int
+    presence_events_total: int
+    presence_events_coalesced_total: int
     rpc_disconnects_skipped_total: int
     rpc_limit_decreases_total: int
     rpc_limit_increases_total: int
@@ -166,6 +228,8 @@ class Metrics:
             setattr(self, name, 0)
         self.labeled: dict[str, dict[str, int]] = {name: {} for name in LABELED_COUNTERS}
         self.histograms: dict[str, Histogram] = {name: Histogram() for name in HISTOGRAMS}
+        #: Recent raw samples of the :data:`SAMPLED` histograms (rare: 20 a second at most).
+        self.samples: dict[str, Samples] = {name: Samples() for name in SAMPLED}
         #: The histogram every command is timed in, as an attribute: it is observed on the
         #: path every message takes, where a dict lookup and a call less are measurable.
         self.command_seconds = self.histograms["command_seconds"]
@@ -183,8 +247,19 @@ class Metrics:
         series[label] = series.get(label, 0) + amount
 
     def observe(self, name: str, value: float) -> None:
-        """Record *value* in a histogram."""
+        """Record *value* in a histogram (and among its recent samples, if it keeps them)."""
         self.histograms[name].observe(value)
+        samples = self.samples.get(name)
+        if samples is not None:
+            samples.add(value)
+
+    def recent(self, start: float = 0.0) -> dict[str, object]:
+        """The recent samples of every :data:`SAMPLED` histogram taken since *start*
+        (:func:`time.monotonic`), as JSON-ready data: ``{"now": t, name: [[t, value], ...]}``."""
+        out: dict[str, object] = {"now": time.monotonic()}
+        for name, samples in self.samples.items():
+            out[name] = [list(item) for item in samples.since(start)]
+        return out
 
     def value(self, name: str) -> float:
         """Current value of a counter or gauge."""
@@ -207,8 +282,9 @@ assert set(Metrics.__annotations__) == set(COUNTERS), "Metrics attributes and CO
 
 
 class _Collector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, extra: Iterable[Metric] = ()) -> None:
         self._metrics = metrics
+        self._extra = list(extra)
 
     def collect(self) -> Iterator[Metric]:
         m = self._metrics
@@ -237,10 +313,93 @@ class _Collector(Collector):
             yield HistogramMetricFamily(
                 f"trio_cable_{name}", help_text, buckets=hist.cumulative(), sum_value=hist.sum
             )
+        yield from self._extra
 
 
-def prometheus_text(metrics: Metrics) -> bytes:
-    """The metrics in Prometheus' text exposition format."""
+def prometheus_text(metrics: Metrics, extra: Iterable[Metric] = ()) -> bytes:
+    """The metrics in Prometheus' text exposition format (and the families *extra*)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(metrics))
+    registry.register(_Collector(metrics, extra))
     return generate_latest(registry)
+
+
+# -- one server of several processes ----------------------------------------------------------
+#
+# A worker exports its metrics as two flat dicts of numbers (JSON-friendly): ``counters``,
+# everything that only grows (plain, labeled and broker counters, and the histograms' bucket
+# counts, sums and counts), and ``gauges``, what is true now.  Flat keys let anything that
+# can add numbers by name merge them (the Redis broker does it in Lua for departed workers).
+
+#: Gauges whose whole-server value is the largest worker's, not the sum: a stream watched on
+#: every worker is one stream (the max is a lower bound of the distinct count), and the
+#: server is draining when any worker is.
+MAXED_GAUGES = frozenset({"streams", "draining"})
+
+
+def export(metrics: Metrics) -> tuple[dict[str, float], dict[str, float]]:
+    """(counters, gauges) of *metrics* as flat dicts: see :func:`from_export`."""
+    counters: dict[str, float] = {f"c:{name}": float(getattr(metrics, name)) for name in COUNTERS}
+    for name, series in metrics.labeled.items():
+        for label, count in series.items():
+            counters[f"l:{name}:{label}"] = float(count)
+    for name, read in metrics.external_counters.items():
+        counters[f"x:{name}"] = read()
+    for name, hist in metrics.histograms.items():
+        for index, count in enumerate(hist.counts):
+            if count:
+                counters[f"h:{name}:{index}"] = float(count)
+        counters[f"hs:{name}"] = hist.sum
+        counters[f"hc:{name}"] = float(hist.count)
+    gauges = {name: fn() for name, fn in metrics.gauges.items()}
+    return counters, gauges
+
+
+def add_counters(total: dict[str, float], more: dict[str, float]) -> None:
+    """Add the flat counters *more* into *total*."""
+    for key, value in more.items():
+        total[key] = total.get(key, 0.0) + value
+
+
+def merge_gauges(snapshots: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The whole server's gauges: summed, except :data:`MAXED_GAUGES` (the largest)."""
+    out: dict[str, float] = {}
+    for gauges in snapshots:
+        for name, value in gauges.items():
+            if name not in out:
+                out[name] = value
+            elif name in MAXED_GAUGES:
+                out[name] = max(out[name], value)
+            else:
+                out[name] += value
+    return out
+
+
+def from_export(counters: dict[str, float], gauges: dict[str, float]) -> Metrics:
+    """A :class:`Metrics` holding exported (usually merged) figures, for
+    :func:`prometheus_text`.  Keys it does not know (a newer worker's) are ignored."""
+    metrics = Metrics()
+    for key, value in counters.items():
+        kind, _, rest = key.partition(":")
+        if kind == "c" and rest in COUNTERS:
+            setattr(metrics, rest, int(value))
+        elif kind == "l":
+            name, _, label = rest.partition(":")
+            if name in metrics.labeled:
+                metrics.labeled[name][label] = int(value)
+        elif kind == "x":
+            metrics.external_counters[rest] = _constant(value)
+        elif kind == "h":
+            name, _, index = rest.rpartition(":")
+            hist = metrics.histograms.get(name)
+            if hist is not None and index.isdigit() and int(index) < len(hist.counts):
+                hist.counts[int(index)] = int(value)
+        elif kind == "hs" and rest in metrics.histograms:
+            metrics.histograms[rest].sum = value
+        elif kind == "hc" and rest in metrics.histograms:
+            metrics.histograms[rest].count = int(value)
+    metrics.gauges = {name: _constant(value) for name, value in gauges.items()}
+    return metrics
+
+
+def _constant(value: float) -> Callable[[], float]:
+    return lambda: value

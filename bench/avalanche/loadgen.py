@@ -31,6 +31,7 @@ from trio_cable.client import (
     CableClosed,
     CableEvent,
     MessagesDropped,
+    MessagesMissing,
     SubscribeTimeout,
     SubscriptionRejected,
     open_cable,
@@ -144,7 +145,7 @@ async def keep_subscribed(cable: Any, channel: str, params: dict[str, Any], stre
                         data = message.data
                         if isinstance(data, dict) and isinstance(data.get("seq"), int):
                             rec.received(stream, data["seq"])
-                except MessagesDropped:
+                except (MessagesDropped, MessagesMissing):
                     continue  # counted as lost by the sequence numbers
                 except SubscribeTimeout:
                     # The re-subscribe after a reconnect went unanswered and the cable gave

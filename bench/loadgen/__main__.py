@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=100)
     p.add_argument("--limit-ms", type=float, default=500.0)
     p.add_argument("--settle", type=float, default=1.0)
+    p.add_argument("--compression", action="store_true", help="offer permessage-deflate")
+    p.add_argument("--payload-size", type=int, default=0, help="broadcast: a JSON payload")
     return p
 
 
@@ -44,15 +46,16 @@ def _job(a: argparse.Namespace) -> Coroutine[Any, Any, dict[str, Any]]:
         from bench.loadgen.fanout import run_broadcast
 
         return run_broadcast(
-            a.url, a.dialect, a.conns, a.count, a.warmup_count, a.duration, a.server_pid
-        )
+            a.url, a.dialect, a.conns, a.count, a.warmup_count, a.duration, a.server_pid,
+            compression=a.compression, payload_size=a.payload_size,
+        )  # fmt: skip
     if a.mode == "wsbench":
         from bench.loadgen.wsbench import run_wsbench
 
         return run_wsbench(a.url, a.step, a.steps, a.concurrent, a.sample, a.limit_ms, a.server_pid)
     from bench.loadgen.idle import run_idle
 
-    return run_idle(a.url, a.dialect, a.conns, a.settle, a.server_pid)
+    return run_idle(a.url, a.dialect, a.conns, a.settle, a.server_pid, a.compression)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import zlib
 from collections.abc import Callable
 
 from picows import (
@@ -17,6 +18,10 @@ from picows import (
 )
 
 CABLE_SUBPROTOCOL = "actioncable-v1-json"
+#: What a browser offers (Chromium's offer).  The client inflates what comes compressed; it
+#: sends its own messages uncompressed, which permessage-deflate allows.
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+_TAIL = b"\x00\x00\xff\xff"
 CHANNEL_ID = "1"
 IDENTIFIER = json.dumps({"channel": "BenchmarkChannel", "id": CHANNEL_ID})
 _CONNECT_TIMEOUT = 30.0
@@ -38,6 +43,11 @@ class Client(WSListener):  # type: ignore[misc]
         self.closed = False
         self._want: bytes | None = None
         self._waiter: asyncio.Future[bytes] | None = None
+        #: Payload bytes of the data frames received, as they came (compressed or not).
+        self.wire_bytes = 0
+        # One inflater for the connection, made at the first compressed frame: it decodes
+        # servers that keep their context (websockets) and those that do not (trio_cable).
+        self._inflater: zlib._Decompress | None = None
 
     def expect(self, marker: bytes) -> asyncio.Future[bytes]:
         """A future for the next data frame containing *marker*."""
@@ -55,6 +65,11 @@ class Client(WSListener):  # type: ignore[misc]
         kind = frame.msg_type
         if kind == WSMsgType.TEXT or kind == WSMsgType.BINARY:
             payload = frame.get_payload_as_bytes()
+            self.wire_bytes += len(payload)
+            if frame.rsv1:
+                if self._inflater is None:
+                    self._inflater = zlib.decompressobj(-15)
+                payload = self._inflater.decompress(payload + _TAIL)
             waiter = self._waiter
             if waiter is not None and self._want is not None and self._want in payload:
                 self._waiter = None
@@ -93,11 +108,17 @@ def cable_action(action: str, **data: object) -> bytes:
 _RETRIES = 20
 
 
-async def connect_one(url: str, dialect: str) -> Client:
-    """Open one connection, retrying a refused handshake (503/429) with jittered backoff."""
+async def connect_one(
+    url: str, dialect: str, compression: bool = False, *, source: str | None = None,
+    identifier: str = IDENTIFIER, client: Client | None = None,
+) -> Client:  # fmt: skip
+    """Open one connection, retrying a refused handshake (503/429) with jittered backoff;
+    with *compression*, offering permessage-deflate; from the local address *source* if
+    given (every 127.0.0.x is the loopback: each has its own ephemeral ports); in the cable
+    dialect subscribed to *identifier*; *client* is the listener to use (cable dialect)."""
     for attempt in range(_RETRIES):
         try:
-            return await _connect_once(url, dialect)
+            return await _connect_once(url, dialect, compression, source, identifier, client)
         except WSInvalidStatusError:
             if attempt == _RETRIES - 1:
                 raise
@@ -105,29 +126,37 @@ async def connect_one(url: str, dialect: str) -> Client:
     raise AssertionError("unreachable")
 
 
-async def _connect_once(url: str, dialect: str) -> Client:
+async def _connect_once(
+    url: str, dialect: str, compression: bool = False, source: str | None = None,
+    identifier: str = IDENTIFIER, listener: Client | None = None,
+) -> Client:  # fmt: skip
     """Open one connection; in the cable dialect also wait for welcome and subscribe."""
+    offer = {"Sec-WebSocket-Extensions": DEFLATE_OFFER} if compression else {}
+    local = {"local_addr": (source, 0)} if source else {}
     if dialect == "cable":
-        client = Client()
+        client = listener or Client()
         welcome = client.expect(b'"welcome"')
-        headers = {"Sec-WebSocket-Protocol": CABLE_SUBPROTOCOL}
-        await ws_connect(lambda: client, url, extra_headers=headers)
+        headers = {"Sec-WebSocket-Protocol": CABLE_SUBPROTOCOL, **offer}
+        await ws_connect(lambda: client, url, extra_headers=headers, **local)
         await welcome
         confirmed = client.expect(b'"confirm_subscription"')
-        client.send_text(cable_command("subscribe"))
+        client.send_text(json.dumps({"command": "subscribe", "identifier": identifier}).encode())
         await confirmed
         return client
-    _t, made = await ws_connect(Client, url)
+    _t, made = await ws_connect(Client, url, extra_headers=offer or None, **local)
     return made  # type: ignore[no-any-return]
 
 
-async def connect_many(url: str, dialect: str, count: int, concurrency: int = 200) -> list[Client]:
+async def connect_many(
+    url: str, dialect: str, count: int, concurrency: int = 200, compression: bool = False,
+    source: str | None = None,
+) -> list[Client]:  # fmt: skip
     """Open *count* connections, at most *concurrency* handshakes at a time."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one() -> Client:
         async with gate:
-            return await connect_one(url, dialect)
+            return await connect_one(url, dialect, compression, source=source)
 
     async with asyncio.timeout(_CONNECT_TIMEOUT + count / 200):
         return list(await asyncio.gather(*(one() for _ in range(count))))

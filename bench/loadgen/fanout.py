@@ -15,7 +15,7 @@ _TIMEOUT = 30.0
 
 async def run_broadcast(
     url: str, dialect: str, conns: int, count: int, warmup: int, min_seconds: float,
-    server_pid: int,
+    server_pid: int, *, compression: bool = False, payload_size: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Server CPU per recipient, delivered messages/s and latency percentiles.
 
@@ -23,8 +23,8 @@ async def run_broadcast(
     so that the CPU time measured is well above the clock's resolution.
     """
     probe = ServerProbe(server_pid)
-    clients = await connect_many(url, dialect, conns)
-    fan = Fanout(dialect)
+    clients = await connect_many(url, dialect, conns, compression=compression)
+    fan = Fanout(dialect, payload_size)
     for client in clients:
         client.on_data = fan.on_data
     trigger = clients[0]
@@ -32,6 +32,8 @@ async def run_broadcast(
     for _ in range(warmup):
         await fan.broadcast(trigger, conns, _TIMEOUT)
     fan.latencies_ns.clear()
+    for client in clients:
+        client.wire_bytes = 0
     missed = 0
     cpu0, t0 = probe.cpu(), time.perf_counter()
     sent = 0
@@ -44,6 +46,8 @@ async def run_broadcast(
     for client in clients:
         client.close()
     delivered = len(fan.latencies_ns)
+    # The trigger also gets its action's answer (the payload again): left out of the bytes.
+    received = sum(client.wire_bytes for client in clients[1:])
     return {
         "mode": "broadcast",
         "conns": conns,
@@ -51,6 +55,7 @@ async def run_broadcast(
         "delivered": delivered,
         "missed": missed,
         "frame_bytes": fan.frame_bytes,
+        "wire_bytes_per_recipient": received / (sent * (conns - 1)) if sent and conns > 1 else None,
         "seconds": t1 - t0,
         "delivered_per_s": delivered / (t1 - t0),
         "server_cpu_s": cpu1 - cpu0,

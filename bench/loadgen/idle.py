@@ -11,14 +11,14 @@ from bench.loadgen.server_probe import ServerProbe
 
 
 async def run_idle(
-    url: str, dialect: str, conns: int, settle: float, server_pid: int
+    url: str, dialect: str, conns: int, settle: float, server_pid: int, compression: bool = False
 ) -> dict[str, Any]:
     """RSS delta divided by connections, after a warm-up connection set the baseline."""
     probe = ServerProbe(server_pid)
-    warm = await connect_many(url, dialect, 10)
+    warm = await connect_many(url, dialect, 10, compression=compression)
     await asyncio.sleep(settle)
     base = probe.rss()
-    clients = await connect_many(url, dialect, conns)
+    clients = await connect_many(url, dialect, conns, compression=compression)
     gc.collect()
     await asyncio.sleep(settle)
     after = probe.rss()

@@ -32,6 +32,8 @@ class Target:
     label: str
     needs: tuple[str, ...] = ()  # optional packages of its server (bench.deps)
     tree: Path | None = None  # run trio_cable from this tree instead (a baseline revision)
+    #: permessage-deflate: the server is started with it, the clients offer it.
+    compression: bool = False
 
 
 _WS = ("websockets", "uvloop")
@@ -45,6 +47,23 @@ TARGETS: dict[str, Target] = {
         Target("trio-websocket", "trio-websocket", "raw", "/echo", "trio-websocket"),
         Target("trio_cable", "trio_cable", "raw", "/echo", "trio_cable raw /echo"),
         Target("trio_cable-cable", "trio_cable", "cable", "/cable", "trio_cable Action Cable"),
+        Target(
+            "websockets-deflate",
+            "websockets",
+            "raw",
+            "/echo",
+            "websockets permessage-deflate",
+            _WS,
+            compression=True,
+        ),
+        Target(
+            "trio_cable-deflate",
+            "trio_cable",
+            "cable",
+            "/cable",
+            "trio_cable Action Cable, permessage-deflate",
+            compression=True,
+        ),
     )
 }
 
@@ -60,7 +79,12 @@ _MODULES = {
 def add_baseline(short: str, tree: Path) -> list[str]:
     """Register ``<target>@<short>`` for every trio_cable target, run from *tree*; their names."""
     names = []
-    for base in [t for t in TARGETS.values() if t.server == "trio_cable" and t.tree is None]:
+    # Not the compressing target: revisions before permessage-deflate do not know the flag.
+    for base in [
+        t
+        for t in TARGETS.values()
+        if t.server == "trio_cable" and t.tree is None and not t.compression
+    ]:
         name = f"{base.name}@{short}"
         TARGETS[name] = replace(base, name=name, label=f"{base.label} @{short}", tree=tree)
         names.append(name)
@@ -68,9 +92,16 @@ def add_baseline(short: str, tree: Path) -> list[str]:
 
 
 def server_command(
-    server: str, host: str, port: int, *, ping_interval: float | None = None
+    server: str,
+    host: str,
+    port: int,
+    *,
+    ping_interval: float | None = None,
+    compression: bool = False,
 ) -> list[str]:
-    """The command line that starts *server* listening on ``host:port``."""
+    """The command line that starts *server* listening on ``host:port`` (compressing, with
+    permessage-deflate, when *compression*)."""
+    extra = ["--compression"] if compression else []
     if server == "trio_cable":
         interval = BENCH_PING_INTERVAL if ping_interval is None else ping_interval
         return [
@@ -80,9 +111,10 @@ def server_command(
             "--ping-interval", str(interval), "--log-level", "warning",
             # No handshake rate limit: the peers have none, and the benches measure steady state.
             "--handshake-rate", "0", "--no-adaptive-admission", "--command-rate", "0",
+            *extra,
         ]  # fmt: skip
     try:
         module = _MODULES[server]
     except KeyError:
         raise ValueError(f"unknown server {server!r}") from None
-    return [sys.executable, "-m", module, "--host", host, "--port", str(port)]
+    return [sys.executable, "-m", module, "--host", host, "--port", str(port), *extra]

@@ -136,7 +136,7 @@ async function runAnyCable() {
   })
   await Promise.all([echo.ensureSubscribed(), signed.ensureSubscribed()])
   emit({ event: 'subscribed', channel: 'both' })
-  await echo.perform('echo', { text: 'hi from anycable' })
+  await echo.perform('echo', { text: opts.echoText || 'hi from anycable' })
   emit({ event: 'ready' })
 }
 

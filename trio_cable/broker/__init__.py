@@ -27,6 +27,9 @@ class Broadcast:
     epoch: str | None = None
     offset: int | None = None
     exclude_socket: str | None = None
+    #: The message's ``type``: None for data, ``"presence"`` for presence events (which are
+    #: transient, like whispers: no history, no position).
+    kind: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,9 @@ def encode_session(data: dict[str, Any], max_size: int) -> str:
 #: written to the node's subscribers, or a function to await until it is (a big fan-out the
 #: node writes in slices); the in-memory broker's ``publish`` awaits it.
 Deliver = Callable[[Broadcast], "Callable[[], Awaitable[None]] | None"]
+#: The ``kind`` of presence broadcasts (their messages' ``type``).
+PRESENCE = "presence"
+
 #: Called for every node command (e.g. a remote disconnect) that reaches this node.
 CommandHandler = Callable[[dict[str, Any]], object]
 
@@ -110,8 +116,34 @@ class Broker(Protocol):
     async def publish(self, stream: str, data: Any, exclude_socket: str | None = None) -> None:
         """Store *data* in *stream*'s history and deliver it to every node."""
 
+    async def publish_transient(
+        self,
+        stream: str,
+        data: Any,
+        *,
+        exclude_socket: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        """Deliver *data* to every node without storing it (whispers): no history, no
+        position."""
+
     async def publish_command(self, command: dict[str, Any]) -> None:
         """Deliver a node command to every node."""
+
+    async def presence_join(self, stream: str, sid: str, pid: str, info: Any) -> None:
+        """Session *sid* is present on *stream* as *pid* (with *info*, any JSON value or
+        None); a ``join`` event reaches every node when *pid* is new to the stream."""
+
+    async def presence_leave(self, stream: str, sid: str) -> None:
+        """Session *sid* left *stream*'s presence; a ``leave`` event reaches every node when
+        it held its presence id last."""
+
+    async def presence_linger(self, stream: str, sid: str, ttl: float) -> None:
+        """Session *sid* disconnected: its presence on *stream* ends in *ttl* seconds unless
+        a session joins as the same id before (then nobody hears of it)."""
+
+    async def presence_info(self, stream: str) -> tuple[int, list[dict[str, Any]]]:
+        """``(total, records)`` of *stream*'s presence: ``[{"info": ..., "id": ...}]``."""
 
     def subscribe(self, stream: str) -> None:
         """This node now has local subscribers of *stream*."""

@@ -32,5 +32,8 @@ def create_broker(config: Config) -> Broker:
             history_limit=config.history_limit,
             history_ttl=config.history_ttl,
             session_max_size=config.session_max_size,
+            broadcast_adapter=config.broadcast_adapter,
+            anycable_channel=config.redis_channel,
+            redisx_group=config.redisx_group,
         )
     raise ConfigError(f"broker: unknown broker {config.broker!r}")

@@ -27,15 +27,19 @@ from typing import Any
 import trio
 
 from trio_cable.broker import (
+    PRESENCE,
     Broadcast,
     HistoryEntry,
     HistoryUnavailable,
     LocalNodes,
     encode_session,
 )
+from trio_cable.broker.presence import PresenceState
 
 # How often the sweep of expired sessions and idle streams may run (seconds).
 _SWEEP_INTERVAL = 1.0
+# How often lingering presence records are looked at (seconds): a linger ends this late.
+_PRESENCE_SWEEP_INTERVAL = 0.1
 # What a stream's bookkeeping costs beyond its messages (the dict entry, the deque, the
 # epoch string): counted so that a flood of distinct stream names is bounded too.
 _STREAM_OVERHEAD = 512
@@ -97,6 +101,8 @@ class MemoryBroker(LocalNodes):
         # Forgotten streams (idle or evicted) come back with a new epoch, so that positions
         # from their first life are refused instead of pointing into the new one.
         self._generation = 0
+        #: Presence of every stream (sans I/O: see broker/presence.py).
+        self.presence = PresenceState()
         #: What the bounds evicted (exported as ``broker_*_total`` metrics).
         self.stats: dict[str, int] = {
             "sessions_evicted": 0,
@@ -108,9 +114,15 @@ class MemoryBroker(LocalNodes):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Nothing to connect to: ready at once; then sweep on time."""
         task_status.started()
+        next_sweep = 0.0
         while True:
-            await trio.sleep(_SWEEP_INTERVAL)
-            self._sweep(self.clock())
+            await trio.sleep(_PRESENCE_SWEEP_INTERVAL)
+            now = self.clock()
+            for stream, event in self.presence.expire(now):
+                self._deliver_presence(stream, event)
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + _SWEEP_INTERVAL
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -151,6 +163,39 @@ class MemoryBroker(LocalNodes):
     async def publish_command(self, command: dict[str, Any]) -> None:
         for on_command in list(self._nodes.values()):
             on_command(command)
+
+    async def publish_transient(
+        self,
+        stream: str,
+        data: Any,
+        *,
+        exclude_socket: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        broadcast = Broadcast(stream, data, None, None, exclude_socket, kind)
+        waits = [wait for deliver in list(self._nodes) if (wait := deliver(broadcast))]
+        for wait in waits:
+            await wait()
+
+    # -- presence ------------------------------------------------------------------------
+
+    def _deliver_presence(self, stream: str, event: dict[str, Any] | None) -> None:
+        if event is not None:
+            broadcast = Broadcast(stream, json.dumps(event), kind=PRESENCE)
+            for deliver in list(self._nodes):
+                deliver(broadcast)  # (presence events are few: no pacing by fan-outs)
+
+    async def presence_join(self, stream: str, sid: str, pid: str, info: Any) -> None:
+        self._deliver_presence(stream, self.presence.join(stream, sid, pid, info))
+
+    async def presence_leave(self, stream: str, sid: str) -> None:
+        self._deliver_presence(stream, self.presence.leave(stream, sid))
+
+    async def presence_linger(self, stream: str, sid: str, ttl: float) -> None:
+        self.presence.linger(stream, sid, self.clock() + ttl)
+
+    async def presence_info(self, stream: str) -> tuple[int, list[dict[str, Any]]]:
+        return self.presence.info(stream)
 
     # -- history -------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Reconnects with backoff and jitter (:mod:`~trio_cable.client.backoff`), honours the server's
 advice (``reconnect: false``, ``reconnect_after``, ``Retry-After``), subscribes one at a time by
 default, and on the extended protocols resumes sessions and fetches missed messages through
-``history``, de-duplicated by (stream, epoch, offset) (:mod:`~trio_cable.client.state`).
+``history``; stored broadcasts reach the program in offset order, once: a gap is held and
+fetched with ``history`` (:mod:`~trio_cable.client.state`).
 
 ::
 
@@ -24,11 +25,13 @@ from trio_cable.client.cable import (
     CableEvent,
     Message,
     MessagesDropped,
+    MessagesMissing,
     SubscribeTimeout,
     Subscription,
     SubscriptionRejected,
     open_cable,
 )
+from trio_cable.client.sse import EventStream, open_event_stream
 
 __all__ = [
     "STRATEGIES",
@@ -38,11 +41,14 @@ __all__ = [
     "CableClosed",
     "CableError",
     "CableEvent",
+    "EventStream",
     "Message",
     "MessagesDropped",
+    "MessagesMissing",
     "SubscribeTimeout",
     "Subscription",
     "SubscriptionRejected",
     "compute_delay",
     "open_cable",
+    "open_event_stream",
 ]

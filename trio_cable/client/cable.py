@@ -21,8 +21,8 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -34,11 +34,12 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
 )
 
 from trio_cable.client import state as proto
 from trio_cable.client.backoff import Backoff, BackoffTimer, parse_retry_after
+from trio_cable.client.longpoll import LongPollConnection, connect_long_poll, poll_url_for
+from trio_cable.client.websocket import connect as connect_websocket
 from trio_cable.protocol.codes import DisconnectReason
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "CableEvent",
     "Message",
     "MessagesDropped",
+    "MessagesMissing",
     "SubscribeTimeout",
     "Subscription",
     "SubscriptionRejected",
@@ -63,6 +65,9 @@ TokenProvider = Callable[[], "str | Awaitable[str]"]
 # retrying, so the client stops at once instead of hammering the server.
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _DEFAULT_PING_INTERVAL = 3.0
+#: How the cable reaches the server: WebSocket only, long polling only, or WebSocket falling
+#: back to long polling when its handshake keeps failing (``fallback_after`` times in a row).
+Transport = Literal["websocket", "long_poll", "auto"]
 # Failures of one connection attempt that a later attempt may not have.
 _CONNECT_ERRORS = (HandshakeError, OSError, trio.TooSlowError, ConnectionClosed)
 
@@ -114,6 +119,31 @@ class MessagesDropped(CableError):
         self.count = count
 
 
+class MessagesMissing(CableError):
+    """Raised once by a subscription where messages of a reliable stream will not come:
+    offsets ``first`` to ``last`` of ``stream_id`` in ``epoch``.  The subscription held the
+    messages after them, asked ``history`` for the gap and gave up: ``reason`` is
+    ``not_in_history`` (the history did not have them), ``history_rejected``, ``timeout`` (not
+    filled within ``gap_timeout``), ``hold_limit`` (more than ``hold_limit`` messages held) or
+    ``epoch_changed`` (the stream's history was lost meanwhile).  Iteration can go on: the next
+    message is the one after the gap."""
+
+    def __init__(self, stream_id: str, epoch: str, first: int, last: int, reason: str) -> None:
+        super().__init__(
+            f"messages {first}..{last} of stream {stream_id!r} (epoch {epoch!r}) missing: {reason}"
+        )
+        self.stream_id = stream_id
+        self.epoch = epoch
+        self.first = first
+        self.last = last
+        self.reason = reason
+
+    @property
+    def count(self) -> int:
+        """How many messages are missing."""
+        return self.last - self.first + 1
+
+
 # -- observability -------------------------------------------------------------------------------
 
 
@@ -127,8 +157,11 @@ class CableEvent:
     (``reason``, ``reconnect``, ``delay`` = reconnect_after), ``stale`` (no ping in time),
     ``reconnect_scheduled`` (``delay``, ``attempt`` = the attempt it precedes), ``subscribe_sent``,
     ``subscribed`` (``restored`` when the server restored it without a subscribe), ``rejected``,
-    ``subscribe_timeout``, ``history_requested``, ``history_confirmed``, ``history_rejected``,
-    ``duplicate``, ``overflow``, ``token_refreshed``, ``closed``.
+    ``subscribe_timeout``, ``history_requested`` (``reason`` = ``gap`` when asked to fill a gap
+    of a reliable stream), ``history_confirmed``, ``history_rejected``, ``duplicate``,
+    ``messages_missing`` (``reason``, ``error`` = the :class:`MessagesMissing`), ``overflow``,
+    ``token_refreshed``, ``fallback`` (WebSocket handshakes kept failing: from now on long
+    polling; ``attempt`` = the failures), ``closed``.
     """
 
     kind: str
@@ -170,7 +203,7 @@ class _Mailbox:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.items: deque[Message | _Gap] = deque()
+        self.items: deque[Message | _Gap | MessagesMissing] = deque()
         self.dropped = 0
         self.closed = False
         self.error: BaseException | None = None
@@ -193,6 +226,14 @@ class _Mailbox:
         self._lot.unpark_all()
         return True
 
+    def notice(self, missing: MessagesMissing) -> None:
+        """Mark a gap of a reliable stream at this point: the consumer gets ``missing`` raised
+        here.  Kept even when the buffer is full (a notice is small, and bounded by the holds
+        it ends)."""
+        if not self.closed:
+            self.items.append(missing)
+            self._lot.unpark_all()
+
     def close(self, error: BaseException | None = None) -> None:
         if not self.closed:
             self.closed = True
@@ -210,6 +251,8 @@ class _Mailbox:
         item = self.items.popleft()
         if isinstance(item, _Gap):
             raise MessagesDropped(item.count)
+        if isinstance(item, MessagesMissing):
+            raise item
         return item
 
 
@@ -217,8 +260,10 @@ class Subscription:
     """A subscription: ``async for message in sub`` (each a :class:`Message`), ``perform``,
     ``unsubscribe``.
 
-    It survives reconnections: the cable re-subscribes (or resumes) it, and de-duplicates stored
-    broadcasts by (stream, epoch, offset).  Messages wait in a buffer of ``buffer_size``; see
+    It survives reconnections: the cable re-subscribes (or resumes) it.  Stored broadcasts
+    (reliable streams) arrive in offset order, each once, per stream: one that comes before
+    its turn is held while ``history`` fetches the gap (see :class:`MessagesMissing` for gaps
+    that cannot be filled).  Messages wait in a buffer of ``buffer_size``; see
     :class:`MessagesDropped` for what happens when it is full.  Iteration ends after
     :meth:`unsubscribe`, and raises :class:`CableClosed`, :class:`SubscriptionRejected` or
     :class:`SubscribeTimeout` when the subscription ends for those reasons.
@@ -259,11 +304,11 @@ class Subscription:
 
     @property
     def duplicates(self) -> int:
-        """Stored broadcasts received twice (after a resume) and dropped."""
+        """Stored broadcasts received twice (after a resume, or a gap's history) and dropped."""
         return self._state.duplicates
 
     def position(self, stream: str) -> tuple[str, int] | None:
-        """(epoch, offset) of the last contiguous message received from ``stream``."""
+        """(epoch, offset) of the last message of ``stream`` delivered to the buffer."""
         return self._state.position_of(stream)
 
     async def receive(self) -> Message:
@@ -328,9 +373,9 @@ class _Outcome:
 
 @dataclass
 class _Conn:
-    """One live WebSocket connection and what runs on it."""
+    """One live connection (a WebSocket, or a long-polling session) and what runs on it."""
 
-    ws: WebSocketConnection
+    ws: WebSocketConnection | LongPollConnection
     nursery: trio.Nursery
     outcome: _Outcome
     queue_send: trio.MemorySendChannel[tuple[Subscription, dict[str, Any] | None]]
@@ -364,13 +409,30 @@ class Cable:
         stale_pings: float = 2.0,
         resume: bool = True,
         buffer_size: int = 10_000,
+        hold_limit: int = 1000,
+        gap_timeout: float = 10.0,
         headers: Sequence[tuple[str, str]] = (),
         on_event: Callable[[CableEvent], None] | None = None,
         rng: random.Random | None = None,
         max_message_size: int = 16 * 1024 * 1024,
+        transport: Transport = "websocket",
+        poll_url: str | None = None,
+        fallback_after: int = 3,
+        compression: bool = False,
     ) -> None:
         self.url = url
-        self.session = proto.ClientSession(subprotocol, resume=resume)
+        if transport not in ("websocket", "long_poll", "auto"):
+            raise ValueError(f"unknown transport {transport!r}")
+        if transport != "websocket" and "msgpack" in subprotocol:
+            raise ValueError("long polling speaks JSON: choose a JSON subprotocol")
+        self.transport: Transport = transport
+        self.poll_url = poll_url or poll_url_for(url)
+        self.fallback_after = fallback_after
+        #: WebSocket handshakes failed in a row (``auto`` falls back at ``fallback_after``).
+        self.websocket_failures = 0
+        self.session = proto.ClientSession(
+            subprotocol, resume=resume, hold_limit=hold_limit, gap_timeout=gap_timeout
+        )
         self.subprotocol = subprotocol
         self.token = token
         self.token_provider = token_provider
@@ -388,6 +450,7 @@ class Cable:
         self.on_event = on_event
         self.rng = rng or random.Random()
         self.max_message_size = max_message_size
+        self.compression = compression
         self.timer: BackoffTimer = self.backoff.timer(self.rng)
         self._subs: dict[str, Subscription] = {}
         self._conn: _Conn | None = None
@@ -397,6 +460,7 @@ class Cable:
         self._closing = False
         self._leaving: trio.Event | None = None  # set while the program closes the cable
         self._token_changed = trio.Event()
+        self._holds_changed = trio.Event()  # wakes the gap timer: a hold may end earlier
         if buffer_size < 1:
             raise ValueError("buffer_size must be >= 1")
         if subscribe_timeout <= 0:
@@ -549,6 +613,8 @@ class Cable:
             async with trio.open_nursery() as nursery:
                 if self.token_provider is not None:
                     nursery.start_soon(self._token_refresher)
+                # Holds end on time across reconnections too: the application is told.
+                nursery.start_soon(self._gap_timer)
                 await self._reconnect_loop(on_welcome)
                 nursery.cancel_scope.cancel()
         except CableClosed as exc:
@@ -624,7 +690,7 @@ class Cable:
             error = _single(group)
             if error is group or not isinstance(error, _CONNECT_ERRORS):
                 raise
-            self._failed(outcome, error)
+            self._failed(outcome, error, websocket=not self.polling)
         if not outcome.connected:
             self._emit(
                 "connect_failed",
@@ -645,39 +711,70 @@ class Cable:
         )
         return outcome
 
-    def _failed(self, outcome: _Outcome, error: BaseException) -> None:
+    @property
+    def polling(self) -> bool:
+        """Whether the next connection is a long-polling one."""
+        if self.transport == "auto":
+            return self.websocket_failures >= self.fallback_after
+        return self.transport == "long_poll"
+
+    def _failed(self, outcome: _Outcome, error: BaseException, websocket: bool = False) -> None:
         outcome.error = error
+        busy = False
         if isinstance(error, ConnectionRejected):
             outcome.status = error.status_code
             outcome.retry_after = parse_retry_after(_header(error.headers, b"retry-after"))
-            if error.status_code not in _RETRYABLE_STATUS:
+            busy = error.status_code in _RETRYABLE_STATUS
+            if websocket and not busy and self.transport == "auto":
+                # Something between us and the server refuses WebSockets (a proxy's 400,
+                # 403, 405 ...): retrying will not change it; polling may pass.
+                self.websocket_failures = self.fallback_after
+            elif not busy:
                 outcome.fatal = CableClosed(
                     "refused", f"HTTP {error.status_code}", status=error.status_code
                 )
+        if websocket and not busy and self.transport == "auto":
+            self.websocket_failures += 1
+            if self.polling:
+                self._emit("fallback", attempt=self.websocket_failures, reason="long_poll")
 
     async def _connection(
         self, nursery: trio.Nursery, outcome: _Outcome, on_welcome: Callable[[], None]
     ) -> None:
         """One connection, from the handshake to its end (recorded in ``outcome``)."""
         url, subprotocols, headers = self._handshake_params()
+        polling = self.polling
+        ws: WebSocketConnection | LongPollConnection
         try:
             with trio.fail_after(self.connect_timeout):
-                ws = await connect_websocket_url(
-                    nursery,
-                    url,
-                    subprotocols=subprotocols,
-                    extra_headers=headers,
-                    max_message_size=self.max_message_size,
-                )
+                if polling:
+                    ws = await connect_long_poll(
+                        nursery,
+                        _with_query(self.poll_url, dict(parse_qsl(urlsplit(url).query))),
+                        [(k.decode(), v.decode()) for k, v in headers]
+                        + [("x-jid", t[len("anycable-token.") :]) for t in subprotocols[1:]],
+                        request_timeout=self.connect_timeout + 30.0,
+                    )
+                else:
+                    ws = await connect_websocket(
+                        nursery,
+                        url,
+                        subprotocols=subprotocols,
+                        extra_headers=headers,
+                        max_message_size=self.max_message_size,
+                        compression=self.compression,
+                    )
         except _CONNECT_ERRORS as exc:
-            self._failed(outcome, exc)
+            self._failed(outcome, exc, websocket=not polling)
             nursery.cancel_scope.cancel()
             return
+        if not polling:
+            self.websocket_failures = 0
         outcome.connected = True
         send, recv = trio.open_memory_channel[tuple[Subscription, dict[str, Any] | None]](math.inf)
         conn = _Conn(ws, nursery, outcome, send, recv, trio.current_time())
         try:
-            if ws.subprotocol != self.subprotocol:
+            if not polling and ws.subprotocol != self.subprotocol:
                 # The Rails client refuses such a server too: the frames would not parse.
                 outcome.fatal = CableClosed(
                     "protocol_error", f"server selected subprotocol {ws.subprotocol!r}"
@@ -765,51 +862,87 @@ class Cable:
                     self._emit("stale", reason="no welcome", delay=self.connect_timeout)
                     return
             conn.last_seen = trio.current_time()
-            event = session.receive(session.decode(raw))
-            if isinstance(event, proto.Data):
-                target = self._subs.get(event.identifier) if event.known else None
-                message = Message(event.message, event.stream_id, event.epoch, event.offset)
-                if target is not None and not target._mailbox.put(message):
-                    self._emit("overflow", identifier=event.identifier)
-            elif isinstance(event, proto.Ping):
-                if session.extended:
-                    # Extended protocols may enforce pongs (no_pong disconnects).
-                    await self._send(conn, {"command": "pong"})
-            elif isinstance(event, proto.Welcome):
-                await self._welcomed(conn, event.plan)
-                on_welcome()
-            elif isinstance(event, proto.Confirmed):
-                answer = conn.answers.pop(event.identifier, None)
-                if answer is not None:
-                    answer.set()
-                sub = self._subs.get(event.identifier)
-                if event.known and sub is not None:
-                    sub._confirmed()
-                    self._emit("subscribed", identifier=event.identifier)
-                    self._notify()
-                else:
-                    # Confirmed after we gave up on it or unsubscribed: let it go server-side.
-                    await self._send(conn, session.unsubscribe_command(event.identifier))
-            elif isinstance(event, proto.Rejected):
-                answer = conn.answers.pop(event.identifier, None)
-                if answer is not None:
-                    answer.set()
-                gone = self._subs.pop(event.identifier, None)
-                if gone is not None:
-                    gone._fail(SubscriptionRejected(event.identifier))
-                    self._emit("rejected", identifier=event.identifier)
-                    self._notify()
-            elif isinstance(event, proto.Disconnect):
-                conn.outcome.disconnect = event
-                return
-            elif isinstance(event, proto.Duplicate):
-                self._emit("duplicate", identifier=event.identifier)
-            elif isinstance(event, proto.HistoryConfirmed):
-                self._emit("history_confirmed", identifier=event.identifier)
-            elif isinstance(event, proto.HistoryRejected):
-                self._emit("history_rejected", identifier=event.identifier)
-            elif isinstance(event, proto.Ignored):
-                log.debug("ignored server message: %r", event.message)
+            for event in session.receive(session.decode(raw), conn.last_seen):
+                if isinstance(event, (proto.Data, proto.Missing)):
+                    self._deliver(event)
+                elif isinstance(event, proto.Held):
+                    self._holds_changed.set()
+                elif isinstance(event, proto.HistoryNeeded):
+                    self._emit("history_requested", identifier=event.identifier, reason="gap")
+                    await self._send(conn, session.history_command(event.identifier, event.history))
+                elif isinstance(event, proto.Ping):
+                    if session.extended:
+                        # Extended protocols may enforce pongs (no_pong disconnects).
+                        await self._send(conn, {"command": "pong"})
+                elif isinstance(event, proto.Welcome):
+                    await self._welcomed(conn, event.plan)
+                    on_welcome()
+                elif isinstance(event, proto.Confirmed):
+                    answer = conn.answers.pop(event.identifier, None)
+                    if answer is not None:
+                        answer.set()
+                    sub = self._subs.get(event.identifier)
+                    if event.known and sub is not None:
+                        sub._confirmed()
+                        self._emit("subscribed", identifier=event.identifier)
+                        self._notify()
+                    else:
+                        # Confirmed after we gave up on it or unsubscribed: let it go.
+                        await self._send(conn, session.unsubscribe_command(event.identifier))
+                elif isinstance(event, proto.Rejected):
+                    answer = conn.answers.pop(event.identifier, None)
+                    if answer is not None:
+                        answer.set()
+                    gone = self._subs.pop(event.identifier, None)
+                    if gone is not None:
+                        gone._fail(SubscriptionRejected(event.identifier))
+                        self._emit("rejected", identifier=event.identifier)
+                        self._notify()
+                elif isinstance(event, proto.Disconnect):
+                    conn.outcome.disconnect = event
+                    return
+                elif isinstance(event, proto.Duplicate):
+                    self._emit("duplicate", identifier=event.identifier)
+                elif isinstance(event, proto.HistoryConfirmed):
+                    self._emit("history_confirmed", identifier=event.identifier)
+                elif isinstance(event, proto.HistoryRejected):
+                    self._emit("history_rejected", identifier=event.identifier)
+                elif isinstance(event, proto.Ignored):
+                    log.debug("ignored server message: %r", event.message)
+
+    def _deliver(self, event: proto.Data | proto.Missing) -> None:
+        """Hand a message, or the notice of a gap, to its subscription's buffer."""
+        target = self._subs.get(event.identifier)
+        if isinstance(event, proto.Missing):
+            missing = MessagesMissing(
+                event.stream_id, event.epoch, event.first, event.last, event.reason
+            )
+            log.info("%s: %s", event.identifier, missing)
+            self._emit(
+                "messages_missing", identifier=event.identifier, reason=event.reason, error=missing
+            )
+            if target is not None:
+                target._mailbox.notice(missing)
+            return
+        if not event.known or target is None:
+            return
+        message = Message(event.message, event.stream_id, event.epoch, event.offset)
+        if not target._mailbox.put(message):
+            self._emit("overflow", identifier=event.identifier)
+
+    async def _gap_timer(self) -> None:
+        """Ends the holds of reliable streams whose ``gap_timeout`` passed (see
+        :meth:`~trio_cable.client.state.ClientSession.expire`)."""
+        session = self.session
+        while True:
+            woken = self._holds_changed = trio.Event()
+            deadline = session.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await woken.wait()
+            if not woken.is_set():
+                for event in session.expire(trio.current_time()):
+                    if isinstance(event, (proto.Data, proto.Missing)):
+                        self._deliver(event)
 
     async def _welcomed(self, conn: _Conn, plan: proto.WelcomePlan) -> None:
         conn.welcomed = True
@@ -1000,10 +1133,16 @@ async def open_cable(
     stale_pings: float = 2.0,
     resume: bool = True,
     buffer_size: int = 10_000,
+    hold_limit: int = 1000,
+    gap_timeout: float = 10.0,
     headers: Sequence[tuple[str, str]] = (),
     on_event: Callable[[CableEvent], None] | None = None,
     rng: random.Random | None = None,
     max_message_size: int = 16 * 1024 * 1024,
+    transport: Transport = "websocket",
+    poll_url: str | None = None,
+    fallback_after: int = 3,
+    compression: bool = False,
 ) -> AsyncIterator[Cable]:
     """Connect to an Action Cable / AnyCable server and keep the connection up.
 
@@ -1029,9 +1168,22 @@ async def open_cable(
     - ``resume``: on extended protocols, resume the session (``?sid=``) and fetch missed
       messages through ``history``.
     - ``buffer_size``: messages buffered per subscription (see :class:`MessagesDropped`).
+    - ``hold_limit``, ``gap_timeout``: stored broadcasts reach a subscription in offset order,
+      once; one that comes before its turn is held while ``history`` fetches the gap, for at
+      most ``gap_timeout`` seconds and ``hold_limit`` messages per stream, after which what
+      is held is delivered behind a :class:`MessagesMissing` (also when the history cannot
+      fill the gap).
     - ``on_event``: called with a :class:`CableEvent` for every connection attempt, disconnect,
       subscription step ... (must not block).
     - ``rng``: randomness for jitter (seed it for reproducible runs).
+    - ``transport``: ``"websocket"`` (default), ``"long_poll"`` (``POST`` requests to
+      ``poll_url``, by default the URL's host with ``http(s)`` and ``/lp``: for networks where
+      nothing long-lived passes), or ``"auto"``: WebSocket, falling back to long polling for
+      good after ``fallback_after`` failed handshakes in a row (at once when the handshake is
+      refused with a status retrying cannot change, as proxies that refuse WebSockets do;
+      503 and 429 are a busy server, not a reason).  Long polling speaks the extended JSON
+      protocol (resume with ``?sid=``, history), and carries a token as ``X-JID``.
+    - ``compression``: offer permessage-deflate (the server may decline).
     """
     cable = Cable(
         url,
@@ -1049,12 +1201,18 @@ async def open_cable(
         stale_pings=stale_pings,
         resume=resume,
         buffer_size=buffer_size,
+        hold_limit=hold_limit,
+        gap_timeout=gap_timeout,
         headers=headers,
         on_event=on_event,
         rng=rng,
         max_message_size=max_message_size,
+        transport=transport,
+        poll_url=poll_url,
+        fallback_after=fallback_after,
+        compression=compression,
     )
-    try:
+    with unwrap_group():
         async with trio.open_nursery() as nursery:
             await nursery.start(cable._run)
             try:
@@ -1063,9 +1221,15 @@ async def open_cable(
                 cable._closing = True
                 await cable._leave()
                 nursery.cancel_scope.cancel()
+
+
+@contextmanager
+def unwrap_group() -> Iterator[None]:
+    """Strict exception groups wrap everything leaving a nursery; give the caller the one
+    real exception (its own, or CableClosed) rather than a group."""
+    try:
+        yield
     except BaseExceptionGroup as group:
-        # Strict exception groups wrap everything leaving a nursery; give the caller the one
-        # real exception (its own, or CableClosed) rather than a group.
         error = _single(group)
         if error is group:
             raise

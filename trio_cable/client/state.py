@@ -1,11 +1,13 @@
-"""The client's protocol state, sans-I/O: subscriptions, stream positions, de-duplication, and
-what to send after a (re)connection.  No trio and no sockets, so the resume logic can be tested
-(and simulated) without a server.
+"""The client's protocol state, sans-I/O: subscriptions, ordered delivery of reliable streams
+(gap detection, de-duplication), and what to send after a (re)connection.  No trio and no
+sockets, so the resume and ordering logic can be tested (and simulated) without a server.
 
 The runtime (:mod:`trio_cable.client.cable`) feeds every decoded server message to
-:meth:`ClientSession.receive` and acts on the :class:`Event` it gets back; on each ``welcome``
-the event carries a :class:`WelcomePlan` saying which subscriptions were restored by the
-server, which need ``history``, and which must be subscribed again.
+:meth:`ClientSession.receive` and acts on the :class:`Event` list it gets back, in order; on
+each ``welcome`` an event carries a :class:`WelcomePlan` saying which subscriptions were
+restored by the server, which need ``history``, and which must be subscribed again.  Held
+messages wait for at most ``gap_timeout``: the runtime calls :meth:`ClientSession.expire` at
+:meth:`ClientSession.next_deadline`.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ __all__ = [
     "Disconnect",
     "Duplicate",
     "Event",
+    "Held",
     "HistoryConfirmed",
+    "HistoryNeeded",
     "HistoryRejected",
     "Ignored",
+    "Missing",
     "Ping",
     "Pong",
     "ProtocolError",
@@ -68,70 +73,74 @@ def make_identifier(channel: str, params: dict[str, Any] | None = None) -> str:
     return _dumps({"channel": channel, **params})
 
 
-# -- stream positions and de-duplication --------------------------------------------------------
+# -- ordered delivery of a reliable stream -------------------------------------------------------
 
 
 class StreamPosition:
-    """What a subscription has received of one stream in one epoch.
+    """Where a subscription stands in one stream, in one epoch: the offset last delivered to
+    the application, and the messages held back because they came before their turn.
 
-    Offsets up to ``floor`` count as received; ``ahead`` holds received offsets above it.  The
-    floor only advances over a contiguous run, so history that arrives after newer live
-    messages (offsets below the newest one) is still accepted, and exactly one copy of each
-    (stream, epoch, offset) gets through.  ``ahead`` is bounded by ``window``: past it, the
-    oldest entries fold into the floor (messages that late are outside any history window).
+    A message is delivered when its offset is ``delivered + 1`` (or when it is the first one
+    of the stream and no history is on its way that could start lower); one further ahead is
+    held in ``held`` until the gap below it is filled, or given up (:meth:`give_up`).  Offsets
+    at or below ``delivered``, or already held, are duplicates.  ``deadline`` is when the
+    current hold gives up (``None`` while nothing is held); ``asked_top`` is the highest
+    offset held when ``history`` was last asked for this stream (``None``: not asked since the
+    hold began).  Everything missing below it had been published before the server read that
+    history, so what the history did not bring is gone.
     """
 
-    __slots__ = ("ahead", "epoch", "floor", "window")
+    __slots__ = ("asked_top", "deadline", "delivered", "epoch", "held")
 
-    def __init__(self, epoch: str, *, window: int = 4096) -> None:
+    def __init__(self, epoch: str) -> None:
         self.epoch = epoch
-        self.floor: int | None = None
-        self.ahead: set[int] = set()
-        self.window = window
+        self.delivered: int | None = None
+        self.held: dict[int, Data] = {}
+        self.deadline: float | None = None
+        self.asked_top: int | None = None
 
     def seen(self, offset: int) -> bool:
-        """Whether ``offset`` was received already."""
-        return (self.floor is not None and offset <= self.floor) or offset in self.ahead
+        """Whether ``offset`` was delivered or is held already."""
+        return (self.delivered is not None and offset <= self.delivered) or offset in self.held
 
-    def add(self, offset: int) -> bool:
-        """Record ``offset``; False when it is a duplicate."""
-        if self.seen(offset):
-            return False
-        self.ahead.add(offset)
-        if self.floor is not None:
-            while self.floor + 1 in self.ahead:
-                self.floor += 1
-                self.ahead.discard(self.floor)
-        if len(self.ahead) > self.window:
-            self._fold()
-        return True
+    def take_run(self, out: list[Event]) -> None:
+        """Deliver (append to ``out``) the held messages that are next in line."""
+        held = self.held
+        if self.delivered is None:
+            return
+        while held:
+            data = held.pop(self.delivered + 1, None)
+            if data is None:
+                break
+            out.append(data)
+            self.delivered += 1
+        if not held:
+            self.deadline = None
+            self.asked_top = None
 
-    def _fold(self) -> None:
-        # Start the floor at the contiguous run from the lowest offset, then, if gaps still
-        # leave too many, give up on the oldest gaps.
-        run = self.last_contiguous()
-        self.floor = run
-        self.ahead = {o for o in self.ahead if o > run}
-        while len(self.ahead) > self.window // 2:
-            lowest = min(self.ahead)
-            self.floor = lowest
-            self.ahead.discard(lowest)
-            while self.floor + 1 in self.ahead:
-                self.floor += 1
-                self.ahead.discard(self.floor)
-
-    def last_contiguous(self) -> int:
-        """The highest offset such that everything from the first one received up to it was
-        received: where ``history`` must resume (it returns messages *after* the offset)."""
-        if self.floor is not None:
-            position = self.floor
-        elif self.ahead:
-            position = min(self.ahead)
-        else:
-            return 0
-        while position + 1 in self.ahead:
-            position += 1
-        return position
+    def give_up(
+        self, out: list[Event], identifier: str, stream: str, reason: str, upto: int | None = None
+    ) -> None:
+        """Stop waiting for the gaps below ``upto`` (all of them by default): deliver the held
+        messages up to there in offset order, each gap announced by a :class:`Missing`
+        before the message after it."""
+        held = self.held
+        if not held:
+            return
+        if self.delivered is None:
+            # Nothing delivered yet: where the stream starts for us is unknown, so the lowest
+            # held message starts it and nothing is reported missing below it.
+            self.delivered = min(held) - 1
+        for offset in sorted(held):
+            if upto is not None and offset > upto:
+                break
+            if offset > self.delivered + 1:
+                out.append(
+                    Missing(identifier, stream, self.epoch, self.delivered + 1, offset - 1, reason)
+                )
+            out.append(held.pop(offset))
+            self.delivered = offset
+        self.take_run(out)
 
 
 # -- subscriptions -------------------------------------------------------------------------------
@@ -152,30 +161,53 @@ class SubState:
     #: Whether it was ever confirmed: only then is there something to resume.
     confirmed_once: bool = False
     positions: dict[str, StreamPosition] = field(default_factory=dict)
+    #: A ``history`` request (or a subscribe with history) is unanswered on this connection:
+    #: no second one is sent, and a stream with no position yet waits for it.
+    history_pending: bool = False
     duplicates: int = 0
     received: int = 0
 
     def position_of(self, stream: str) -> tuple[str, int] | None:
-        """(epoch, last contiguous offset) of ``stream``, if anything was received."""
+        """(epoch, last offset delivered) of ``stream``, if anything was delivered."""
         pos = self.positions.get(stream)
-        if pos is None:
+        if pos is None or pos.delivered is None:
             return None
-        return pos.epoch, pos.last_contiguous()
+        return pos.epoch, pos.delivered
 
     def history_request(self, since: int | None) -> dict[str, Any] | None:
-        """The ``history`` object asking for everything after what was received: by position
+        """The ``history`` object asking for everything after what was delivered: by position
         for streams with one, by ``since`` (unix seconds) for the others.  ``None`` when there
         is nothing to ask with."""
         history: dict[str, Any] = {}
         if since is not None:
             history["since"] = since
         streams = {
-            stream: {"epoch": pos.epoch, "offset": pos.last_contiguous()}
+            stream: {"epoch": pos.epoch, "offset": pos.delivered}
             for stream, pos in self.positions.items()
+            if pos.delivered is not None
         }
         if streams:
             history["streams"] = streams
         return history or None
+
+    def gap_request(self) -> dict[str, Any] | None:
+        """The ``history`` object for the streams held at a gap, by position; ``None`` if
+        none is."""
+        streams = {
+            stream: {"epoch": pos.epoch, "offset": pos.delivered}
+            for stream, pos in self.positions.items()
+            if pos.held and pos.delivered is not None
+        }
+        return {"streams": streams} if streams else None
+
+    def asking(self, now: float, gap_timeout: float) -> None:
+        """A history request for this subscription goes out now: it covers every gap held so
+        far (see :attr:`StreamPosition.asked_top`), and each gets a full ``gap_timeout``."""
+        self.history_pending = True
+        for pos in self.positions.values():
+            if pos.held:
+                pos.asked_top = max(pos.held)
+                pos.deadline = now + gap_timeout
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -238,7 +270,8 @@ class HistoryRejected:
 
 @dataclass(frozen=True)
 class Data:
-    """A message for a subscription (stream metadata set for stored broadcasts)."""
+    """A message for the application, in its turn (stream metadata set for stored
+    broadcasts)."""
 
     identifier: str
     message: Any
@@ -250,12 +283,51 @@ class Data:
 
 @dataclass(frozen=True)
 class Duplicate:
-    """A stored broadcast received before (same stream, epoch and offset): dropped."""
+    """A stored broadcast delivered or held already (same stream, epoch and offset):
+    dropped."""
 
     identifier: str
     stream_id: str
     epoch: str
     offset: int
+
+
+@dataclass(frozen=True)
+class Held:
+    """A stored broadcast that came before its turn: held until the gap below it is filled
+    (or given up)."""
+
+    identifier: str
+    stream_id: str
+    epoch: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class HistoryNeeded:
+    """Send ``history`` for ``identifier`` with ``history``: it fetches the gaps held."""
+
+    identifier: str
+    history: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Missing:
+    """Offsets ``first`` to ``last`` of ``stream_id`` (in ``epoch``) will not be delivered;
+    the next :class:`Data` of the stream is the message after them.
+
+    ``reason``: ``not_in_history`` (the history asked for did not have them),
+    ``history_rejected``, ``timeout`` (not filled within ``gap_timeout``), ``hold_limit``
+    (more than ``hold_limit`` messages held), ``epoch_changed`` (the stream's history was
+    lost while they were awaited).
+    """
+
+    identifier: str
+    stream_id: str
+    epoch: str
+    first: int
+    last: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -283,10 +355,12 @@ Event = (
     | HistoryRejected
     | Data
     | Duplicate
+    | Held
+    | HistoryNeeded
+    | Missing
     | Disconnect
     | Ignored
 )
-
 
 # -- the session --------------------------------------------------------------------------------
 
@@ -297,17 +371,37 @@ class ClientSession:
     ``resume`` (extended protocols only) enables session resume and history: reconnect with the
     last ``sid``, ask ``history`` for restored subscriptions, re-subscribe the others with
     ``history``.
+
+    Stored broadcasts (those with ``stream_id``, ``epoch`` and ``offset``) reach the
+    application in offset order, once, per (subscription, stream): one that comes before its
+    turn is held and the gap fetched with ``history``.  A hold is bounded: at most
+    ``hold_limit`` messages per stream, for at most ``gap_timeout`` seconds (from the last
+    ``history`` asked for it); past either, or when the history cannot fill the gap, what is
+    held is delivered in order after a :class:`Missing` notice.  ``now`` arguments are
+    seconds on any monotonic clock (the runtime's), the same one throughout.
     """
 
-    def __init__(self, subprotocol: str, *, resume: bool = True, dedup_window: int = 4096) -> None:
+    def __init__(
+        self,
+        subprotocol: str,
+        *,
+        resume: bool = True,
+        hold_limit: int = 1000,
+        gap_timeout: float = 10.0,
+    ) -> None:
         if subprotocol not in SUBPROTOCOLS:
             raise ValueError(
                 f"unknown subprotocol {subprotocol!r} (known: {', '.join(SUBPROTOCOLS)})"
             )
+        if hold_limit < 1:
+            raise ValueError("hold_limit must be >= 1")
+        if not gap_timeout > 0:
+            raise ValueError("gap_timeout must be > 0")
         self.subprotocol = subprotocol
         self.binary, self.extended = SUBPROTOCOLS[subprotocol]
         self.resume = resume and self.extended
-        self.dedup_window = dedup_window
+        self.hold_limit = hold_limit
+        self.gap_timeout = gap_timeout
         self.subs: dict[str, SubState] = {}
         #: The sid of the current (or last) connection.
         self.sid: str | None = None
@@ -414,42 +508,59 @@ class ClientSession:
         """The connection is gone: every live subscription must be confirmed again."""
         self.connected = False
         for sub in self.subs.values():
+            # Its answer will not come; held messages stay held, for the next connection's
+            # history to fill (or their deadline to give up).
+            sub.history_pending = False
             if sub.status == "confirmed":
                 sub.status = "pending"
 
     # -- incoming -----------------------------------------------------------------------------
 
-    def receive(self, msg: dict[str, Any]) -> Event:
-        """Update the state from one server message and say what it was."""
+    def receive(self, msg: dict[str, Any], now: float | None = None) -> list[Event]:
+        """Update the state from one server message; the events it caused, in order.
+
+        Mostly one event.  A stored broadcast gives :class:`Data` when it is next in line,
+        followed by the held messages it unblocks; :class:`Held` (and :class:`HistoryNeeded`
+        when a gap opens) when it is early; :class:`Duplicate` when it was delivered or held
+        already.  A ``confirm_history`` / ``reject_history`` is followed by what it releases.
+        """
+        if now is None:
+            now = time.monotonic()
         kind = msg.get("type")
         identifier = msg.get("identifier")
         if kind == "ping":
             server_time = msg.get("message")
             if isinstance(server_time, (int, float)) and not isinstance(server_time, bool):
                 self.last_server_time = int(server_time)
-                return Ping(int(server_time))
-            return Ping(None)
+                return [Ping(int(server_time))]
+            return [Ping(None)]
         if isinstance(identifier, str):
             if kind is None and "message" in msg:
-                return self._data(identifier, msg)
+                return self._data(identifier, msg, now)
             sub = self.subs.get(identifier)
             known = sub is not None and sub.status in ("pending", "confirmed")
             if kind == "confirm_subscription":
                 if sub is not None and known:
                     sub.status = "confirmed"
                     sub.confirmed_once = True
-                return Confirmed(identifier, known)
+                return [Confirmed(identifier, known)]
             if kind == "reject_subscription":
                 if sub is not None and known:
                     self.remove(identifier, "rejected")
-                return Rejected(identifier, known)
+                return [Rejected(identifier, known)]
             if kind == "confirm_history":
-                return HistoryConfirmed(identifier)
+                out: list[Event] = [HistoryConfirmed(identifier)]
+                if sub is not None and known:
+                    self._history_answered(sub, out, now, rejected=False)
+                return out
             if kind == "reject_history":
-                return HistoryRejected(identifier)
-            return Ignored(msg)
+                out = [HistoryRejected(identifier)]
+                if sub is not None and known:
+                    self._history_answered(sub, out, now, rejected=True)
+                return out
+            return [Ignored(msg)]
         if kind == "welcome":
-            return Welcome(self._welcome(msg))
+            return [Welcome(self._welcome(msg, now))]
         if kind == "disconnect":
             reason = msg.get("reason")
             after = msg.get("reconnect_after")
@@ -459,16 +570,41 @@ class ClientSession:
                 else None
             )
             # The Rails client stops for good when "reconnect" is missing; so do we.
-            return Disconnect(
-                reason if isinstance(reason, str) else "unknown",
-                msg.get("reconnect") is True,
-                advice,
-            )
+            return [
+                Disconnect(
+                    reason if isinstance(reason, str) else "unknown",
+                    msg.get("reconnect") is True,
+                    advice,
+                )
+            ]
         if kind == "pong":
-            return Pong()
-        return Ignored(msg)
+            return [Pong()]
+        return [Ignored(msg)]
 
-    def _data(self, identifier: str, msg: dict[str, Any]) -> Event:
+    def next_deadline(self) -> float | None:
+        """When the earliest hold gives up (call :meth:`expire` then); ``None``: none held."""
+        deadlines = [
+            pos.deadline
+            for sub in self.subs.values()
+            for pos in sub.positions.values()
+            if pos.deadline is not None
+        ]
+        return min(deadlines, default=None)
+
+    def expire(self, now: float) -> list[Event]:
+        """Give up the holds whose deadline has passed: what they held, in order, each gap
+        announced by a :class:`Missing` (reason ``timeout``)."""
+        out: list[Event] = []
+        for sub in self.subs.values():
+            released: list[Event] = []
+            for stream, pos in sub.positions.items():
+                if pos.deadline is not None and pos.deadline <= now:
+                    pos.give_up(released, sub.identifier, stream, "timeout")
+            _count(sub, released)
+            out.extend(released)
+        return out
+
+    def _data(self, identifier: str, msg: dict[str, Any], now: float) -> list[Event]:
         sub = self.subs.get(identifier)
         stream, epoch, offset = msg.get("stream_id"), msg.get("epoch"), msg.get("offset")
         tagged = (
@@ -478,24 +614,83 @@ class ClientSession:
             and not isinstance(offset, bool)
         )
         if sub is None or sub.status not in ("pending", "confirmed"):
-            return Data(identifier, msg["message"], known=False)
+            return [Data(identifier, msg["message"], known=False)]
         if not tagged:
             sub.received += 1
-            return Data(identifier, msg["message"])
+            return [Data(identifier, msg["message"])]
         assert isinstance(stream, str) and isinstance(epoch, str) and isinstance(offset, int)
+        out: list[Event] = []
         pos = sub.positions.get(stream)
         if pos is None or pos.epoch != epoch:
-            # A new epoch means the stream's history was lost: positions in the old one mean
-            # nothing any more.
-            pos = StreamPosition(epoch, window=self.dedup_window)
+            if pos is not None:
+                # A new epoch means the stream's history was lost: what the old one held will
+                # never be completed, and its positions mean nothing any more.
+                pos.give_up(out, identifier, stream, "epoch_changed")
+            pos = StreamPosition(epoch)
             sub.positions[stream] = pos
-        if not pos.add(offset):
+        elif not pos.held and pos.delivered is not None and offset == pos.delivered + 1:
+            # The usual case, kept short: the next message, nothing held.
+            pos.delivered = offset
+            sub.received += 1
+            return [Data(identifier, msg["message"], stream, epoch, offset)]
+        if pos.seen(offset):
             sub.duplicates += 1
-            return Duplicate(identifier, stream, epoch, offset)
-        sub.received += 1
-        return Data(identifier, msg["message"], stream, epoch, offset)
+            out.append(Duplicate(identifier, stream, epoch, offset))
+            _count(sub, out)
+            return out
+        data = Data(identifier, msg["message"], stream, epoch, offset)
+        if pos.delivered is None and not sub.history_pending:
+            # The first message of the stream is where we join it (or the lowest held, if a
+            # history that was awaited never answered).
+            pos.delivered = min(offset, min(pos.held, default=offset)) - 1
+            pos.take_run(out)
+        delivered = pos.delivered
+        if delivered is not None and offset == delivered + 1:
+            pos.delivered = offset
+            out.append(data)
+            pos.take_run(out)
+        else:
+            # Early: a gap below it, or history on its way that may start lower.
+            if not pos.held:
+                pos.deadline = now + self.gap_timeout
+            pos.held[offset] = data
+            out.append(Held(identifier, stream, epoch, offset))
+            while len(pos.held) > self.hold_limit:
+                lowest = min(pos.held)
+                pos.give_up(out, identifier, stream, "hold_limit", upto=lowest)
+            if pos.held and pos.delivered is not None and not sub.history_pending:
+                self._ask(sub, out, now)
+        _count(sub, out)
+        return out
 
-    def _welcome(self, msg: dict[str, Any]) -> WelcomePlan:
+    def _ask(self, sub: SubState, out: list[Event], now: float) -> None:
+        request = sub.gap_request()
+        if request is not None:
+            sub.asking(now, self.gap_timeout)
+            out.append(HistoryNeeded(sub.identifier, request))
+
+    def _history_answered(
+        self, sub: SubState, out: list[Event], now: float, *, rejected: bool
+    ) -> None:
+        """A history request of ``sub`` was answered: everything it brought has arrived.
+        Streams that had no position start at their lowest held message; gaps the request
+        covered and did not fill are given up; gaps left after that are asked again."""
+        sub.history_pending = False
+        identifier = sub.identifier
+        for stream, pos in sub.positions.items():
+            if not pos.held:
+                continue
+            if pos.delivered is None:
+                pos.delivered = min(pos.held) - 1
+                pos.take_run(out)
+            if pos.asked_top is not None:
+                reason = "history_rejected" if rejected else "not_in_history"
+                pos.give_up(out, identifier, stream, reason, upto=pos.asked_top)
+        # Gaps that opened after the request went out (or above what it covered): ask again.
+        self._ask(sub, out, now)
+        _count(sub, out)
+
+    def _welcome(self, msg: dict[str, Any], now: float) -> WelcomePlan:
         sid = msg.get("sid")
         sid = sid if isinstance(sid, str) else None
         self.connected = True
@@ -516,8 +711,10 @@ class ClientSession:
             for sub in self.subs.values():
                 if sub.status != "pending":
                     continue
-                wanted = self.resume and sub.confirmed_once
-                again.append((sub.identifier, sub.history_request(since) if wanted else None))
+                request = sub.history_request(since) if self.resume and sub.confirmed_once else None
+                if request is not None:
+                    sub.asking(now, self.gap_timeout)
+                again.append((sub.identifier, request))
             return WelcomePlan(sid or "", False, subscribe=tuple(again))
         assert isinstance(restored_ids_raw, list)
         restored_ids = [i for i in restored_ids_raw if isinstance(i, str)]
@@ -534,9 +731,12 @@ class ClientSession:
                 confirmed.append(sub.identifier)
                 request = sub.history_request(since)
                 if request is not None:
+                    sub.asking(now, self.gap_timeout)
                     history.append((sub.identifier, request))
             else:
                 request = sub.history_request(since) if sub.confirmed_once else None
+                if request is not None:
+                    sub.asking(now, self.gap_timeout)
                 subscribe_.append((sub.identifier, request))
         unsubscribe = tuple(
             i for i in restored_ids if i not in self.subs or self.subs[i].status != "confirmed"
@@ -549,3 +749,8 @@ class ClientSession:
             subscribe=tuple(subscribe_),
             unsubscribe=unsubscribe,
         )
+
+
+def _count(sub: SubState, out: list[Event]) -> None:
+    """Count the messages of ``sub`` that ``out`` delivers."""
+    sub.received += sum(1 for event in out if isinstance(event, Data))

@@ -42,9 +42,12 @@ __all__ = [
     "Command",
     "History",
     "InvalidCommand",
+    "Join",
+    "Leave",
     "Message",
     "Ping",
     "Pong",
+    "PresenceQuery",
     "Publication",
     "RemoteCommand",
     "Subprotocol",
@@ -64,6 +67,10 @@ __all__ = [
     "parse_publications",
     "ping",
     "pong",
+    "presence_info",
+    "presence_join",
+    "presence_leave",
+    "presence_message",
     "reject_history",
     "reject_subscription",
     "select_subprotocol",
@@ -433,16 +440,20 @@ def token_from_subprotocols(offered: Sequence[str]) -> str | None:
 # -------------------------------------------------------------------------------------------------
 # Client -> server
 
-_NEEDS_IDENTIFIER = frozenset({"subscribe", "unsubscribe", "message", "history", "whisper"})
+_NEEDS_IDENTIFIER = frozenset(
+    {"subscribe", "unsubscribe", "message", "history", "whisper", "join", "leave", "presence"}
+)
 _COMMANDS = _NEEDS_IDENTIFIER | {"ping", "pong"}
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
-    """``subscribe``; ``history`` (ext protocols) asks for history once confirmed."""
+    """``subscribe``; ``history`` (ext protocols) asks for history once confirmed, and
+    ``presence`` (``{"id": str, "info": any}``) joins presence right after."""
 
     identifier: str
     history: dict[str, Any] | None = None
+    presence: dict[str, Any] | None = None
     name: ClassVar[str] = "subscribe"
 
 
@@ -483,6 +494,34 @@ class Whisper:
 
 
 @dataclass(frozen=True, slots=True)
+class Join:
+    """``join``: enter the subscription's presence set as ``id`` (a string) with ``info``
+    (any JSON value; None when absent)."""
+
+    identifier: str
+    id: str
+    info: Any = None
+    name: ClassVar[str] = "join"
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """``leave``: leave the subscription's presence set."""
+
+    identifier: str
+    name: ClassVar[str] = "leave"
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    """``presence``: ask the presence set (``return_records``: with the members, default)."""
+
+    identifier: str
+    return_records: bool = True
+    name: ClassVar[str] = "presence"
+
+
+@dataclass(frozen=True, slots=True)
 class Ping:
     """The client's ``ping`` command (ext protocols): answered with ``pong``."""
 
@@ -497,9 +536,22 @@ class Pong:
 
 
 #: One validated client command.
-Command: TypeAlias = Subscribe | Unsubscribe | Message | History | Whisper | Ping | Pong
+Command: TypeAlias = (
+    Subscribe
+    | Unsubscribe
+    | Message
+    | History
+    | Whisper
+    | Join
+    | Leave
+    | PresenceQuery
+    | Ping
+    | Pong
+)
 #: The commands that name a subscription.
-SubscriptionCommand: TypeAlias = Subscribe | Unsubscribe | Message | History | Whisper
+SubscriptionCommand: TypeAlias = (
+    Subscribe | Unsubscribe | Message | History | Whisper | Join | Leave | PresenceQuery
+)
 
 _PING = Ping()
 _PONG = Pong()
@@ -596,17 +648,63 @@ def decode_command(
     if command == "whisper":
         if "data" not in obj:
             raise InvalidCommand("whisper without data", identifier, command)
-        return Whisper(identifier, obj["data"])
+        return Whisper(identifier, _json_value(obj["data"], "whisper data", identifier, command))
     if command == "history":
         if "history" not in obj:
             raise InvalidCommand("history command without history", identifier, command)
         return History(identifier, _validate_history(obj["history"], identifier, command))
     if command == "subscribe":
         history = obj.get("history")  # optional (ext protocols): confirm first, then history
-        if history is not None:
-            return Subscribe(identifier, _validate_history(history, identifier, command))
-        return Subscribe(identifier)
+        presence = obj.get("presence")  # optional: join right after the confirm
+        return Subscribe(
+            identifier,
+            None if history is None else _validate_history(history, identifier, command),
+            None if presence is None else _validate_presence(presence, identifier, command),
+        )
+    if command == "join":
+        presence = _validate_presence(obj.get("presence"), identifier, command)
+        return Join(identifier, presence["id"], presence.get("info"))
+    if command == "leave":
+        return Leave(identifier)
+    if command == "presence":
+        data = obj.get("data")
+        records = data.get("return_records", True) if isinstance(data, dict) else True
+        return PresenceQuery(identifier, records is not False)
     return Unsubscribe(identifier)
+
+
+#: The longest presence id accepted (ids are user ids, not documents).
+MAX_PRESENCE_ID = 256
+
+
+def _validate_presence(presence: Any, identifier: str, command: str) -> dict[str, Any]:
+    """``{"id": str, "info": any}`` of a ``join`` (or a ``subscribe`` with presence).  A
+    numeric id is taken as its decimal string, as @anycable/core sends ``String(id)``."""
+    if not isinstance(presence, dict):
+        raise InvalidCommand("presence must be an object", identifier, command)
+    pid = presence.get("id")
+    if isinstance(pid, int) and not isinstance(pid, bool):
+        pid = str(pid)
+    if not isinstance(pid, str) or not pid or len(pid) > MAX_PRESENCE_ID:
+        raise InvalidCommand(
+            f"presence.id must be a non-empty string of at most {MAX_PRESENCE_ID} characters",
+            identifier,
+            command,
+        )
+    result: dict[str, Any] = {"id": pid}
+    if presence.get("info") is not None:
+        result["info"] = _json_value(presence["info"], "presence.info", identifier, command)
+    return result
+
+
+def _json_value(value: Any, what: str, identifier: str, command: str) -> Any:
+    """*value* when JSON can carry it to every client and broker: a msgpack client may send
+    bytes, or a NaN, that no JSON client could receive."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        raise InvalidCommand(f"{what} is not a JSON value", identifier, command) from None
+    return value
 
 
 def parse_identifier(
@@ -693,6 +791,34 @@ def reject_history(identifier: str) -> dict[str, Any]:
     return {"identifier": identifier, "type": "reject_history"}
 
 
+def presence_join(pid: str, info: Any = None) -> dict[str, Any]:
+    """A presence ``join`` event (the message of a ``presence`` broadcast; Go key order)."""
+    if info is None:
+        return {"type": "join", "id": pid}
+    return {"type": "join", "info": info, "id": pid}
+
+
+def presence_leave(pid: str) -> dict[str, Any]:
+    """A presence ``leave`` event."""
+    return {"type": "leave", "id": pid}
+
+
+def presence_info(
+    total: int, records: Sequence[dict[str, Any]] | None = None, *, error: bool = False
+) -> dict[str, Any]:
+    """The answer to a ``presence`` command: ``total``, and ``records`` unless there are
+    none or they were not asked for; ``type: error`` when the broker failed."""
+    msg: dict[str, Any] = {"type": "error" if error else "info", "total": total}
+    if records:
+        msg["records"] = list(records)
+    return msg
+
+
+def presence_message(identifier: str, message: Any) -> dict[str, Any]:
+    """A presence event or answer for one subscription."""
+    return {"type": "presence", "identifier": identifier, "message": message}
+
+
 def disconnect(
     reason: str, reconnect: bool, reconnect_after_ms: int | None = None
 ) -> dict[str, Any]:
@@ -764,7 +890,7 @@ class BroadcastEncoder:
     bytes are identical to ``codec.encode(data_message(...))``.
     """
 
-    __slots__ = ("_cache", "_parts_by_codec", "epoch", "message", "offset", "stream_id")
+    __slots__ = ("_cache", "_parts_by_codec", "epoch", "kind", "message", "offset", "stream_id")
 
     def __init__(
         self,
@@ -774,8 +900,11 @@ class BroadcastEncoder:
         epoch: str | None = None,
         offset: int | None = None,
         decode: bool = True,
+        kind: str | None = None,
     ) -> None:
         self.message: Any = decode_broadcast_data(data) if decode else data
+        #: The message's ``type`` (``presence`` for presence events), first in the envelope.
+        self.kind = kind
         self.stream_id = stream_id
         self.epoch = epoch
         self.offset = offset
@@ -798,15 +927,23 @@ class BroadcastEncoder:
             if value is not None
         ]
         parts: tuple[bytes, bytes, bytes] | None
+        kind = self.kind
         if codec is JSON:
-            head = b'{"identifier":'
+            head = (
+                b'{"identifier":'
+                if kind is None
+                else b'{"type":' + JSON.encode(kind) + b',"identifier":'
+            )
             middle = b',"message":' + JSON.encode(self.message)
             tail = b"".join(b',"' + k.encode() + b'":' + JSON.encode(v) for k, v in tail_fields)
             parts = (head, middle, tail + b"}")
         elif codec is MSGPACK:
             # What msgpack writes for a dict: a fixmap header (0x80 | n, n <= 15), then key, value,
             # key, value ... in insertion order.
-            head = bytes([0x80 | (2 + len(tail_fields))]) + _MSGPACK_IDENTIFIER_KEY
+            head = bytes([0x80 | (2 + len(tail_fields) + (kind is not None))])
+            if kind is not None:
+                head += MSGPACK.encode("type") + MSGPACK.encode(kind)
+            head += _MSGPACK_IDENTIFIER_KEY
             middle = _MSGPACK_MESSAGE_KEY + MSGPACK.encode(self.message)
             tail = b"".join(MSGPACK.encode(k) + MSGPACK.encode(v) for k, v in tail_fields)
             parts = (head, middle, tail)
@@ -825,6 +962,10 @@ class BroadcastEncoder:
         if parts is not None:
             head, middle, tail = parts
             result = head + codec.encode(identifier) + middle + tail
+        elif self.kind is not None:
+            result = codec.encode(
+                {"type": self.kind, "identifier": identifier, "message": self.message}
+            )
         else:
             result = codec.encode(
                 data_message(

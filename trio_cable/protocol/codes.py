@@ -13,6 +13,7 @@ from enum import IntEnum, StrEnum
 
 __all__ = [
     "CLOSE_CODE_RANGES",
+    "COMPRESSED",
     "MAX_CLOSE_REASON",
     "MAX_CONTROL_PAYLOAD",
     "OP_BINARY",
@@ -34,6 +35,12 @@ OP_BINARY = 2
 OP_CLOSE = 8
 OP_PING = 9
 OP_PONG = 10
+
+#: Added to the opcode a frame parser returns for a data message the client sent compressed
+#: (permessage-deflate sets RSV1 on its first frame): ``OP_TEXT | COMPRESSED``.  Opcodes are
+#: four bits, so the flag never collides with one, and an uncompressed message (the hot
+#: path) still compares equal to plain ``OP_TEXT`` / ``OP_BINARY``.
+COMPRESSED = 0x40
 
 #: A control frame's payload is at most 125 bytes ...
 MAX_CONTROL_PAYLOAD = 125
@@ -63,6 +70,8 @@ class FrameRefusal(StrEnum):
     """Why a frame kernel refused a client's bytes (the close reason and the log's words)."""
 
     RSV = "reserved bits set"
+    # permessage-deflate marks a message's first frame only (RFC 7692 6.1).
+    RSV1_NOT_FIRST = "RSV1 set on a continuation or control frame"
     OPCODE = "reserved opcode"
     CONTROL_FRAGMENTED = "fragmented control frame"
     CONTROL_TOO_LONG = "control frame payload too long"

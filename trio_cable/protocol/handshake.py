@@ -17,6 +17,7 @@ import h11
 from wsproto.utilities import generate_accept_token
 
 from trio_cable.protocol.cable import UNSUPPORTED, Subprotocol, select_subprotocol
+from trio_cable.protocol.deflate import DeflateParams, DeflateSettings, negotiate_deflate
 
 
 @dataclass(slots=True)
@@ -81,6 +82,8 @@ class Acceptance:
     subprotocol: Subprotocol | None
     selected: str | None  # the value echoed in Sec-WebSocket-Protocol
     headers: list[tuple[str, str]]
+    #: permessage-deflate as negotiated, or None: the connection goes uncompressed.
+    deflate: DeflateParams | None = None
 
 
 def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
@@ -112,11 +115,17 @@ def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
 
 
 def negotiate(
-    request: Request, *, allowed_origins: Sequence[str] = (), require_subprotocol: bool = True
+    request: Request,
+    *,
+    allowed_origins: Sequence[str] = (),
+    require_subprotocol: bool = True,
+    compression: DeflateSettings | None = None,
 ) -> Acceptance | Refusal:
     """Decide whether *request* (already known to target a WebSocket path) is accepted.
 
     ``require_subprotocol`` is False only for the raw echo endpoint used to test framing.
+    With *compression* (None: the server does not compress), a permessage-deflate offer
+    the server can honour is accepted.
     """
     if request.method != "GET":
         return Refusal(405, "WebSocket upgrade needs GET", [("allow", "GET")])
@@ -154,7 +163,13 @@ def negotiate(
     ]
     if selected:
         headers.append(("sec-websocket-protocol", selected))
-    return Acceptance(subprotocol, selected, headers)
+    deflate = None
+    offers = request.headers.get("sec-websocket-extensions")
+    if compression is not None and offers:
+        deflate = negotiate_deflate(offers, compression)
+        if deflate is not None:
+            headers.append(("sec-websocket-extensions", deflate.response()))
+    return Acceptance(subprotocol, selected, headers, deflate)
 
 
 def _valid_key(key: str) -> bool:

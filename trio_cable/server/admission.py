@@ -102,6 +102,13 @@ class AdaptiveLimits:
         self.decreases = 0
         self._was_late = False
 
+    @property
+    def shedding(self) -> bool:
+        """True while the limits are held below their maximum (the loop has been late)."""
+        return (self.max_rate > 0 and self.bucket.rate < self.max_rate) or (
+            self.limiter.total_tokens < self.max_callbacks
+        )
+
     def observe(self, lag: float, now: float) -> None:
         """Feed the worst loop lag seen over the last window (seconds).  Limits shrink when
         this window and the one before were both late, and grow when this one was not."""

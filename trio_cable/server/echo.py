@@ -6,10 +6,10 @@ transport as Action Cable clients, with no session on top.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 from trio_cable.protocol.codes import CloseCode, DisconnectReason
-from trio_cable.protocol.frames import OP_BINARY, OP_TEXT, build_frame
 from trio_cable.server.transport import Transport, Work
 
 __all__ = ["EchoSession"]
@@ -26,14 +26,26 @@ class EchoNode(Protocol):
 class EchoSession:
     """Echoes one connection's messages (a :class:`~trio_cable.server.transport.Receiver`)."""
 
-    __slots__ = ("ip", "node", "transport")
+    __slots__ = ("_frame_binary", "_frame_text", "ip", "node", "transport")
 
     #: Never identified: a remote disconnect never matches it.
     identifiers: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, node: EchoNode, transport: Transport, *, ip: str = "") -> None:
+    def __init__(
+        self,
+        node: EchoNode,
+        transport: Transport,
+        frame_text: Callable[[bytes], bytes],
+        frame_binary: Callable[[bytes], bytes],
+        *,
+        ip: str = "",
+    ) -> None:
+        """*frame_text* / *frame_binary* frame a text / binary message for this connection
+        (compressed when it negotiated permessage-deflate)."""
         self.node = node
         self.transport = transport
+        self._frame_text = frame_text
+        self._frame_binary = frame_binary
         self.ip = ip
 
     @property
@@ -62,7 +74,7 @@ class EchoSession:
         self.node.attach(self)
 
     def receive(self, payload: bytes, binary: bool) -> Work | None:
-        self.transport.write(build_frame(OP_BINARY if binary else OP_TEXT, payload))
+        self.transport.write((self._frame_binary if binary else self._frame_text)(payload))
         return None
 
     def farewell(self, reason: DisconnectReason) -> bytes | None:

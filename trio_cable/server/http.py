@@ -1,8 +1,10 @@
 """Plain HTTP on the WebSocket port: reading a request head with h11, and answering it.
 
 Endpoints: ``GET /health`` (JSON status), ``GET /metrics`` (Prometheus), ``POST /_broadcast``
-(publications, bearer key when configured).  Anything else gets a clear 404, or 426 on a
-WebSocket path without an upgrade; a malformed request gets 400.  Every answer closes the
+(publications, bearer key when configured); the SSE and long-polling endpoints are the
+transports' (``transports/sse.py``, ``transports/longpoll.py``), routed by the node.  Anything
+else gets a clear 404, or 426 on a WebSocket path without an upgrade; a malformed request gets
+400.  Every answer closes the
 connection: these endpoints serve load balancers and back ends, not browsers, and one
 request per connection keeps the code and the failure modes small.
 """

@@ -175,6 +175,12 @@ class Hub:
         """Big fan-outs queued for the fan-out task (the one being written included)."""
         return len(self._jobs)
 
+    async def written(self) -> None:
+        """Return once every broadcast handed to the hub so far has been written to its
+        recipients (the fan-out task writes big ones later, in order)."""
+        if self._jobs:
+            await self._jobs[-1].done.wait()
+
     def subscribers(self, stream: str) -> int:
         """Number of (connection, identifier) pairs on *stream*."""
         return sum(
@@ -205,7 +211,7 @@ class Hub:
     def _encoders(self, broadcast: Broadcast) -> tuple[BroadcastEncoder, BroadcastEncoder]:
         """``(plain, stored)``: the message for plain clients, and with its stream position
         for the extended protocols (the same one when it has no position)."""
-        plain = BroadcastEncoder(broadcast.data)
+        plain = BroadcastEncoder(broadcast.data, kind=broadcast.kind)
         if broadcast.offset is None:
             return plain, plain
         stored = BroadcastEncoder(

@@ -23,25 +23,39 @@ import secrets
 import socket
 import ssl
 import time
+import urllib.parse
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
 
-from trio_cable.broker import Broker
+from trio_cable.broker import PRESENCE, Broadcast, Broker
 from trio_cable.broker.factory import create_broker
 from trio_cable.channels import BUILTIN_CHANNELS, BenchmarkChannel, CableApp, Channel
 from trio_cable.config import Config, ConfigError
 from trio_cable.identity import JWTIdentifier
 from trio_cable.metrics import Metrics, prometheus_text
 from trio_cable.protocol import cable
-from trio_cable.protocol.cable import InvalidCommand, Subprotocol
+from trio_cable.protocol.cable import JSON, MSGPACK, InvalidCommand, Subprotocol
 from trio_cable.protocol.codes import CloseCode, DisconnectReason
+from trio_cable.protocol.deflate import DeflateParams, DeflateSettings
 from trio_cable.protocol.frames import SPEEDUPS, SPEEDUPS_STATUS
-from trio_cable.protocol.handshake import Refusal, Request, negotiate, request_from_h11
-from trio_cable.server.admission import AdaptiveLimits, TokenBucket, retry_after
+from trio_cable.protocol.handshake import (
+    Refusal,
+    Request,
+    negotiate,
+    origin_allowed,
+    request_from_h11,
+)
+from trio_cable.server import dashboard
+from trio_cable.server.admission import (
+    AdaptiveLimits,
+    TokenBucket,
+    reconnect_after_ms,
+    retry_after,
+)
 from trio_cable.server.drain import Drainer
 from trio_cable.server.echo import EchoSession
 from trio_cable.server.executor import ChannelExecutor, Executor
@@ -57,16 +71,35 @@ from trio_cable.server.http import (
     send_response,
 )
 from trio_cable.server.hub import Hub
+from trio_cable.server.presence import InfoAnswers, PresenceCoalescer
 from trio_cable.server.reactor import Reactor, reactor_available
+from trio_cable.server.rebalance import Rebalancer
 from trio_cable.server.rpc_executor import RpcExecutor
 from trio_cable.server.session import Session
 from trio_cable.server.sockio import close_socket, send_all, tls_handshake
 from trio_cable.server.transport import WireFormat
+from trio_cable.server.transports.longpoll import (
+    POLL_ID_HEADER,
+    LongPollContext,
+    LongPollTransport,
+    poll_format,
+)
+from trio_cable.server.transports.sse import (
+    BadQuery,
+    SSEContext,
+    SSETransport,
+    last_event_id,
+    refusal_event,
+    sse_format,
+    subscribe_command,
+)
 from trio_cable.server.transports.websocket import (
     WebSocketContext,
     WebSocketTransport,
-    wire_format,
 )
+
+if TYPE_CHECKING:
+    from trio_cable.server.cluster import WorkerGroup
 
 log = logging.getLogger("trio_cable")
 
@@ -87,6 +120,10 @@ USER_TIMEOUT_MS = 60_000
 _speedups_notice_given = False
 
 
+#: The presence endpoint's path prefix (the stream follows, URL-encoded).
+PRESENCE_PATH = "/api/presence/"
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """A WebSocket handshake to answer with 101 (no subprotocol: the raw echo endpoint)."""
@@ -94,6 +131,7 @@ class Accepted:
     request: Request
     subprotocol: Subprotocol | None
     headers: list[tuple[str, str]]
+    deflate: DeflateParams | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +139,33 @@ class Publish:
     """Publications a ``POST /_broadcast`` brought, to make once its request was read."""
 
     items: list[cable.Publication | cable.RemoteCommand]
+
+
+@dataclass(frozen=True, slots=True)
+class EventStream:
+    """An SSE request to answer with an event stream: the commands it stands for (a GET's
+    subscribe, a POST's JSON lines)."""
+
+    request: Request
+    commands: list[bytes]
+    raw: bool
+    headers: list[tuple[str, str]]
+    mark_confirm: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    """A long poll whose request was read: its commands, and its session (None: a new one)."""
+
+    request: Request
+    commands: list[bytes]
+    transport: LongPollTransport | None
+    headers: list[tuple[str, str]]
+
+
+_EVENT_STREAM = "text/event-stream; charset=utf-8"
+_JSON_LINES = "application/x-ndjson"
+_TRUE = ("1", "true", "t", "y", "yes")
 
 
 def new_sid() -> str:
@@ -118,11 +183,22 @@ def _raise_open_file_limit() -> int:
     return soft
 
 
+def _since(query: dict[str, str]) -> float:
+    """``?since=`` of ``/metrics/samples``: a :func:`time.monotonic` time (0: everything)."""
+    try:
+        value = float(query.get("since", "0"))
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
 class Server:
     """A trio_cable server node.  Start it with ``await nursery.start(server.serve)``."""
 
     #: What this server supports beyond plain Action Cable (clients and tests may check).
-    features: frozenset[str] = frozenset({"resume", "history", "drain", "reconnect_advice"})
+    features: frozenset[str] = frozenset(
+        {"resume", "history", "drain", "reconnect_advice", "sse", "long_poll"}
+    )
 
     def __init__(
         self,
@@ -131,9 +207,11 @@ class Server:
         *,
         broker: Broker | None = None,
         listen_socket: socket.socket | None = None,
+        label: str = "trio_cable",
     ) -> None:
         """*listen_socket*, when given, is an already bound and listening socket to serve on
-        (a supervisor's, or one handed over by a node being replaced)."""
+        (a supervisor's, or one handed over by a node being replaced).  *label* names the
+        node in its log (``trio_cable worker 1``)."""
         self.config = config = (config or Config()).validate()
         self.app = app or CableApp()
         self.metrics = Metrics()
@@ -168,6 +246,12 @@ class Server:
             listen_socket.setblocking(False)
             self._listen_socket = listen_socket
             self._port = int(listen_socket.getsockname()[1])
+        self.label = label
+        self._accepting = True
+        self._serving = False
+        #: The workers this node is one of (``serve --workers N``): /health and /metrics
+        #: answer for all of them.  None for a node on its own.
+        self.group: WorkerGroup | None = None
         self.started_at = time.time()
         # Admission control.
         self.handshake_bucket = TokenBucket(config.handshake_rate, config.handshake_rate)
@@ -183,6 +267,21 @@ class Server:
         self.connections_by_address: dict[str, int] = {}
         self.tls_context = _tls_context(config)
         self.drainer = Drainer(config, self.metrics, self.connections)
+        #: With ``--rebalance``: this node's share of the cluster's connections kept fair.
+        self.rebalancer: Rebalancer | None = (
+            Rebalancer(
+                secrets.token_hex(6),
+                tolerance=config.rebalance_tolerance,
+                rate=config.rebalance_rate,
+                reconnect_advice=config.reconnect_advice,
+                metrics=self.metrics,
+                connections=self.connections,
+                draining=lambda: self.draining,
+                publish=self.broker.publish_command,
+            )
+            if config.rebalance
+            else None
+        )
         self.reactor: Reactor | None = Reactor() if reactor_available() else None
         self._websocket = WebSocketContext.create(
             self.metrics,
@@ -193,8 +292,26 @@ class Server:
             message_timeout=config.message_timeout,
             max_partial_memory=config.partial_messages_max_memory,
         )
+        self._sse = SSEContext(self.metrics, config.max_send_queue, config.close_timeout)
+        self._polls = LongPollContext(
+            self.metrics,
+            config.max_send_queue,
+            config.close_timeout,
+            config.poll_interval,
+            config.poll_keepalive_timeout,
+        )
+        #: What permessage-deflate offers are answered with (None: compression is off).
+        self._deflate: DeflateSettings | None = (
+            DeflateSettings(config.compression_level, config.compression_threshold)
+            if config.compression
+            else None
+        )
         m = self.metrics
         m.gauges["connections"] = lambda: float(len(self.connections))
+        m.gauges["sse_connections"] = lambda: float(
+            sum(1 for c in self.connections if isinstance(c, Session) and not c.format.commands)
+        )
+        m.gauges["long_poll_sessions"] = lambda: float(len(self._polls.sessions))
         m.gauges["streams"] = lambda: float(len(self.hub))
         m.gauges["draining"] = lambda: float(self.draining)
         m.gauges["pending_handshakes"] = lambda: float(self.pending_handshakes)
@@ -210,6 +327,11 @@ class Server:
         m.gauges["gc_frozen_objects"] = lambda: float(gc.get_freeze_count())
         m.gauges["pending_fanouts"] = lambda: float(self.hub.pending_fanouts)
         self.gc_control = GcControl(m)
+        # Presence events of a stream are coalesced per window (server/presence.py).
+        self.presence_coalescer = PresenceCoalescer(config.presence_window)
+        self._presence_wakeup = trio.Event()
+        #: Encoded presence info answers (server/presence.py), for the sessions.
+        self.presence_answers = InfoAnswers()
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -260,19 +382,22 @@ class Server:
                 await nursery.start(self.executor.run)
                 if self.reactor is not None:
                     nursery.start_soon(self.reactor.run)
-                self.broker.bind(self.hub.deliver, self._on_command)
+                self.broker.bind(self._deliver, self._on_command)
                 nursery.start_soon(self.hub.run_flusher)
+                nursery.start_soon(self._presence_flusher)
                 nursery.start_soon(self.hub.run_fanout)
                 nursery.start_soon(self._housekeeper)
                 nursery.start_soon(self._lag_monitor)
-                log.info("trio_cable listening on %s", self.url)
+                if self.rebalancer is not None:
+                    nursery.start_soon(self.rebalancer.run)
+                log.info("%s listening on %s", self.label, self.url)
                 task_status.started(self)
                 await self._accept_loop(sock, nursery)
                 # Not accepting any more (stop_accepting): serve the connections we have.
                 await trio.sleep_forever()
         finally:
             self.gc_control.uninstall()
-            self.broker.unbind(self.hub.deliver)
+            self.broker.unbind(self._deliver)
             close_socket(sock)
 
     def bind(self) -> socket.socket:
@@ -298,13 +423,37 @@ class Server:
     def stop_accepting(self) -> None:
         """Close the listening socket: no new connections reach this node (the existing ones
         are served on).  For handing the port to a replacement node; a drain alone keeps
-        answering new clients with 503 and advice instead."""
+        answering new clients with 503 and advice instead.
+
+        The connections the kernel already queued for this socket are accepted first (a
+        closed listener resets them): with ``SO_REUSEPORT`` the other sockets of the port
+        take the new ones from then on."""
         sock = self._listen_socket
+        self._accepting = False
         if sock is not None and sock.fileno() != -1:
-            close_socket(sock)
+            # Wakes the accept loop, which takes the queue and closes the socket; when the
+            # node is not serving, closing is all there is to do.
+            trio.lowlevel.notify_closing(sock)
+            if not self._serving:
+                sock.close()
 
     async def _accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
-        while True:
+        self._serving = True
+        try:
+            await self._accept_until_stopped(listener, nursery)
+        finally:
+            self._serving = False
+        # stop_accepting(): what the kernel queued, then the socket goes.
+        with contextlib.suppress(OSError):
+            while listener.fileno() != -1:
+                sock, addr = listener.accept()
+                sock.setblocking(False)
+                _tune_socket(sock)
+                nursery.start_soon(self._handle_socket, sock, addr, nursery)
+        close_socket(listener)
+
+    async def _accept_until_stopped(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        while self._accepting:
             try:
                 await trio.lowlevel.wait_readable(listener)
             except trio.ClosedResourceError:
@@ -349,19 +498,25 @@ class Server:
         message = "server is draining" if reason == "draining" else f"server busy ({reason})"
         return Response.text(503, message, [("retry-after", str(seconds))])
 
-    def _admit(self, request: Request, ip: str) -> Response | None:
-        """Admission control for a WebSocket handshake: None to admit, else the refusal."""
+    def _admission(self, ip: str) -> tuple[str, float] | None:
+        """Admission control for a new connection (any transport): None to admit, else why
+        not and the least time before trying again makes sense."""
         if self.draining:
-            return self._overloaded("draining")
+            return "draining", 0.0
         if len(self.connections) >= self.max_connections:
-            return self._overloaded("max_connections")
+            return "max_connections", 0.0
         per_address = self.config.max_connections_per_address
         if per_address and self.connections_by_address.get(ip, 0) >= per_address:
-            return self._overloaded("per_address")
+            return "per_address", 0.0
         now = trio.current_time()
         if not self.handshake_bucket.take(now):
-            return self._overloaded("handshake_rate", self.handshake_bucket.wait_time(now))
+            return "handshake_rate", self.handshake_bucket.wait_time(now)
         return None
+
+    def _admit(self, request: Request, ip: str) -> Response | None:
+        """Admission control for a WebSocket handshake: None to admit, else the refusal."""
+        refusal = self._admission(ip)
+        return None if refusal is None else self._overloaded(*refusal)
 
     async def _handle_socket(self, sock: socket.socket, addr: Any, nursery: trio.Nursery) -> None:
         """Read one HTTP request and route it: a WebSocket, an HTTP endpoint, or an error.
@@ -381,7 +536,7 @@ class Server:
         # A TLS socket speaks HTTP only once its handshake is done: before, there is no way
         # to answer (and trying would wait for the client to go on with TLS).
         speaks_http = self.tls_context is None
-        outcome: Response | Accepted | Publish | None = None
+        outcome: Response | Accepted | Publish | EventStream | Poll | None = None
         try:
             with trio.move_on_after(cfg.handshake_timeout) as scope:
                 if self.tls_context is not None:
@@ -414,11 +569,42 @@ class Server:
                 # The client's part is done: publishing is ours, not bounded by its deadline.
                 await self._publish(outcome.items)
                 outcome = Response(201)
+            if isinstance(outcome, Poll):
+                # Read: what is left is the session's (a long poll may wait poll_interval).
+                self.pending_handshakes -= 1
+                pending = False
+                outcome = await self._serve_poll(outcome, nursery, ip, remote)
             if isinstance(outcome, Response):
                 with trio.move_on_after(cfg.close_timeout):
                     await send_response(sock, conn, outcome)
                 return
             if outcome is None:
+                return
+            budget = TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time())
+            if isinstance(outcome, EventStream):
+                stream = SSETransport(
+                    self._sse,
+                    sock,
+                    outcome.commands,
+                    outcome.headers,
+                    remote=remote,
+                    mark_confirm=outcome.mark_confirm,
+                )
+                session = Session(
+                    self,
+                    stream,
+                    sse_format(outcome.raw),
+                    outcome.request,
+                    new_sid(),
+                    budget,
+                    subprotocol="sse",
+                    ip=ip,
+                )
+                self.metrics.sse_connections_total += 1
+                handed_off = True
+                self.pending_handshakes -= 1
+                pending = False
+                nursery.start_soon(stream.run, session)
                 return
             response = h11.InformationalResponse(status_code=101, headers=outcome.headers)
             with trio.move_on_after(cfg.close_timeout) as answer_scope:
@@ -428,19 +614,31 @@ class Server:
                 log.info("%s: the client does not read its 101", remote)
                 return
             trailing, _closed = conn.trailing_data
-            budget = TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time())
+            deflate = outcome.deflate
             transport = WebSocketTransport(
-                self._websocket, sock, budget, bytes(trailing), remote=remote
+                self._websocket,
+                sock,
+                budget,
+                bytes(trailing),
+                remote=remote,
+                compression=deflate is not None,
             )
             receiver: Session | EchoSession
             subprotocol = outcome.subprotocol
+            websocket = self._websocket
             if subprotocol is None:  # only the echo endpoint goes without one
-                receiver = EchoSession(self, transport, ip=ip)
+                receiver = EchoSession(
+                    self,
+                    transport,
+                    websocket.wire_format(JSON, False, deflate).frame,
+                    websocket.wire_format(MSGPACK, False, deflate).frame,
+                    ip=ip,
+                )
             else:
                 receiver = Session(
                     self,
                     transport,
-                    wire_format(subprotocol.codec, subprotocol.extended),
+                    websocket.wire_format(subprotocol.codec, subprotocol.extended, deflate),
                     outcome.request,
                     new_sid(),
                     budget,
@@ -464,16 +662,26 @@ class Server:
 
     async def _route(
         self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
-    ) -> Response | Accepted | Publish:
-        """The answer to *request*: a WebSocket accepted, publications to make, or an HTTP
-        response (an endpoint's, a refusal).  Runs within the handshake deadline (an endpoint
-        may read a body); what it leads to runs after it."""
+    ) -> Response | Accepted | Publish | EventStream | Poll:
+        """The answer to *request*: a WebSocket accepted, an event stream to open, a poll to
+        serve, publications to make, or an HTTP response (an endpoint's, a refusal).  Runs
+        within the handshake deadline (an endpoint may read a body); what it leads to runs
+        after it."""
         cfg = self.config
+        if cfg.sse_path and request.path == cfg.sse_path:
+            return await self._sse_request(sock, conn, request, ip)
+        if cfg.poll_path and request.path == cfg.poll_path:
+            return await self._poll_request(sock, conn, request, ip)
         if request.path not in cfg.path and not (cfg.echo_path and request.path == cfg.echo_path):
             return await self._http(sock, conn, request)
         echo = request.path == cfg.echo_path
         outcome = negotiate(
-            request, allowed_origins=cfg.allowed_origins, require_subprotocol=not echo
+            request,
+            allowed_origins=cfg.allowed_origins,
+            require_subprotocol=not echo,
+            # Not while shedding load: a compressing client's history replay and
+            # transmissions are deflated for it alone, CPU a late loop does not have.
+            compression=None if self.adaptive.shedding else self._deflate,
         )
         if isinstance(outcome, Refusal):
             self.metrics.handshakes_failed_total += 1
@@ -485,7 +693,140 @@ class Server:
         refusal = self._admit(request, ip)
         if refusal is not None:
             return refusal
-        return Accepted(request, None if echo else outcome.subprotocol, outcome.headers)
+        return Accepted(
+            request, None if echo else outcome.subprotocol, outcome.headers, outcome.deflate
+        )
+
+    # -- SSE and long polling -------------------------------------------------------------
+
+    def _cors(self, request: Request) -> list[tuple[str, str]] | None:
+        """CORS headers for a browser's request from another origin (SSE, long polling);
+        None when its origin is not allowed."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return []
+        if not origin_allowed(origin, self.config.allowed_origins):
+            return None
+        return [
+            ("access-control-allow-origin", origin),
+            ("access-control-allow-credentials", "true"),
+            ("access-control-expose-headers", POLL_ID_HEADER),
+            ("vary", "origin"),
+        ]
+
+    def _preflight(self, request: Request, cors: list[tuple[str, str]]) -> Response:
+        asked = request.headers.get("access-control-request-headers", "")
+        return Response(
+            204,
+            headers=[
+                *cors,
+                ("access-control-allow-methods", "GET, POST, OPTIONS"),
+                ("access-control-allow-headers", asked[:1000]),
+                ("access-control-max-age", "600"),
+            ],
+        )
+
+    async def _sse_request(
+        self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
+    ) -> Response | EventStream:
+        cors = self._cors(request)
+        if cors is None:
+            self.metrics.handshakes_failed_total += 1
+            return Response.text(403, "origin not allowed")
+        if request.method == "OPTIONS":
+            return self._preflight(request, cors)
+        if request.method == "POST":
+            # anycable-go's other form: the commands (subscribes) as JSON lines in the body,
+            # for clients that can send a body (fetch, curl), not EventSource.
+            try:
+                body = await read_body(sock, conn, self.config.max_message_size)
+            except BadRequest as exc:
+                return Response.text(exc.status, exc.message, cors)
+            commands = [line for line in body.split(b"\n") if line.strip()]
+            if not commands:
+                return Response.text(400, "POST the commands as JSON lines", cors)
+        elif request.method == "GET":
+            try:
+                commands = [subscribe_command(request, self.config.jwt_param)]
+            except BadQuery as exc:
+                self.metrics.handshakes_failed_total += 1
+                return Response.text(400, str(exc), cors)
+        else:
+            return Response.text(405, "use GET or POST", [("allow", "GET, POST"), *cors])
+        refusal = self._admission(ip)
+        if refusal is not None:
+            # 200 and a retry: EventSource gives up for good on a 503, and comes back after
+            # the advice when a stream ends.
+            reason, base = refusal
+            self.metrics.handshakes_failed_total += 1
+            self.metrics.inc_labeled("handshakes_refused_total", reason)
+            after = max(1000, reconnect_after_ms(base, self.config.reconnect_advice))
+            why = DisconnectReason.SERVER_RESTART if reason == "draining" else "server_busy"
+            return Response(200, refusal_event(str(why), after), _EVENT_STREAM, cors)
+        raw = request.method == "GET" and request.query.get("raw", "").lower() in _TRUE
+        fresh = request.method == "GET" and not last_event_id(request)
+        return EventStream(request, commands, raw, cors, fresh)
+
+    async def _poll_request(
+        self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
+    ) -> Response | Poll:
+        cors = self._cors(request)
+        if cors is None:
+            self.metrics.handshakes_failed_total += 1
+            return Response.text(403, "origin not allowed")
+        if request.method == "OPTIONS":
+            return self._preflight(request, cors)
+        if request.method != "POST":
+            return Response.text(405, "use POST", [("allow", "POST"), *cors])
+        try:
+            body = await read_body(sock, conn, self.config.max_message_size)
+        except BadRequest as exc:
+            return Response.text(exc.status, exc.message, cors)
+        commands = [line for line in body.split(b"\n") if line.strip()]
+        poll_id = request.headers.get(POLL_ID_HEADER)
+        if poll_id:
+            transport = self._polls.sessions.get(poll_id)
+            if transport is None or transport.state == "closed":
+                # Timed out, or ended and its last messages taken: the client starts over
+                # (resuming with ?sid=).
+                self.metrics.long_poll_stale_requests_total += 1
+                notice = cable.disconnect("session_expired", True)
+                return Response(401, json.dumps(notice).encode() + b"\n", _JSON_LINES, cors)
+            return Poll(request, commands, transport, cors)
+        refusal = self._admission(ip)
+        if refusal is not None:
+            response = self._overloaded(*refusal)
+            response.headers.extend(cors)
+            return response
+        return Poll(request, commands, None, cors)
+
+    async def _serve_poll(
+        self, poll: Poll, nursery: trio.Nursery, ip: str, remote: str
+    ) -> Response:
+        """Serve a poll, opening its session first when it is a new one."""
+        status = 200
+        transport = poll.transport
+        if transport is None:
+            transport = LongPollTransport(self._polls, secrets.token_urlsafe(18), remote=remote)
+            cfg = self.config
+            session = Session(
+                self,
+                transport,
+                poll_format(),
+                poll.request,
+                new_sid(),
+                TokenBucket(cfg.command_rate, 2 * cfg.command_rate, trio.current_time()),
+                subprotocol="long-poll",
+                ip=ip,
+            )
+            self.metrics.long_poll_sessions_total += 1
+            await nursery.start(transport.run, session)
+            if not transport.open:
+                status = 401  # refused (the body says why)
+        self.metrics.long_poll_requests_total += 1
+        lines = await transport.poll(poll.commands)
+        headers = [(POLL_ID_HEADER, transport.poll_id), ("cache-control", "no-store")]
+        return Response(status, b"".join(lines), _JSON_LINES, [*headers, *poll.headers])
 
     async def _publish(self, items: list[cable.Publication | cable.RemoteCommand]) -> None:
         """Publish what ``POST /_broadcast`` brought, in order, letting other tasks run
@@ -504,12 +845,24 @@ class Server:
         if path == "/health":
             if method not in ("GET", "HEAD"):
                 return Response.text(405, "use GET", [("allow", "GET")])
-            doc = self.health()
+            doc = self.health() if self.group is None else await self.group.health()
             return Response.json(503 if self.draining else 200, doc)
         if path == "/metrics":
             if method not in ("GET", "HEAD"):
                 return Response.text(405, "use GET", [("allow", "GET")])
-            return Response(200, prometheus_text(self.metrics), "text/plain; version=0.0.4")
+            if self.group is None:
+                text = prometheus_text(self.metrics)
+            else:
+                text = await self.group.metrics_text()
+            return Response(200, text, "text/plain; version=0.0.4")
+        if path == "/metrics/samples":
+            # Raw recent loop-lag and GC-pause samples (the histograms' buckets are too coarse
+            # for a benchmark's p99 and max); ?since=<time.monotonic()> cuts a window.
+            if method not in ("GET", "HEAD"):
+                return Response.text(405, "use GET", [("allow", "GET")])
+            return Response.json(200, self.metrics.recent(_since(request.query)))
+        if path == "/_dashboard" or path.startswith("/_dashboard/"):
+            return self._dashboard(request)
         if path == "/_broadcast":
             if method != "POST":
                 return Response.text(405, "use POST", [("allow", "POST")])
@@ -531,9 +884,30 @@ class Server:
                     413, f"{len(items)} publications in one request (at most {MAX_PUBLICATIONS})"
                 )
             return Publish(items)
+        if path.startswith(PRESENCE_PATH):
+            return await self._presence_endpoint(request)
         if request.is_websocket_upgrade:
             return Response.text(404, f"no WebSocket endpoint at {path[:200]}")
         return Response.text(404, f"not found: {path[:200]}")
+
+    async def _presence_endpoint(self, request: Request) -> Response:
+        """``GET /api/presence/<stream>`` (the stream URL-encoded), behind the broadcast
+        key: the stream's presence as :meth:`presence` returns it."""
+        if request.method not in ("GET", "HEAD"):
+            return Response.text(405, "use GET", [("allow", "GET")])
+        if not bearer_ok(request.headers.get("authorization"), self.config.effective_broadcast_key):
+            return Response.text(
+                401, "missing or wrong broadcast key", [("www-authenticate", "Bearer")]
+            )
+        stream = urllib.parse.unquote(request.path[len(PRESENCE_PATH) :])
+        if not cable.is_stream_name(stream):
+            return Response.text(400, "no stream name")
+        try:
+            info = await self.presence(stream, records=request.query.get("records") != "false")
+        except Exception:
+            log.exception("presence of %r failed", stream[:200])
+            return Response.json(503, cable.presence_info(0, error=True))
+        return Response.json(200, info)
 
     # -- what sessions ask of their node (session.SessionNode) ----------------------------
 
@@ -628,6 +1002,7 @@ class Server:
                 if (
                     pong_timeout
                     and session.extended
+                    and session.format.commands
                     and now - session.last_pong > interval + pong_timeout
                 ):
                     session.close(DisconnectReason.NO_PONG, reconnect=True)
@@ -677,6 +1052,45 @@ class Server:
         """See :meth:`SessionNode.take_over`: every node ends its connection of *sid*."""
         await self.broker.publish_command({"command": "session_taken", "sid": sid})
 
+    # -- broadcasts from the broker ------------------------------------------------------
+
+    def _deliver(self, broadcast: Broadcast) -> Any:
+        """Every broadcast reaching this node: presence events pass the coalescer."""
+        if broadcast.kind != PRESENCE:
+            return self.hub.deliver(broadcast)
+        try:
+            event = json.loads(broadcast.data)
+        except (TypeError, ValueError):
+            log.info("ignoring a malformed presence event on %r", broadcast.stream[:200])
+            return None
+        if not isinstance(event, dict):
+            return None
+        if not self.hub.subscribers(broadcast.stream):
+            return None  # nobody here to tell
+        coalescer = self.presence_coalescer
+        if coalescer.offer(broadcast.stream, event, trio.current_time()):
+            self.metrics.presence_events_total += 1
+            return self.hub.deliver(broadcast)
+        self._presence_wakeup.set()
+        return None
+
+    async def _presence_flusher(self) -> None:
+        """Send the net presence events of each window as it ends."""
+        coalescer = self.presence_coalescer
+        metrics = self.metrics
+        while True:
+            deadline = coalescer.next_deadline
+            if deadline is None:
+                await self._presence_wakeup.wait()
+                self._presence_wakeup = trio.Event()
+                continue
+            await trio.sleep_until(deadline)
+            for stream, events in coalescer.due(trio.current_time()):
+                for event in events:
+                    metrics.presence_events_total += 1
+                    self.hub.deliver(Broadcast(stream, json.dumps(event), kind=PRESENCE))
+            metrics.presence_events_coalesced_total = coalescer.coalesced
+
     def _on_command(self, command: dict[str, Any]) -> None:
         """A node command from the broker (any node may have sent it)."""
         name = command.get("command")
@@ -684,6 +1098,9 @@ class Server:
             self.disconnect_local(
                 command.get("identifiers") or {}, reconnect=bool(command.get("reconnect"))
             )
+        elif name == "load":
+            if self.rebalancer is not None:
+                self.rebalancer.on_load(command)
         elif name == "session_taken":
             session = self._sessions.get(str(command.get("sid")))
             if session is not None and session.is_open:
@@ -701,6 +1118,13 @@ class Server:
         if not cable.is_stream_name(stream):
             raise ValueError(f"not a usable stream name: {stream[:100]!r}")
         await self.broker.publish(stream, json.dumps(data), exclude_socket)
+
+    async def presence(self, stream: str, *, records: bool = True) -> dict[str, Any]:
+        """The presence of *stream*, on every node: ``{"type": "info", "total": n,
+        "records": [{"info": ..., "id": ...}, ...]}`` (no ``records`` when there are none,
+        or with ``records=False``)."""
+        total, found = await self.broker.presence_info(stream)
+        return cable.presence_info(total, found if records else None)
 
     async def remote_disconnect(
         self, identifiers: dict[str, Any], *, reconnect: bool = False
@@ -739,6 +1163,38 @@ class Server:
     def drain_now(self) -> None:
         """Make a drain in progress disconnect everybody at once (a second signal)."""
         self.drainer.hurry()
+
+    def _dashboard(self, request: Request) -> Response:
+        """``/_dashboard``: the page and its files for anyone (they hold no data), the data
+        only with the key; all of it 404 unless ``--dashboard``."""
+        if not self.config.dashboard:
+            return Response.text(404, "not found")
+        if request.method not in ("GET", "HEAD"):
+            return Response.text(405, "use GET", [("allow", "GET")])
+        subpath = request.path.removeprefix("/_dashboard")
+        if subpath == "/data":
+            key = self.config.effective_dashboard_key
+            if not key or not bearer_ok(request.headers.get("authorization"), key):
+                return Response.text(
+                    401, "missing or wrong dashboard key", [("www-authenticate", "Bearer")]
+                )
+            broker = self.broker
+            connected = getattr(broker, "connected", None)
+            return Response.json(
+                200,
+                dashboard.snapshot(
+                    self.metrics,
+                    node=self.label,
+                    draining=self.draining,
+                    broker_kind=type(broker).__name__,
+                    broker_connected=connected if isinstance(connected, bool) else None,
+                ),
+            )
+        found = dashboard.asset(subpath)
+        if found is None:
+            return Response.text(404, "not found")
+        body, content_type = found
+        return Response(200, body, content_type)
 
     def health(self) -> dict[str, Any]:
         """The ``/health`` document."""

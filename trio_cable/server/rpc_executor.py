@@ -135,20 +135,30 @@ class RpcChannel(Channel):
     """A subscription served by the RPC application.  Its ``state`` is the channel state
     (``istate``), kept with resumable sessions like any channel's state."""
 
-    __slots__ = ()
+    # The application names a subscription's whisper and presence streams in its channel
+    # state ($w, $p); what the in-process code of the session sets is kept beside it.
+    __slots__ = ("_presence", "_whisper")
     channel_name = "$rpc"
 
     @property
     def whisper_stream(self) -> str | None:
         """The stream whispers of this subscription go to (the application's ``$w``)."""
         value = (self._state or {}).get("$w")
-        return value if isinstance(value, str) and value else None
+        return value if isinstance(value, str) and value else self._whisper
+
+    @whisper_stream.setter
+    def whisper_stream(self, value: str | None) -> None:
+        self._whisper = value
 
     @property
     def presence_stream(self) -> str | None:
         """The stream this subscription's presence lives on (the application's ``$p``)."""
         value = (self._state or {}).get("$p")
-        return value if isinstance(value, str) and value else None
+        return value if isinstance(value, str) and value else self._presence
+
+    @presence_stream.setter
+    def presence_stream(self, value: str | None) -> None:
+        self._presence = value
 
 
 class RpcExecutor:

@@ -20,6 +20,7 @@ in for the transport, and the same session will serve the SSE and long-polling t
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,11 +40,15 @@ from trio_cable.protocol.cable import (
     Command,
     History,
     InvalidCommand,
+    Join,
+    Leave,
     Message,
     Ping,
     Pong,
+    PresenceQuery,
     Subscribe,
     Unsubscribe,
+    Whisper,
     decode_command,
     parse_action,
 )
@@ -53,6 +58,7 @@ from trio_cable.server.admission import TokenBucket
 from trio_cable.server.executor import Executor, Refused
 from trio_cable.server.history_gate import HistoryGate
 from trio_cable.server.hub import Hub
+from trio_cable.server.presence import InfoAnswers
 from trio_cable.server.transport import Transport, WireFormat, Work
 
 __all__ = ["Session", "SessionNode"]
@@ -111,6 +117,11 @@ class SessionNode(Protocol):
 
     async def broadcast(self, stream: str, data: Any) -> None:
         """Broadcast *data* to *stream* on every node."""
+
+    @property
+    def presence_answers(self) -> InfoAnswers:
+        """The encoded presence ``info`` answers, shared by the node's sessions."""
+        ...
 
 
 class Session:
@@ -407,6 +418,7 @@ class Session:
                 await self._forget_session()
 
     async def closed(self) -> None:
+        await self._linger_presence()
         channels = list(reversed(self.subscriptions.values()))
         self.subscriptions.clear()
         for channel in channels:
@@ -457,7 +469,12 @@ class Session:
             return self._later(self._unsubscribe, command)
         elif isinstance(command, History):
             return self._later(self._history, command.identifier, command.history)
-        # Whisper: accepted and ignored.
+        elif isinstance(command, Whisper):
+            work = self._whisper(command)
+            if work is not None:
+                return work
+        elif isinstance(command, (Join, Leave, PresenceQuery)):
+            return self._later(self._presence_command, command)
         metrics.command_seconds.observe(time.perf_counter() - started)
         return None
 
@@ -504,6 +521,9 @@ class Session:
         elif isinstance(command, History):
             self.node.metrics.history_rejected_total += 1
             self.send(cable.reject_history(command.identifier))
+        elif isinstance(command, PresenceQuery):
+            error = cable.presence_info(0, error=True)
+            self.send(cable.presence_message(command.identifier, error))
         else:
             log.info(
                 "%r: %s refused: over %s commands/s",
@@ -579,6 +599,8 @@ class Session:
             node.session_changed(self)
         if command.history is not None and self.extended:
             await self._history(identifier, command.history)
+        if command.presence is not None:
+            await self._join(channel, command.presence["id"], command.presence.get("info"))
 
     async def _unsubscribe(self, command: Unsubscribe) -> None:
         channel = self.subscriptions.pop(command.identifier, None)
@@ -587,11 +609,134 @@ class Session:
             return
         if self.extended:
             self.node.session_changed(self)
+        await self.leave_presence(channel)
         await self._end_subscription(channel)
 
     async def _end_subscription(self, channel: Channel) -> None:
         channel.stop_all_streams()
         await self.node.executor.unsubscribe(channel)
+
+    # -- whispers and presence -----------------------------------------------------------
+
+    def _whisper(self, command: Whisper) -> Work | None:
+        """A whisper goes to the subscription's whisper stream, every subscriber but this
+        session, with no history; a subscription that may not whisper is ignored."""
+        channel = self.subscriptions.get(command.identifier)
+        stream = channel.whisper_stream if channel is not None else None
+        if stream is None:
+            self.node.metrics.whispers_ignored_total += 1
+            log.debug("%r: whisper ignored for %s", self, command.identifier[:200])
+            return None
+        self.node.metrics.whispers_total += 1
+        data = json.dumps(command.data)
+        return self._later(self._publish_whisper, stream, data)
+
+    async def _publish_whisper(self, stream: str, data: str) -> None:
+        await self.node.broker.publish_transient(stream, data, exclude_socket=self.sid)
+
+    async def _presence_command(self, command: Join | Leave | PresenceQuery) -> None:
+        self.node.metrics.presence_commands_total += 1
+        channel = self.subscriptions.get(command.identifier)
+        if channel is None:
+            log.info("%r: %s for unknown %r", self, command.name, command.identifier[:200])
+            if isinstance(command, PresenceQuery):  # answered: a client waits for it
+                error = cable.presence_info(0, error=True)
+                self.send(cable.presence_message(command.identifier, error))
+            return
+        if isinstance(command, Join):
+            await self._join(channel, command.id, command.info)
+        elif isinstance(command, Leave):
+            await self.leave_presence(channel)
+        else:
+            await self._presence_info(channel, command.return_records)
+
+    async def _join(self, channel: Channel, pid: str, info: Any) -> None:
+        """A client's join: only where the channel has a presence stream."""
+        stream = channel.presence_stream
+        if stream is None:
+            self.node.metrics.presence_refused_total += 1
+            log.info("%r: join refused for %s: no presence", self, channel.identifier[:200])
+            return
+        await self.join_presence(channel, stream, pid, info)
+
+    async def join_presence(self, channel: Channel, stream: str, pid: str, info: Any) -> None:
+        """Make *channel*'s subscription present on *stream* (see ChannelHost)."""
+        if channel.presence is not None and channel.presence_stream != stream:
+            await self.leave_presence(channel)  # an application moving it to another stream
+        if channel.presence is not None and channel.presence[0] != pid:
+            # One presence id per session and stream (AnyCable's rule).
+            self.node.metrics.presence_refused_total += 1
+            log.info("%r: join as %r refused: joined as another id", self, pid[:100])
+            return
+        channel.presence_stream = stream
+        channel.presence = (pid, info)
+        if self.extended:
+            self.node.session_changed(self)
+        try:
+            await self.node.broker.presence_join(stream, self.sid, pid, info)
+        except Exception:
+            log.exception("%r: presence join on %r failed", self, stream[:200])
+
+    async def leave_presence(self, channel: Channel) -> None:
+        """End *channel*'s presence at once (an explicit leave or unsubscribe)."""
+        if channel.presence is None or channel.presence_stream is None:
+            return
+        channel.presence = None
+        if self.extended:
+            self.node.session_changed(self)
+        try:
+            await self.node.broker.presence_leave(channel.presence_stream, self.sid)
+        except Exception:
+            log.exception("%r: presence leave failed", self)
+
+    async def _presence_info(self, channel: Channel, return_records: bool) -> None:
+        identifier = channel.identifier
+        stream = channel.presence_stream
+        if stream is None:
+            self.node.metrics.presence_refused_total += 1
+            self.send(cable.presence_message(identifier, cable.presence_info(0, error=True)))
+            return
+        try:
+            total, records = await self.node.broker.presence_info(stream)
+        except Exception:
+            log.exception("%r: presence info of %r failed", self, stream[:200])
+            self.send(cable.presence_message(identifier, cable.presence_info(0, error=True)))
+            return
+        answer = self.node.presence_answers.encoder(stream, total, records, return_records)
+        fmt = self.format
+        self.send_frame(fmt.frame(answer.encode(fmt.codec, identifier)))
+
+    async def _linger_presence(self) -> None:
+        """The connection ended: its presence lingers for --presence-ttl, so that a client
+        back within it (resumed, or as a new session of the same id) makes no churn."""
+        ttl = self.node.config.presence_ttl
+        broker = self.node.broker
+        for channel in self.subscriptions.values():
+            stream = channel.presence_stream
+            if channel.presence is not None and stream is not None:
+                try:
+                    if ttl > 0:
+                        await broker.presence_linger(stream, self.sid, ttl)
+                    else:  # no linger: gone at once
+                        await broker.presence_leave(stream, self.sid)
+                except Exception:
+                    log.exception("%r: presence linger failed", self)
+
+    async def _restore_presence(self, old_sid: str, channel: Channel, item: dict[str, Any]) -> None:
+        """A restored subscription takes its presence over from the old session: joined as
+        this session first, then the old record goes, so the id is held throughout and the
+        stream hears nothing."""
+        stream = channel.presence_stream
+        presence = item.get("presence")
+        if stream is None or not isinstance(presence, list) or len(presence) != 2:
+            return
+        pid, info = presence
+        channel.presence = (str(pid), info)
+        try:
+            await self.node.broker.presence_join(stream, self.sid, str(pid), info)
+            await self.node.broker.presence_leave(stream, old_sid)
+        except Exception:
+            log.exception("%r: presence of %r not restored", self, stream[:200])
 
     # -- history -------------------------------------------------------------------------
 
@@ -638,6 +783,10 @@ class Session:
             node.metrics.history_rejected_total += 1
             self._history_answered(identifier, cable.reject_history(identifier))
             return
+        # A live copy of what the history holds may still wait in the hub's fan-out queue,
+        # addressed to this connection (the broker's read barrier saw it delivered to the
+        # hub, not written): it must reach the gate, which drops it, before the gate opens.
+        await node.hub.written()
         # Several streams: interleave by publication time; one stream stays in offset order.
         entries.sort(key=lambda item: (item[1].time, item[0], item[1].offset))
         fmt = self.format
@@ -686,6 +835,7 @@ class Session:
                     "params": channel.params,
                     "streams": list(channel.streams),
                     "state": channel._state or {},
+                    **_channel_extras(channel),
                 }
                 for identifier, channel in self.subscriptions.items()
             ],
@@ -766,8 +916,11 @@ class Session:
             channel.state = dict(item.get("state") or {})
             for stream in item.get("streams") or []:
                 channel.stream_from(stream)
+            channel.whisper_stream = item.get("w")
+            channel.presence_stream = item.get("p")
             self.subscriptions[identifier] = channel
             restored.append(identifier)
+            await self._restore_presence(old_sid, channel, item)
         node.metrics.sessions_resumed_total += 1
         self.send(cable.welcome(self.sid, restored_ids=restored))
         if restored:
@@ -778,3 +931,16 @@ class Session:
         self._welcomed()
         await self.save_session()
         return True
+
+
+def _channel_extras(channel: Channel) -> dict[str, Any]:
+    """What a resumed subscription needs of its whispers and presence (only when set: most
+    subscriptions have neither, and sessions are stored per connection)."""
+    extras: dict[str, Any] = {}
+    if channel.whisper_stream is not None:
+        extras["w"] = channel.whisper_stream
+    if channel.presence_stream is not None:
+        extras["p"] = channel.presence_stream
+    if channel.presence is not None:
+        extras["presence"] = list(channel.presence)
+    return extras

@@ -1,4 +1,4 @@
-"""The seam between a transport (WebSocket today; SSE and long polling later) and what it
+"""The seam between a transport (WebSocket, SSE, long polling) and what it
 carries (an Action Cable session, or the raw echo endpoint).
 
 A transport moves bytes: it reads the client's messages and hands each to its
@@ -44,6 +44,9 @@ class WireFormat:
     #: payload -> the bytes to write (e.g. a WebSocket text or binary frame).
     frame: Callable[[bytes], bytes]
     name: str = ""
+    #: The client can send commands, pongs included: False for a receive-only transport
+    #: (SSE), whose clients no pong timeout may disconnect.
+    commands: bool = True
 
     def __repr__(self) -> str:
         return f"<WireFormat {self.name or self.codec.name}>"

@@ -22,7 +22,7 @@ import logging
 import socket
 import ssl
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
 
@@ -30,7 +30,8 @@ import trio
 
 from trio_cable.metrics import Metrics
 from trio_cable.protocol.cable import JSON, MSGPACK, Codec
-from trio_cable.protocol.codes import CloseCode, DisconnectReason
+from trio_cable.protocol.codes import COMPRESSED, CloseCode, DisconnectReason, FrameRefusal
+from trio_cable.protocol.deflate import DeflateParams, InflateError, compressor, inflate
 from trio_cable.protocol.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -42,6 +43,7 @@ from trio_cable.protocol.frames import (
     build_close,
     build_frame,
     close_code_and_reason,
+    validate_utf8,
 )
 from trio_cable.server.admission import TokenBucket
 from trio_cable.server.reactor import Reactor
@@ -79,6 +81,33 @@ _FORMATS: dict[tuple[Codec, bool], WireFormat] = {
 def wire_format(codec: Codec, extended: bool) -> WireFormat:
     """The WebSocket format of a subprotocol: text frames for JSON, binary for msgpack."""
     return _FORMATS[(codec, extended)]
+
+
+class _DeflatingFramer:
+    """Frames a message for a connection that negotiated permessage-deflate: deflated (RSV1
+    set) when it is at least the threshold long, else as a plain frame.  Called once per
+    broadcast per audience group, like any framing function, so a broadcast is compressed
+    once for every recipient of its group."""
+
+    __slots__ = ("_compress", "_metrics", "_opcode", "_threshold")
+
+    def __init__(self, opcode: int, params: DeflateParams, metrics: Metrics) -> None:
+        self._opcode = opcode
+        self._compress = compressor(params).compress
+        self._threshold = params.threshold
+        self._metrics = metrics
+
+    def __call__(self, payload: bytes) -> bytes:
+        if len(payload) < self._threshold:
+            return build_frame(self._opcode, payload)
+        # Deflated even when that makes it longer (random bytes grow by a few bytes): the
+        # threshold alone decides, so a threshold of 0 compresses everything, which peers
+        # that mishandle uncompressed messages on a compressed connection need.
+        data = self._compress(payload)
+        m = self._metrics
+        m.compressed_frames_total += 1
+        m.compression_saved_bytes_total += len(payload) - len(data)
+        return build_frame(self._opcode, data, True, None, 4)  # RSV1
 
 
 class State(Enum):
@@ -139,6 +168,28 @@ class WebSocketContext:
     partial: PartialMessages
     recv_buffer: bytearray
     recv_view: memoryview
+    #: The compressing formats of this server, interned like the plain ones (they count
+    #: into this server's metrics, so they are per server, not per process).
+    _deflating: dict[tuple[Codec, bool, DeflateParams], WireFormat] = field(default_factory=dict)
+
+    def wire_format(
+        self, codec: Codec, extended: bool, deflate: DeflateParams | None = None
+    ) -> WireFormat:
+        """The format of a subprotocol, compressed with *deflate* when it was negotiated."""
+        if deflate is None:
+            return _FORMATS[(codec, extended)]
+        key = (codec, extended, deflate)
+        found = self._deflating.get(key)
+        if found is None:
+            plain = _FORMATS[(codec, extended)]
+            opcode = OP_BINARY if codec.binary else OP_TEXT
+            found = self._deflating[key] = WireFormat(
+                codec,
+                extended,
+                _DeflatingFramer(opcode, deflate, self.metrics),
+                f"{plain.name}-deflate{deflate.window_bits}",
+            )
+        return found
 
     @classmethod
     def create(
@@ -203,10 +254,13 @@ class WebSocketTransport:
         initial_data: bytes = b"",
         *,
         remote: str = "",
+        compression: bool = False,
     ) -> None:
         """*budget* is the connection's command budget: ping frames spend it too, so a ping
         flood gets no pongs, not our CPU.  *initial_data* is what arrived with the HTTP
-        request, after its head."""
+        request, after its head.  *compression*: permessage-deflate was negotiated, so
+        client messages may come compressed (the receiver's wire format compresses what
+        goes out)."""
         self._ctx = ctx
         self.sock = sock
         self.remote = remote
@@ -214,7 +268,7 @@ class WebSocketTransport:
         self.state = State.OPEN
         self._budget = budget
         self._receiver: Receiver | None = None
-        self._parser = FrameParser(ctx.max_message_size)
+        self._parser = FrameParser(ctx.max_message_size, compression=compression)
         self._partial = 0  # bytes the parser holds of an unfinished message (see PartialMessages)
         self._initial = initial_data
         self._queue: deque[bytes] | None = None  # only while the socket is backpressured
@@ -538,8 +592,34 @@ class WebSocketTransport:
                 self.write(build_close(client_code))
                 self.state = State.CLOSING
             return True
+        elif opcode & COMPRESSED:
+            # Compressed messages always come here (the reactor hands them over): inflating
+            # may cost a millisecond, which the task's checkpoints keep fair.
+            if self.state is not State.OPEN:
+                return False
+            inflated = self._inflate(opcode ^ COMPRESSED, payload)
+            if inflated is None:
+                await self._flush()
+                return True
+            return await self._handle_frame(opcode ^ COMPRESSED, inflated)
         # OP_PONG: nothing to do; liveness of ext clients is tracked by command pongs.
         return False
+
+    def _inflate(self, opcode: int, payload: bytes) -> bytes | None:
+        """A compressed client message, inflated and (text) validated; None when it was
+        refused: then the close frame is written and the connection is closing."""
+        try:
+            inflated = inflate(payload, self._ctx.max_message_size)
+            if opcode == OP_TEXT and not validate_utf8(inflated):
+                raise InflateError(CloseCode.INVALID_PAYLOAD, FrameRefusal.TEXT_UTF8)
+        except InflateError as exc:
+            self._ctx.metrics.invalid_requests_total += 1
+            log.info("%r: compressed message refused %d: %s", self, exc.code, exc.reason)
+            self.write(build_close(exc.code, exc.reason))
+            self.state = State.CLOSING
+            return None
+        self._ctx.metrics.compressed_messages_total += 1
+        return inflated
 
     async def _resume_pending(self) -> bool:
         """Finish what the reactor handed over; True when the connection is done."""
