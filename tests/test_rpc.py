@@ -280,3 +280,37 @@ async def test_a_request_that_timed_out_is_never_sent_again(
     rpc_app.delay = 0.0
     async with connect(headers=COOKIE, to=server) as client:
         assert await client.recv() == {"type": "hello", "user": "ann"}
+
+
+async def test_whispers_and_presence_from_the_channel_state_and_answers(
+    rpc_server: Server, rpc_app: RpcTestApp, connect: ClientFactory
+) -> None:
+    room = json.dumps({"channel": "Room", "room": "9"})
+    bob_cookie = [("cookie", "user=bob")]
+    async with (
+        connect(headers=COOKIE, to=rpc_server) as ann,
+        connect(headers=bob_cookie, to=rpc_server) as bob,
+    ):
+        await ann.recv()
+        await bob.recv()
+        await ann.subscribe(room)
+        await bob.subscribe(room)
+        # The application's $w: whispers go to the room's other subscribers.
+        await ann.send({"command": "whisper", "identifier": room, "data": {"typing": True}})
+        assert await bob.recv() == {"identifier": room, "message": {"typing": True}}
+        # The answer's presence event joins the application's $p stream.
+        await ann.perform(room, "join")
+        await eventually(lambda: rpc_app.calls("/command")[-1].body["command"] == "message")
+
+        async def present() -> list[Any]:
+            return (await rpc_server.broker.presence_info("room/9"))[1]
+
+        with trio.fail_after(10):
+            while not await present():
+                await trio.sleep(0.02)
+        (record,) = await present()
+        assert record["id"] == "ann" and record["info"] == {"name": "ann"}
+        await ann.perform(room, "part")
+        with trio.fail_after(10):
+            while await present():
+                await trio.sleep(0.02)

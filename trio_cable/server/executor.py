@@ -77,6 +77,11 @@ class Connection(ChannelHost, Protocol):
     #: The executor's own state for this connection (from :meth:`Executor.open`).
     app_state: Any
 
+    @property
+    def is_open(self) -> bool:
+        """True until the connection starts closing."""
+        ...
+
     def send(self, message: dict[str, Any]) -> None:
         """Send an Action Cable message to the client."""
 
