@@ -134,6 +134,10 @@ class Executor(Protocol):
         """Run the subscription's ``subscribed``; True when it was confirmed."""
         ...
 
+    async def confirmed(self, channel: Channel) -> None:
+        """The client got its ``confirm_subscription`` (and the history it asked): do what
+        must come after it (an RPC answer's presence join)."""
+
     async def unsubscribe(self, channel: Channel) -> None:
         """Run ``unsubscribed`` (its streams are already stopped)."""
 
@@ -233,6 +237,9 @@ class ChannelExecutor:
             channel.subscribed,
         )
         return ok and not channel.rejected
+
+    async def confirmed(self, channel: Channel) -> None:
+        return None  # an in-process channel joins presence itself
 
     async def unsubscribe(self, channel: Channel) -> None:
         await self._call(

@@ -139,8 +139,13 @@ class RpcChannel(Channel):
 
     # The application names a subscription's whisper and presence streams in its channel
     # state ($w, $p); what the in-process code of the session sets is kept beside it.
-    __slots__ = ("_presence", "_whisper")
+    __slots__ = ("_presence", "_whisper", "pending_presence")
     channel_name = "$rpc"
+
+    def __init__(self, host: ChannelHost, identifier: str, params: dict[str, Any]) -> None:
+        super().__init__(host, identifier, params)
+        #: A subscribe answer's presence event, for once the client has its confirm.
+        self.pending_presence: dict[str, Any] | None = None
 
     @property
     def whisper_stream(self) -> str | None:
@@ -386,6 +391,12 @@ class RpcExecutor:
         answer = await self._command("subscribe", channel)
         return answer is not None and answer.get("status") == SUCCESS
 
+    async def confirmed(self, channel: Channel) -> None:
+        if isinstance(channel, RpcChannel):
+            answer, channel.pending_presence = channel.pending_presence, None
+            if answer is not None:
+                await self._presence(answer, channel, cast(Connection, channel.host))
+
     async def _presence(
         self, answer: dict[str, Any], channel: RpcChannel, conn: Connection
     ) -> None:
@@ -456,8 +467,12 @@ class RpcExecutor:
                 _why(answer),
             )
         self._apply(answer, channel, conn, state, command)
-        if answer.get("presence") and command != "unsubscribe" and conn.is_open:
-            await self._presence(answer, channel, conn)
+        if answer.get("presence") and conn.is_open:
+            if command == "subscribe":
+                # Joined once the client has its confirm (others hear of it after that).
+                channel.pending_presence = answer
+            elif command == "message":
+                await self._presence(answer, channel, conn)
         return answer
 
     def _apply(
