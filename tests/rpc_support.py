@@ -209,6 +209,12 @@ class RpcTestApp:
                     ],
                 }
             room = channel.get("room", "lobby")
+            if channel["channel"] == "Room":  # whispers and presence on room/<room>
+                return {
+                    "status": 1,
+                    "streams": [f"room/{room}"],
+                    "env": {"istate": {"$w": f"room/{room}", "$p": f"room/{room}"}},
+                }
             hello = {"joined": room, "user": user}
             return {
                 "status": 1,
@@ -238,6 +244,11 @@ class RpcTestApp:
                 ],
                 "env": {"istate": {"count": str(count)}},
             }
+        if action == "join":
+            info = json.dumps({"name": user})
+            return {"status": 1, "presence": {"type": "join", "id": user, "info": info}}
+        if action == "part":
+            return {"status": 1, "presence": {"type": "leave"}}
         if action == "mute":
             return {"status": 1, "stop_streams": True}
         if action == "leave":

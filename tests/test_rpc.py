@@ -257,3 +257,60 @@ def test_rpc_settings_are_checked_and_the_key_derived() -> None:
         Config(rpc_concurrency=50, rpc_max_concurrency=10).validate()
     with pytest.raises(ConfigError, match="rpc_command_timeout"):
         Config(rpc_timeout=5, rpc_command_timeout=1).validate()
+
+
+async def test_a_request_that_timed_out_is_never_sent_again(
+    nursery: trio.Nursery, rpc_app: RpcTestApp, connect: ClientFactory
+) -> None:
+    # The application takes longer than --rpc-timeout: it may well have done the work, so
+    # the server must not ask again, though it has time left for retries.
+    rpc_app.delay = 1.0
+    config = rpc_config(rpc_app, rpc_timeout=0.3, rpc_command_timeout=5.0, rpc_retries=3)
+    server = await nursery.start(Server(config).serve)
+    async with connect(headers=COOKIE, to=server, expect_welcome=False) as client:
+        message = await client.recv(timeout=10)
+    # The refusal comes after the server gave up: a retry would have been sent before it.
+    assert message["type"] == "disconnect" and message["reason"] == "server_restart"
+    assert message["reconnect"] is True
+    assert len(rpc_app.calls("/connect")) == 1
+    assert server.metrics.labeled["rpc_errors_total"]["timeout"] == 1
+    assert server.metrics.rpc_limit_decreases_total == 1  # a timeout is an overload signal
+    assert "overloaded" not in server.metrics.labeled["rpc_retries_total"]
+    # A timeout is also a breaker failure, but one is not enough to open it.
+    rpc_app.delay = 0.0
+    async with connect(headers=COOKIE, to=server) as client:
+        assert await client.recv() == {"type": "hello", "user": "ann"}
+
+
+async def test_whispers_and_presence_from_the_channel_state_and_answers(
+    rpc_server: Server, rpc_app: RpcTestApp, connect: ClientFactory
+) -> None:
+    room = json.dumps({"channel": "Room", "room": "9"})
+    bob_cookie = [("cookie", "user=bob")]
+    async with (
+        connect(headers=COOKIE, to=rpc_server) as ann,
+        connect(headers=bob_cookie, to=rpc_server) as bob,
+    ):
+        await ann.recv()
+        await bob.recv()
+        await ann.subscribe(room)
+        await bob.subscribe(room)
+        # The application's $w: whispers go to the room's other subscribers.
+        await ann.send({"command": "whisper", "identifier": room, "data": {"typing": True}})
+        assert await bob.recv() == {"identifier": room, "message": {"typing": True}}
+        # The answer's presence event joins the application's $p stream.
+        await ann.perform(room, "join")
+        await eventually(lambda: rpc_app.calls("/command")[-1].body["command"] == "message")
+
+        async def present() -> list[Any]:
+            return (await rpc_server.broker.presence_info("room/9"))[1]
+
+        with trio.fail_after(10):
+            while not await present():
+                await trio.sleep(0.02)
+        (record,) = await present()
+        assert record["id"] == "ann" and record["info"] == {"name": "ann"}
+        await ann.perform(room, "part")
+        with trio.fail_after(10):
+            while await present():
+                await trio.sleep(0.02)

@@ -309,6 +309,8 @@ async def test_a_dead_application_trips_the_breaker_and_recovers(nursery: trio.N
             assert sum(server.metrics.labeled["rpc_calls_total"].values()) == calls_before
             assert server.metrics.labeled["rpc_refusals_total"]["connect"] >= 3
             assert server.metrics.rpc_breaker_trips_total >= 1
+            # Refused connections were never applied: those were retried before it opened.
+            assert server.metrics.labeled["rpc_retries_total"]["transport"] > 0
             assert server.metrics.unauthorized_total == 0
             # The application comes back on its port: after the cool-down a probe closes
             # the breaker and everything works again, on the same connection too.

@@ -77,6 +77,11 @@ class Connection(ChannelHost, Protocol):
     #: The executor's own state for this connection (from :meth:`Executor.open`).
     app_state: Any
 
+    @property
+    def is_open(self) -> bool:
+        """True until the connection starts closing."""
+        ...
+
     def send(self, message: dict[str, Any]) -> None:
         """Send an Action Cable message to the client."""
 
@@ -128,6 +133,10 @@ class Executor(Protocol):
     async def subscribe(self, channel: Channel) -> bool:
         """Run the subscription's ``subscribed``; True when it was confirmed."""
         ...
+
+    async def confirmed(self, channel: Channel) -> None:
+        """The client got its ``confirm_subscription`` (and the history it asked): do what
+        must come after it (an RPC answer's presence join)."""
 
     async def unsubscribe(self, channel: Channel) -> None:
         """Run ``unsubscribed`` (its streams are already stopped)."""
@@ -228,6 +237,9 @@ class ChannelExecutor:
             channel.subscribed,
         )
         return ok and not channel.rejected
+
+    async def confirmed(self, channel: Channel) -> None:
+        return None  # an in-process channel joins presence itself
 
     async def unsubscribe(self, channel: Channel) -> None:
         await self._call(

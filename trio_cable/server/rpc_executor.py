@@ -5,9 +5,10 @@ asks the application (anycable-rails, ``@anycable/serverless-js``, ``trio_cable.
 to do: ``POST {base}/connect`` identifies a connection, ``/command`` runs ``subscribe``,
 ``unsubscribe`` and actions (``message``), ``/disconnect`` says goodbye.  The contract is
 AnyCable's (PROTOCOL.md, "AnyCable HTTP RPC"); what the application answers is honoured:
-transmissions, streams, stopped streams, ``stop_streams``, ``disconnect``, and the connection
-and channel state (``cstate``, ``istate``) that is sent back with every later call and kept
-with resumable sessions.
+transmissions, streams, stopped streams, ``stop_streams``, ``disconnect``, ``presence`` events,
+and the connection and channel state (``cstate``, ``istate``, whose ``$w`` and ``$p`` name the
+whisper and presence streams) that is sent back with every later call and kept with resumable
+sessions.
 
 What never reaches the application, as with in-process callbacks: connections identified by
 a JWT (no ``connect``), the built-in signed-stream channels (``$pubsub``,
@@ -39,6 +40,7 @@ from one that may have been, and it runs on Trio through AnyIO, which it uses na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import deque
@@ -137,8 +139,13 @@ class RpcChannel(Channel):
 
     # The application names a subscription's whisper and presence streams in its channel
     # state ($w, $p); what the in-process code of the session sets is kept beside it.
-    __slots__ = ("_presence", "_whisper")
+    __slots__ = ("_presence", "_whisper", "pending_presence")
     channel_name = "$rpc"
+
+    def __init__(self, host: ChannelHost, identifier: str, params: dict[str, Any]) -> None:
+        super().__init__(host, identifier, params)
+        #: A subscribe answer's presence event, for once the client has its confirm.
+        self.pending_presence: dict[str, Any] | None = None
 
     @property
     def whisper_stream(self) -> str | None:
@@ -384,6 +391,34 @@ class RpcExecutor:
         answer = await self._command("subscribe", channel)
         return answer is not None and answer.get("status") == SUCCESS
 
+    async def confirmed(self, channel: Channel) -> None:
+        if isinstance(channel, RpcChannel):
+            answer, channel.pending_presence = channel.pending_presence, None
+            if answer is not None:
+                await self._presence(answer, channel, cast(Connection, channel.host))
+
+    async def _presence(
+        self, answer: dict[str, Any], channel: RpcChannel, conn: Connection
+    ) -> None:
+        """An answer's ``presence`` event: join or leave the channel's presence stream (its
+        ``$p``); one the server cannot act on is counted (``rpc_ignored_total``)."""
+        event = answer.get("presence")
+        if not isinstance(event, Mapping):
+            return
+        kind = event.get("type")
+        if kind == "leave":
+            await conn.leave_presence(channel)
+            return
+        stream, pid = channel.presence_stream, event.get("id")
+        if kind != "join" or stream is None or not isinstance(pid, str) or not pid:
+            self.metrics.inc_labeled("rpc_ignored_total", "presence")
+            return
+        info = event.get("info")
+        if isinstance(info, str):
+            with contextlib.suppress(ValueError):
+                info = json.loads(info)  # a JSON string, as AnyCable sends it
+        await conn.join_presence(channel, stream, pid, info)
+
     async def unsubscribe(self, channel: Channel) -> None:
         if not isinstance(channel, RpcChannel):
             await self.local.unsubscribe(channel)
@@ -432,6 +467,12 @@ class RpcExecutor:
                 _why(answer),
             )
         self._apply(answer, channel, conn, state, command)
+        if answer.get("presence") and conn.is_open:
+            if command == "subscribe":
+                # Joined once the client has its confirm (others hear of it after that).
+                channel.pending_presence = answer
+            elif command == "message":
+                await self._presence(answer, channel, conn)
         return answer
 
     def _apply(
@@ -459,9 +500,6 @@ class RpcExecutor:
             _merge(state.cstate, env.get("cstate"))
             if env.get("istate"):
                 _merge(channel.state, env.get("istate"))
-        if answer.get("presence"):
-            # Presence over RPC is not acted on yet: counted, so that it is visible.
-            self.metrics.inc_labeled("rpc_ignored_total", "presence")
         messages, farewell = self._read_transmissions(answer, conn)
         for message in messages:
             self.metrics.transmissions_total += 1

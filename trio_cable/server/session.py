@@ -601,6 +601,8 @@ class Session:
             await self._history(identifier, command.history)
         if command.presence is not None:
             await self._join(channel, command.presence["id"], command.presence.get("info"))
+        # What the application's answer asked for that must follow the confirm.
+        await node.executor.confirmed(channel)
 
     async def _unsubscribe(self, command: Unsubscribe) -> None:
         channel = self.subscriptions.pop(command.identifier, None)
