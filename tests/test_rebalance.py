@@ -175,3 +175,39 @@ async def test_a_late_node_gets_its_share_and_nothing_is_lost(
     moved = a.metrics.rebalanced_total
     assert 0 < moved < clients  # a handed on about half; at 10/s, over more than a second
     assert b.metrics.rebalanced_total == 0  # nothing traded back
+
+
+class _Conn:
+    """Stands in for a session: only what the rebalancer touches."""
+
+    def __init__(self) -> None:
+        self.is_open = True
+
+    def close(self, *args: object, **kwargs: object) -> None:
+        self.is_open = False
+
+    def abort(self) -> None:
+        self.is_open = False
+
+
+def test_hand_on_rate_never_exceeds_the_bound() -> None:
+    from trio_cable.metrics import Metrics
+    from trio_cable.server.rebalance import Rebalancer
+
+    conns = [_Conn() for _ in range(1000)]
+    rebalancer = Rebalancer(
+        "me", tolerance=0.15, rate=20.0, reconnect_advice=1.0, metrics=Metrics(),
+        connections=conns, draining=lambda: False, publish=None,  # type: ignore[arg-type]
+        settle=0.0,
+    )  # fmt: skip
+    now = 0.0
+    per_second: dict[int, int] = {}
+    for _ in range(300):  # 30 s of 0.1 s steps, the other node always empty
+        rebalancer.table.update("other", 0, False, now)
+        open_now = sum(c.is_open for c in conns)
+        rebalancer.table.update("me", open_now, False, now)
+        moved = rebalancer.step(open_now, now, 0.1)
+        per_second[int(now)] = per_second.get(int(now), 0) + moved
+        now = round(now + 0.1, 1)
+    assert max(per_second.values()) <= 20  # the bound, every second
+    assert sum(per_second.values()) >= 400  # and it does move (mean 500: it heads there)
