@@ -159,7 +159,7 @@ async def _shoot(port: int, profile: Path, out: Path, tag: str, started: float) 
             "Emulation.setDeviceMetricsOverride",
             width=1500, height=1150, deviceScaleFactor=1, mobile=False,
         )  # fmt: skip
-        await page.wait_for("document.getElementById('key')")
+        await page.wait_for("!!document.getElementById('key')")
         await page.evaluate(
             f"document.getElementById('key').value = {_DASHBOARD_KEY!r};"
             "document.getElementById('login').requestSubmit(); true"
