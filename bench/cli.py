@@ -22,7 +22,7 @@ from bench import output
 from bench.deps import require, require_tool
 from bench.options import Options
 
-BENCHES = ["micro", "echo", "broadcast", "wsbench", "memory", "compression"]
+BENCHES = ["micro", "echo", "broadcast", "wsbench", "memory", "compression", "hostile"]
 #: The benchmarks that run a baseline revision next to the current checkout (bench.baseline).
 COMPARED = ("echo", "broadcast", "memory")
 #: The optional packages of each benchmark's own process and its load generator.
@@ -33,6 +33,7 @@ _NEEDS = {
     "wsbench": ("picows", "uvloop", "psutil"),
     "memory": ("picows", "uvloop", "psutil"),
     "compression": ("picows", "uvloop", "psutil", "websockets"),
+    "hostile": ("picows", "uvloop", "psutil"),
     "profile": ("picows", "uvloop", "psutil"),
 }
 
