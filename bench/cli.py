@@ -23,7 +23,7 @@ from bench import output
 from bench.deps import require, require_tool
 from bench.options import Options
 
-BENCHES = ["micro", "echo", "broadcast", "wsbench", "memory", "compression"]
+BENCHES = ["micro", "echo", "broadcast", "wsbench", "memory", "compression", "hostile"]
 #: Benchmarks run only when named (not by ``all``): scale takes minutes per size.
 ALONE = ["scale"]
 #: The benchmarks that run a baseline revision next to the current checkout (bench.baseline).
@@ -36,6 +36,7 @@ _NEEDS = {
     "wsbench": ("picows", "uvloop", "psutil"),
     "memory": ("picows", "uvloop", "psutil"),
     "compression": ("picows", "uvloop", "psutil", "websockets"),
+    "hostile": ("picows", "uvloop", "psutil"),
     "profile": ("picows", "uvloop", "psutil"),
     "scale": ("picows", "uvloop", "psutil"),
 }

@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.output import AVALANCHE_RESULTS_DIR, BENCH_DIR, RESULTS_DIR, RESULTS_MD
 
-ORDER = ["micro", "echo", "broadcast", "wsbench", "memory", "scale", "profile"]
+ORDER = ["micro", "echo", "broadcast", "wsbench", "memory", "scale", "hostile", "profile"]
 
 
 def save(result: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
@@ -250,6 +250,36 @@ def section_compression(r: dict[str, Any]) -> list[str]:
     ]
 
 
+HOSTILE_HEADER = [
+    "subscribers", "attacker", "frames/s", "p50 ms", "p99 ms", "max ms", "added p50 ms",
+    "added p99 ms", "added max ms", "server CPU s", "missed",
+]  # fmt: skip
+
+
+def section_hostile(r: dict[str, Any]) -> list[str]:
+    table = [
+        [f"{x['conns']:,}", x["attack"], _mm(x.get("frames_per_s"), 0), _mm(x["p50_ms"], 1),
+         _mm(x["p99_ms"], 1), _mm(x["max_ms"], 1), _mm(x.get("added_p50_ms"), 1),
+         _mm(x.get("added_p99_ms"), 1), _mm(x.get("added_max_ms"), 1),
+         _mm(x["server_cpu_s"], 2), str(x["missed"])]
+        for x in r["rows"]
+    ]  # fmt: skip
+    verdict = "holds" if r["holds"] else "does not hold"
+    return [
+        "## Broadcast delay while one connection sends the worst frames of issue 14",
+        "",
+        f"A broadcast every {r['interval_s'] * 1000:.0f} ms ({r['count']} measured) to every "
+        "subscriber, timed from the trigger's send to each receipt, while one attacker sends "
+        f"1 MiB amplification frames at up to {r['rate']:.0f}/s (the default --command-rate; "
+        "it reconnects when a refused frame closes its connection). *added*: the attacker's "
+        "figure minus the reference without one (`none`), same server, same repeat. "
+        f"**Delay added <= {r['limit_ms']:.0f} ms (max, median over repeats): {verdict}.** "
+        "Conditions and discussion: [RESULTS-hardening.md](RESULTS-hardening.md).",
+        "",
+        *_table(HOSTILE_HEADER, table),
+    ]
+
+
 def section_profile(r: dict[str, Any]) -> list[str]:
     lines = ["## Profiles of the trio_cable server (py-spy, share of on-CPU samples)", ""]
     for p in r["profiles"]:
@@ -271,6 +301,7 @@ SECTIONS = {
     "memory": section_memory,
     "compression": section_compression,
     "scale": section_scale,
+    "hostile": section_hostile,
     "profile": section_profile,
 }
 
@@ -439,7 +470,8 @@ def write(
         "",
         "- Avalanche experiments (restart matrix, celebrity, subscribe, backoff simulation): "
         f"[avalanche/RESULTS.md]({link('avalanche/RESULTS.md')})",
-        f"- Fuzz campaign and soak: [RESULTS-hardening.md]({link('RESULTS-hardening.md')})",
+        "- Fuzz campaigns, soak, hostile patterns (issues 8 and 14): "
+        f"[RESULTS-hardening.md]({link('RESULTS-hardening.md')})",
         *(
             f"- {_title(path)}: [{path.parent.name}]({link(str(path.relative_to(BENCH_DIR)))})"
             for path in sorted((BENCH_DIR / "results").glob("*/README.md"))

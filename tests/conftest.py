@@ -129,6 +129,25 @@ async def server(nursery: trio.Nursery, config: Config) -> AsyncIterator[Server]
     yield srv
 
 
+def tls_certificate(directory: Any) -> tuple[str, str, Any]:
+    """A certificate for 127.0.0.1 and localhost from a throwaway CA (trustme, a dev
+    dependency), written to *directory*: (cert path, key path, a client ``ssl.SSLContext``
+    that trusts it)."""
+    import ssl
+
+    trustme = pytest.importorskip(
+        "trustme", reason="trustme (test certificates) is a dev dependency"
+    )
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return str(cert_path), str(key_path), context
+
+
 def identifier(channel: str = "EchoChannel", **params: Any) -> str:
     return json.dumps({"channel": channel, **params})
 

@@ -52,7 +52,7 @@ def running_server(
         url = None
         for line in proc.stderr:
             lines.append(line)
-            match = re.search(r"trio_cable listening on (ws://\S+)", line)
+            match = re.search(r"trio_cable listening on (wss?://\S+)", line)
             if match:
                 url = match.group(1)
                 break

@@ -32,9 +32,11 @@ def _run_bench(*args: str, results: Path, timeout: float) -> dict:
 @pytest.mark.slow
 def test_all_benches_quick(tmp_path: Path) -> None:
     summary = _run_bench(
-        "all", "--targets", "picows,trio_cable,trio_cable-cable", results=tmp_path, timeout=90
+        "all", "--targets", "picows,trio_cable,trio_cable-cable", results=tmp_path, timeout=150
     )
-    assert set(summary) == {"micro", "echo", "broadcast", "wsbench", "memory", "compression"}
+    assert set(summary) == {
+        "micro", "echo", "broadcast", "wsbench", "memory", "compression", "hostile",
+    }  # fmt: skip
 
     micro = summary["micro"]["rows"]
     assert {r["impl"] for r in micro} >= {"pure", "websockets.speedups"}
@@ -175,3 +177,19 @@ def test_presence_bench_tiny(tmp_path: Path) -> None:
     assert naive["final_total"] == linger["final_total"] == 20
     assert data["info"]["members"] == 10_000
     assert (tmp_path / "presence.md").read_text().startswith("## Presence under a drain")
+
+
+@pytest.mark.slow
+def test_hostile_bench_quick(tmp_path: Path) -> None:
+    summary = _run_bench("hostile", results=tmp_path, timeout=120)["hostile"]
+    rows = {r["attack"]: r for r in summary["rows"]}
+    assert set(rows) == {"none", "msgpack-arrays", "json-bracket-string"}
+    for row in rows.values():
+        assert row["missed"] == 0 and row["p50_ms"] > 0 and row["max_ms"] >= row["p99_ms"]
+    # The attacker really attacked: refused frames closed its connections 1008, the accepted
+    # shape kept one connection, and both sent frames.
+    assert rows["msgpack-arrays"]["attacker_closes"].get("1008", 0) > 0
+    assert rows["msgpack-arrays"]["frames_per_s"] > 0
+    assert rows["json-bracket-string"]["frames_per_s"] > 0
+    assert "added_max_ms" in rows["msgpack-arrays"] and isinstance(summary["holds"], bool)
+    assert json.loads((tmp_path / "hostile.json").read_text())["samples"]

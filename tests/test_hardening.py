@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import socket
-import ssl
 import subprocess
 
 import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.conftest import SECRET, RawClient, identifier, make_app
+from tests.conftest import SECRET, RawClient, identifier, make_app, tls_certificate
 from tests.procs import ROOT, cli_command
 from trio_cable import Config, Server
 from trio_cable.config import ConfigError
@@ -24,14 +23,7 @@ trustme = pytest.importorskip("trustme", reason="trustme (test certificates) is 
 
 @pytest.fixture
 def tls_files(tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    return str(cert_path), str(key_path), client_context
+    return tls_certificate(tmp_path)
 
 
 async def test_tls_serves_wss_and_https(nursery, config, tls_files):

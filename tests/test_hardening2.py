@@ -14,7 +14,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.conftest import make_app
+from tests.conftest import make_app, tls_certificate
 from trio_cable import Config, Server
 
 trustme = pytest.importorskip("trustme", reason="trustme (test certificates) is a dev dependency")
@@ -66,14 +66,7 @@ async def a_client_is_served(server: Server) -> None:
 
 @pytest.fixture
 def tls_config(tmp_path, config: Config) -> tuple[Config, ssl.SSLContext]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    config.tls_cert, config.tls_key = str(cert_path), str(key_path)
+    config.tls_cert, config.tls_key, context = tls_certificate(tmp_path)
     return config, context
 
 

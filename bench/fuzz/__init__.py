@@ -28,7 +28,12 @@ Targets, run round-robin until the time is up (``--minutes``, default 10):
     After every batch a well-behaved client must still connect, subscribe and receive a
     broadcast; the server's RSS and open fds are sampled, its log is scanned for tracebacks,
     and close codes other than the ones the bad-input table promises (or 1011) count as
-    failures.
+    failures.  Issue 14's shapes are among the connections: amplification frames
+    (:mod:`~bench.fuzz.shapes`, also 1 in 10 of the decoder targets' inputs), requests that stop
+    half-way (a partial ClientHello or nothing, sent to a ``--tls-cert`` twin of the server; a
+    partial head, a body that never ends), which must be closed within
+    :data:`~bench.fuzz.live.STALL_LIMIT`, and frames followed by the client's FIN, which must end
+    the connection within :data:`~bench.fuzz.live.FIN_LIMIT`.
 
 Results: ``fuzz.json``, ``fuzz.md`` (a Markdown section for ``bench/RESULTS-hardening.md``)
 and ``plots/fuzz.png`` in ``--out DIR`` (default a fresh ``./bench-out/<time>-fuzz``), or the

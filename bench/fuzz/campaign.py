@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import re
 import sys
@@ -92,6 +93,9 @@ class Campaign:
     stats: dict[str, TargetStats] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     server: LiveServer | None = None
+    #: The ``--tls-cert`` server the TLS stalls go to (``None`` without trustme).
+    tls_server: LiveServer | None = None
+    tls_fd_baseline: int | None = None
     live_samples: list[dict[str, float]] = field(default_factory=list)
     fd_baseline: int | None = None
     rss_baseline: float | None = None
@@ -161,8 +165,20 @@ class Campaign:
             stats.max_cpu_ms, stats.max_cpu_bytes = cpu * 1000, size
         budget = SLOW_BASE_S + SLOW_PER_BYTE_S * size
         if cpu > budget:
-            raise SlowInput(f"{cpu * 1000:.0f} ms of CPU for {size} bytes (budget "
-                            f"{budget * 1000:.0f} ms)")  # fmt: skip
+            # A slow input is slow every time; a garbage collection of the campaign's own heap
+            # (hundreds of ms, counted as this thread's CPU) happens once.  Time it again with
+            # the collector off, and fail only if it is still over budget.
+            gc.disable()
+            try:
+                start = time.thread_time()
+                check(value)
+                again = time.thread_time() - start
+            finally:
+                gc.enable()
+            if again > budget:
+                raise SlowInput(f"{cpu * 1000:.0f} ms, then {again * 1000:.0f} ms of CPU for "
+                                f"{size} bytes (budget {budget * 1000:.0f} ms)")  # fmt: skip
+            stats.outcomes["over budget once (a GC pause), in budget again"] += 1
         return label
 
     def _with_mutants(self, name: str, check: Callable[[bytes], str], codec: str,
@@ -243,6 +259,8 @@ class Campaign:
             time.sleep(0.5)
             rss, fds = self.server.usage()
             self.fd_baseline, self.rss_baseline = fds, rss
+        if self.tls_server is None or not self.tls_server.alive():
+            self._start_tls_server()
         server = self.server
         last: dict[str, Any] = {}
         run_seed = random.getrandbits(64)
@@ -273,6 +291,21 @@ class Campaign:
         stats.seconds += time.monotonic() - start
         stats.runs += 1
 
+    def _start_tls_server(self) -> None:
+        try:
+            import trustme  # noqa: F401  (a dev dependency, as hypothesis is)
+        except ImportError:
+            return
+        if self.tls_server is not None:
+            self.record("live", f"TLS server exited with {self.tls_server.popen.returncode}"
+                        if self.tls_server.popen else "TLS server gone", "", None)  # fmt: skip
+        tls_dir = self.workdir / "tls"
+        tls_dir.mkdir(exist_ok=True)
+        self.tls_server = LiveServer(tls_dir, tls=True)
+        self.tls_server.start()
+        time.sleep(0.5)
+        self.tls_fd_baseline = self.tls_server.usage()[1]
+
     async def _live_batch(self, port: int, batch: list[dict[str, Any]],
                           serial: int) -> list[tuple[Any, str]]:  # fmt: skip
         import trio
@@ -280,9 +313,11 @@ class Campaign:
         problems: list[tuple[Any, str]] = []
         outcomes: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
+        tls_port = self.tls_server.port if self.tls_server is not None else None
+
         async def one(spec: dict[str, Any]) -> None:
             try:
-                outcomes.append((spec, await run_connection(port, spec)))
+                outcomes.append((spec, await run_connection(port, spec, tls_port)))
             except Exception as exc:  # a bug of this harness, not of the server
                 self.harness_errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
 
@@ -309,6 +344,8 @@ class Campaign:
     @staticmethod
     def _label(outcome: dict[str, Any]) -> str:
         status = outcome.get("status")
+        if "stall" in outcome:
+            return f"stall {outcome['stall']}: {status}"
         if status != 101:
             return f"http {status}"
         if outcome.get("close_code") is not None:
@@ -320,7 +357,8 @@ class Campaign:
     def _scan_log(self) -> list[str]:
         assert self.server is not None
         problems = []
-        for line in self.server.new_log().splitlines():
+        servers = [self.server] + ([self.tls_server] if self.tls_server is not None else [])
+        for line in (ln for srv in servers for ln in srv.new_log().splitlines()):
             if "Traceback" in line or " ERROR " in line or "CRITICAL" in line:
                 key = line.split(": ", 1)[-1][:160]
                 self.log_problems[key] += 1
@@ -344,6 +382,19 @@ class Campaign:
         if self.fd_baseline is not None and fds > self.fd_baseline + 2:
             problems.append((None, f"open fds stay at {fds} after the batch (baseline "
                                    f"{self.fd_baseline})"))  # fmt: skip
+        tls = self.tls_server
+        if tls is not None and self.tls_fd_baseline is not None:
+            if not tls.alive():
+                problems.append((None, f"TLS server died (exit {tls.popen.poll()})"))  # type: ignore[union-attr]
+                return
+            tls_fds = tls.usage()[1]
+            with trio.move_on_after(5.0):
+                while tls_fds > self.tls_fd_baseline + 2:
+                    await trio.sleep(0.1)
+                    tls_fds = tls.usage()[1]
+            if tls_fds > self.tls_fd_baseline + 2:
+                problems.append((None, f"TLS server: open fds stay at {tls_fds} after the batch "
+                                       f"(baseline {self.tls_fd_baseline})"))  # fmt: skip
 
 
 def run_campaign(minutes: float, *, live: bool = True, progress: bool = True,
@@ -396,6 +447,8 @@ def run_campaign(minutes: float, *, live: bool = True, progress: bool = True,
         exit_code = campaign.server.stop() if campaign.server is not None else None
         if campaign.server is not None:
             campaign._scan_log()
+        if campaign.tls_server is not None:
+            campaign.tls_server.stop()
     summary = _summary(campaign, minutes, started_wall, exit_code)
     summary["conditions"] = conditions()
     if own_tmp is not None:

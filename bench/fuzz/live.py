@@ -30,21 +30,37 @@ FUZZ_SERVER_FLAGS = [
 
 #: Close codes the bad-input table lets the server send (besides echoing the client's own).
 ALLOWED_CLOSE_CODES = frozenset({1000, 1001, 1002, 1007, 1008, 1009})
+#: A stalled request must be answered and closed within this (--handshake-timeout 2, then
+#: the answer's --close-timeout 1, and room for a busy machine).
+STALL_LIMIT = 10.0
+#: A client's FIN must end its connection within this.
+FIN_LIMIT = 5.0
 
 
 @dataclass
 class LiveServer:
-    """A ``trio-cable serve`` process for the live target, with its log in a file."""
+    """A ``trio-cable serve`` process for the live target, with its log in a file (with
+    *tls*: ``--tls-cert``, a throwaway certificate, for the TLS stalls)."""
 
     workdir: Path
     port: int = 0
     proc: procs.Proc | None = None
     log_offset: int = 0
     restarts: int = 0
+    tls: bool = False
 
     @property
     def log_path(self) -> Path:
-        return self.workdir / "server.log"
+        return self.workdir / ("server-tls.log" if self.tls else "server.log")
+
+    def _tls_flags(self) -> list[str]:
+        import trustme
+
+        cert = trustme.CA().issue_cert(procs.HOST)
+        cert_path, key_path = self.workdir / "cert.pem", self.workdir / "key.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+        cert.private_key_pem.write_to_path(str(key_path))
+        return ["--tls-cert", str(cert_path), "--tls-key", str(key_path)]
 
     @property
     def popen(self) -> subprocess.Popen[bytes] | None:
@@ -53,8 +69,9 @@ class LiveServer:
     def start(self) -> None:
         """Start the server on a free port and wait until it accepts."""
         self.port = procs.free_port()
+        tls = self._tls_flags() if self.tls else []
         cmd = procs.python("trio_cable", "serve", "--host", procs.HOST, "--port", str(self.port),
-                           *FUZZ_SERVER_FLAGS)  # fmt: skip
+                           *FUZZ_SERVER_FLAGS, *tls)  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.proc = procs.start(cmd, name="fuzz server", port=self.port, stdout=log,
                                     stderr=log)  # fmt: skip
@@ -86,12 +103,52 @@ class LiveServer:
         return proc.memory_info().rss / 2**20, proc.num_fds()
 
 
-async def run_connection(port: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """Play one :func:`live_connections` spec against the server; report what came back."""
+async def stall_connection(port: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Send the start of a request and nothing more: the server must answer (or not: a TLS
+    stall gets no HTTP) and close the connection within :data:`STALL_LIMIT`."""
     import trio
 
     from bench import wsraw
 
+    outcome: dict[str, Any] = {"status": None, "close_code": None, "messages": 0,
+                               "sent_codes": set(), "stall": spec["stall"]}  # fmt: skip
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError as exc:
+        outcome["error"] = f"connect: {exc}"
+        return outcome
+    started = trio.current_time()
+    got = b""
+    try:
+        with trio.move_on_after(STALL_LIMIT) as scope:
+            await stream.send_all(spec["data"])
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+        if scope.cancelled_caught:
+            outcome["stall_open"] = True
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        outcome["reset"] = True
+    finally:
+        await trio.aclose_forcefully(stream)
+    outcome["status"] = wsraw.status_of(got) if got else "closed"
+    outcome["closed_after_s"] = round(trio.current_time() - started, 2)
+    return outcome
+
+
+async def run_connection(
+    port: int, spec: dict[str, Any], tls_port: int | None = None
+) -> dict[str, Any]:
+    """Play one :func:`live_connections` spec against the server (a ``tls-*`` stall against
+    the TLS server on *tls_port*); report what came back."""
+    import trio
+
+    from bench import wsraw
+
+    if "stall" in spec:
+        tls = spec["stall"].startswith("tls-")
+        if tls and tls_port is None:
+            return {"status": "skipped", "close_code": None, "messages": 0, "sent_codes": set()}
+        return await stall_connection(tls_port if tls else port, spec)
     outcome: dict[str, Any] = {"status": None, "close_code": None, "messages": 0}
     data = spec["data"]
     # The close codes the server will see from this client (parsed as the server parses them):
@@ -102,7 +159,7 @@ async def run_connection(port: int, spec: dict[str, Any]) -> dict[str, Any]:
         if event[0] == 8 and len(event[1]) >= 2
     }
     outcome["sent_codes"] = sent_codes
-    with trio.move_on_after(4.0) as scope:
+    with trio.move_on_after(4.0 + (FIN_LIMIT if spec["end"] == "fin" else 0)) as scope:
         try:
             stream = await trio.open_tcp_stream("127.0.0.1", port)
         except OSError as exc:
@@ -141,13 +198,20 @@ async def run_connection(port: int, spec: dict[str, Any]) -> dict[str, Any]:
                     if spec["end"] == "close":
                         await ws.send(wsraw.OP_CLOSE, b"\x03\xe8")
                         sent_codes.add(1000)
+                    elif spec["end"] == "fin":  # data, then FIN (issue 14 item 8)
+                        await stream.send_eof()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     outcome["reset"] = True
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(reader)
                 await writer()
-                if spec["end"] != "abort":
+                if spec["end"] == "fin" and not outcome.get("reset"):
+                    with trio.move_on_after(FIN_LIMIT) as fin_scope:
+                        while not ws.closed and not outcome.get("reset"):
+                            await trio.sleep(0.02)
+                    outcome["fin_ignored"] = fin_scope.cancelled_caught
+                elif spec["end"] != "abort":
                     with trio.move_on_after(1.0):
                         while not ws.closed and not outcome.get("reset"):
                             await trio.sleep(0.02)
@@ -174,6 +238,10 @@ def judge_connection(spec: dict[str, Any], outcome: dict[str, Any]) -> str | Non
         return f"close code {code}"
     if "bad_server_frame" in outcome:
         return f"server sent an invalid frame: {outcome['bad_server_frame']}"
+    if outcome.get("stall_open"):
+        return f"stalled request ({outcome['stall']}) still open after {STALL_LIMIT:.0f} s"
+    if outcome.get("fin_ignored"):
+        return f"the client's FIN did not end the connection within {FIN_LIMIT:.0f} s"
     return None
 
 

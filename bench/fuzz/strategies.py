@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 from hypothesis import strategies as st
 
+from bench.fuzz import shapes
 from trio_cable import _speedups_py
 
 #: Largest input the generators build (the server's default message limit is 1 MiB; these
@@ -259,9 +260,31 @@ def random_mutant(data: bytes, rng: random.Random, codec: str) -> bytes:
     return bytes(out[:MAX_INPUT])
 
 
+#: The amplifiers of issue 14 item 2 by codec (:mod:`bench.fuzz.shapes`).
+AMPLIFIERS = {
+    codec: [name for name, (_b, opcode, _s) in shapes.AMPLIFIERS.items()
+            if (opcode == 2) == (codec == "msgpack")]
+    for codec in ("json", "msgpack")
+}  # fmt: skip
+
+
+@st.composite
+def amplification_payloads(draw: st.DrawFn, codec: str, max_size: int = MAX_INPUT) -> bytes:
+    """An amplification frame of issue 14 (a million empty msgpack arrays, JSON made of
+    ``[``), 1 KiB to *max_size* bytes, sometimes with a few byte mutations."""
+    build = shapes.AMPLIFIERS[draw(st.sampled_from(AMPLIFIERS[codec]))][0]
+    data = build(draw(st.integers(1024, max_size)))
+    if draw(st.integers(0, 3)) == 0:
+        data = random_mutant(data, random.Random(draw(st.integers(0, 2**32))), codec)
+    return data[:max_size]
+
+
 @st.composite
 def command_payloads(draw: st.DrawFn, codec: str) -> bytes:
-    """One client frame payload for *codec*: a valid, odd-typed or mutated command."""
+    """One client frame payload for *codec*: a valid, odd-typed or mutated command, or (1 in
+    10) an amplification frame."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(amplification_payloads(codec))
     obj = draw(valid_commands() if draw(st.integers(0, 3)) else odd_commands())
     base = encode(codec, obj)
     if draw(st.integers(0, 3)) == 0:
@@ -426,11 +449,29 @@ SUBPROTOCOL_NAMES = [
 ]  # fmt: skip
 
 
+#: Requests that stop half-way (issue 14 items 1 and 5), by name; ``tls-*`` go to the
+#: live target's ``--tls-cert`` server.
+STALLS = {
+    "tls-client-hello": shapes.PARTIAL_CLIENT_HELLO,
+    "tls-nothing": b"",
+    "http-head": shapes.PARTIAL_HEAD,
+    "http-body": shapes.partial_body("fuzz-key"),
+    "http-chunked": shapes.partial_chunked("fuzz-key"),
+    "http-body-no-key": shapes.partial_body(),
+}
+ENDS = ["linger", "linger", "abort", "close", "fin"]
+
+
 @st.composite
 def live_connections(draw: st.DrawFn) -> dict[str, Any]:
-    """What one hostile (or clumsy) client does: an upgrade, then bytes in chunks."""
+    """What one hostile (or clumsy) client does: an upgrade, then bytes in chunks; or a
+    request that stops half-way (a stall); or an amplification frame (issue 14)."""
     spec: dict[str, Any] = {}
     kind = draw(st.integers(0, 19))
+    if kind in (2, 3):  # a stall: the first bytes of a request, then silence
+        name = draw(st.sampled_from(sorted(STALLS)))
+        return {"stall": name, "data": STALLS[name][: draw(st.integers(0, 200)) or None],
+                "cuts": [], "pause_ms": 0, "end": "linger"}  # fmt: skip
     if kind == 0:  # a mutated upgrade request
         request = (
             b"GET /cable HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
@@ -447,10 +488,18 @@ def live_connections(draw: st.DrawFn) -> dict[str, Any]:
         spec["subprotocols"] = chosen
         spec["query"] = draw(st.sampled_from(["", "sid=abc", "pi=1", "pi=0", "pi=x", "jid=a.b.c",
                                               "sid=" + "a" * 40, "%ff%fe=1"]))  # fmt: skip
-    spec["data"] = draw(mutated_frame_streams())
+    if kind in (4, 5):  # amplification frames, within the live server's 64 KiB limit
+        codec = "msgpack" if kind == 5 else "json"
+        spec["path"] = "/cable"
+        spec["subprotocols"] = [f"actioncable-v1-{codec}"]
+        payload = draw(amplification_payloads(codec, max_size=65536))
+        frame = client_frame(2 if codec == "msgpack" else 1, payload)
+        spec["data"] = frame * draw(st.integers(1, 3))
+    else:
+        spec["data"] = draw(mutated_frame_streams())
     spec["cuts"] = draw(st.lists(st.integers(0, 100_000), max_size=6))
     spec["pause_ms"] = draw(st.sampled_from([0, 0, 1, 20]))
-    spec["end"] = draw(st.sampled_from(["linger", "linger", "abort", "close"]))
+    spec["end"] = draw(st.sampled_from(ENDS))
     return spec
 
 
@@ -467,8 +516,15 @@ def expand_batch(
     batch = list(bases)
     while len(batch) < size:
         spec = dict(rng.choice(bases))
+        if rng.randrange(8) == 0:  # every batch has its stalls (issue 14 items 1 and 5)
+            spec = {"stall": rng.choice(sorted(STALLS)), "cuts": [], "pause_ms": 0,
+                    "end": "linger"}  # fmt: skip
+        if "stall" in spec:  # another prefix of the same request
+            spec["data"] = STALLS[spec["stall"]][: rng.randint(0, 200) or None]
+            batch.append(spec)
+            continue
         spec["data"] = random_mutant(spec["data"], rng, "msgpack")
         spec["cuts"] = [rng.randint(0, len(spec["data"]) + 1) for _ in range(rng.randint(0, 6))]
-        spec["end"] = rng.choice(["linger", "linger", "abort", "close"])
+        spec["end"] = rng.choice(ENDS)
         batch.append(spec)
     return batch[:size]

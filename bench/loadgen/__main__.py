@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=1.0)
     p.add_argument("--compression", action="store_true", help="offer permessage-deflate")
     p.add_argument("--payload-size", type=int, default=0, help="broadcast: a JSON payload")
+    p.add_argument("--interval", type=float, default=0.0,
+                   help="broadcast: seconds between broadcasts (0: back to back)")  # fmt: skip
     return p
 
 
@@ -47,7 +49,7 @@ def _job(a: argparse.Namespace) -> Coroutine[Any, Any, dict[str, Any]]:
 
         return run_broadcast(
             a.url, a.dialect, a.conns, a.count, a.warmup_count, a.duration, a.server_pid,
-            compression=a.compression, payload_size=a.payload_size,
+            compression=a.compression, payload_size=a.payload_size, interval=a.interval,
         )  # fmt: skip
     if a.mode == "wsbench":
         from bench.loadgen.wsbench import run_wsbench

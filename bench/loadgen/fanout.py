@@ -15,12 +15,14 @@ _TIMEOUT = 30.0
 
 async def run_broadcast(
     url: str, dialect: str, conns: int, count: int, warmup: int, min_seconds: float,
-    server_pid: int, *, compression: bool = False, payload_size: int = 0,
+    server_pid: int, *, compression: bool = False, payload_size: int = 0, interval: float = 0.0,
 ) -> dict[str, Any]:  # fmt: skip
     """Server CPU per recipient, delivered messages/s and latency percentiles.
 
     At least *count* broadcasts, and more (up to 20 times as many) until *min_seconds* passed,
-    so that the CPU time measured is well above the clock's resolution.
+    so that the CPU time measured is well above the clock's resolution.  With *interval*, a
+    broadcast starts at most every *interval* seconds (a steady feed rather than a saturating
+    one: the trigger stays within a server's per-connection command rate).
     """
     probe = ServerProbe(server_pid)
     clients = await connect_many(url, dialect, conns, compression=compression)
@@ -38,10 +40,13 @@ async def run_broadcast(
     cpu0, t0 = probe.cpu(), time.perf_counter()
     sent = 0
     while sent < count or (time.perf_counter() - t0 < min_seconds and sent < 20 * count):
+        started = time.perf_counter()
         missed += await fan.broadcast(trigger, conns, _TIMEOUT)
         sent += 1
         if missed:
             break
+        if interval:
+            await asyncio.sleep(max(0.0, started + interval - time.perf_counter()))
     cpu1, t1 = probe.cpu(), time.perf_counter()
     for client in clients:
         client.close()
