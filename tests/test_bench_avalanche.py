@@ -50,6 +50,32 @@ def test_restart_defaults_lose_nothing(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_restart_over_rpc_counts_what_reaches_the_application(tmp_path: Path) -> None:
+    """RPC mode: the demo application answers over HTTP from a uvicorn process of its own."""
+    result = run("avalanche", tmp_path, "--rpc", "--rows", "naive,defaults", timeout=120)
+    assert result["rpc"] is True
+    rows = by_name(result)
+    naive, defaults = rows["naive"], rows["defaults"]
+    clients = naive["clients"]
+    # Naive: after the hard restart every client is identified and subscribed again over
+    # RPC (5 subscriptions each), through a fixed limit that nothing lowers.
+    assert naive["app_connects"] >= clients
+    assert naive["app_commands"] >= 5 * clients
+    assert naive["app_calls_peak_s"] > 0
+    assert naive["rpc_limit_min"] == naive["rpc_limit_max"] == 128
+    assert naive["db_calls"] >= naive["app_connects"] + 5 * clients
+    # Defaults: JWT identity, signed streams and resume: nothing reaches the application,
+    # every client is back and nothing is lost or duplicated.
+    assert defaults["app_calls"] == 0
+    assert defaults["db_calls"] == 0
+    for key in ("never_back", "lost", "duplicated", "timeouts"):
+        assert defaults[key] == 0, (key, defaults)
+    assert defaults["expected"] > 0
+    assert (tmp_path / "restart-rpc.png").exists()
+    assert (tmp_path / "restart-rpc.json").exists()
+
+
+@pytest.mark.slow
 def test_celebrity_everybody_gets_in(tmp_path: Path) -> None:
     rows = by_name(run("celebrity", tmp_path))
     for row in rows.values():

@@ -255,6 +255,20 @@ def test_rpc_settings_are_checked_and_the_key_derived() -> None:
         Config(rpc_host="app:3000").validate()
     with pytest.raises(ConfigError, match="rpc_max_concurrency"):
         Config(rpc_concurrency=50, rpc_max_concurrency=10).validate()
+    with pytest.raises(ConfigError, match="rpc_min_concurrency: 40 is above rpc_concurrency"):
+        Config(rpc_concurrency=28, rpc_min_concurrency=40).validate()
+    # All three equal: a fixed limit, as anycable-go's, that no overload signal lowers.
+    from trio_cable.channels import CableApp
+    from trio_cable.server import Server
+
+    fixed = Config(rpc_host="http://127.0.0.1:1", rpc_concurrency=8, rpc_min_concurrency=8,
+                   rpc_max_concurrency=8)  # fmt: skip
+    adaptive = Server(fixed, CableApp()).executor.adaptive  # type: ignore[attr-defined]
+    adaptive.overloaded(100.0)
+    assert adaptive.value == 8
+    for k in range(200):
+        adaptive.succeeded(0.001, 101.0 + k / 100, queued=True)
+    assert adaptive.value == 8
     with pytest.raises(ConfigError, match="rpc_command_timeout"):
         Config(rpc_timeout=5, rpc_command_timeout=1).validate()
 

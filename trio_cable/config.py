@@ -133,6 +133,7 @@ class Config:
     rpc_secret: str | None = None
     rpc_headers: list[str] = field(default_factory=lambda: ["cookie"])
     rpc_concurrency: int = 28
+    rpc_min_concurrency: int = 1
     rpc_max_concurrency: int = 128
     rpc_timeout: float = 3.0
     rpc_command_timeout: float = 10.0
@@ -240,6 +241,11 @@ class Config:
             raise _bad(given, f"needs {missing} too (the two go together)")
         if self.rpc_host is not None and not self.rpc_host.startswith(("http://", "https://")):
             raise _bad("rpc_host", f"{self.rpc_host!r} must be an http:// or https:// URL")
+        if self.rpc_min_concurrency > self.rpc_concurrency:
+            raise _bad(
+                "rpc_min_concurrency",
+                f"{self.rpc_min_concurrency} is above rpc_concurrency ({self.rpc_concurrency})",
+            )
         if self.rpc_max_concurrency < self.rpc_concurrency:
             raise _bad(
                 "rpc_max_concurrency",
@@ -375,6 +381,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rpc_secret", "bearer key for RPC calls (default: derived from secret)", secret=True),
     Setting("rpc_headers", "request headers passed to the RPC application, comma separated"),
     Setting("rpc_concurrency", "RPC calls in flight at first (the adaptive limit starts here)"),
+    Setting("rpc_min_concurrency", "RPC calls in flight the adaptive limit never goes below "
+            "(= rpc_concurrency = rpc_max_concurrency: a fixed limit)"),
     Setting("rpc_max_concurrency", "RPC calls in flight at most (the adaptive limit's ceiling)"),
     Setting("rpc_timeout", "seconds one RPC request may take"),
     Setting("rpc_command_timeout", "seconds a command may wait for its RPC answer, all retries"),
@@ -434,6 +442,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, str], ...] = (
     ("rebalance_tolerance", 0, ">"),
     ("rebalance_rate", 0, ">"),
     ("rpc_concurrency", 1, ">="),
+    ("rpc_min_concurrency", 1, ">="),
     ("rpc_max_concurrency", 1, ">="),
     ("rpc_timeout", 0, ">"),
     ("rpc_command_timeout", 0, ">"),

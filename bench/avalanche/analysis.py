@@ -144,6 +144,12 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     lags = [lag for t, lag in raw["server"].get("lags", []) if since <= t <= until]
     gc_pauses = [d for t, d in raw["server"].get("gc_pauses", []) if since <= t <= until]
     disrupted = sum(1 for c in clients if any(k == "U" and t >= since for k, t, _ in c["events"]))
+    db_samples = samples
+    rpc: dict[str, Any] = {}
+    if raw.get("app") is not None:
+        # RPC mode: the database is the application's, and what reached it is counted there.
+        db_samples = raw["app"]["samples"]
+        rpc = rpc_figures(raw, since, until)
     return {
         "clients": n,
         "back_99": percentile(backs, 0.99),
@@ -159,9 +165,12 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "lag_p99_ms": 1000 * percentile(lags, 0.99) if lags else math.nan,
         "lag_max_ms": 1000 * max(lags) if lags else math.nan,
         "db_queue_peak": max(
-            (s["db_waiting_peak"] for s in samples if since <= s["t"] <= until), default=0.0
+            (s["db_waiting_peak"] for s in db_samples if since <= s["t"] <= until), default=0.0
         ),
-        "db_calls": (samples[-1]["db_calls"] - _at(samples, since, "db_calls")) if samples else 0,
+        "db_calls": (
+            (db_samples[-1]["db_calls"] - _at(db_samples, since, "db_calls")) if db_samples else 0
+        ),
+        **rpc,
         "attempts": attempts,
         "retries": max(0, attempts - (disrupted if raw["t_restart"] is not None else n)),
         "failed": failed,
@@ -177,6 +186,50 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         **loadgen_health(raw, since, until),
         "gc_max_ms": 1000 * max(gc_pauses, default=0.0),
     }
+
+
+_APP_CALLS = ("calls_connect", "calls_command", "calls_disconnect")
+
+
+def rpc_figures(raw: dict[str, Any], since: float, until: float) -> dict[str, Any]:
+    """RPC mode: the calls that reached the application from *since* to the end of the run
+    (disconnect calls trail the recovery), their busiest second, and what the servers' RPC
+    executors did: refusals (breaker, no slot in time) and the concurrency limit's range."""
+    app = raw["app"]["samples"]
+    for s in app:
+        s["calls"] = sum(s[k] for k in _APP_CALLS)
+    end = app[-1]["t"] if app else until
+    out: dict[str, Any] = {
+        f"app_{k[6:]}s": (app[-1][k] - _at(app, since, k)) if app else 0 for k in _APP_CALLS
+    }
+    out["app_calls"] = (app[-1]["calls"] - _at(app, since, "calls")) if app else 0
+    out["app_calls_peak_s"] = _rate_peak_per_second(app, "calls", since, end)
+    samples = raw["server"].get("samples", [])
+    window = [s for s in samples if since <= s["t"] <= until]
+    out["rpc_refusals"] = (samples[-1]["rpc_refusals"] - _at(samples, since, "rpc_refusals")
+                           if samples else 0)  # fmt: skip
+    limits = [s["rpc_limit"] for s in window if s["rpc_limit"] > 0]
+    out["rpc_limit_min"] = min(limits, default=math.nan)
+    out["rpc_limit_max"] = max(limits, default=math.nan)
+    out["rpc_queue_peak"] = max((s["rpc_queued"] for s in window), default=0.0)
+    return out
+
+
+def _rate_peak_per_second(samples: list[dict[str, float]], key: str, since: float,
+                          until: float) -> float:  # fmt: skip
+    """Highest count of a cumulative counter over one second (samples 0.25 s apart: a
+    sliding one-second window, not the noisier rate between two neighbours)."""
+    peak = 0.0
+    j = 0
+    for i, b in enumerate(samples):
+        if b["t"] < since or b["t"] > until:
+            continue
+        while j < i and b["t"] - samples[j]["t"] > 1.0 + 1e-6:
+            j += 1
+        a = samples[j]
+        if b["t"] - a["t"] > 0:
+            peak = max(peak, (b[key] - a[key]) / max(1.0, b["t"] - a["t"]))
+    return peak
 
 
 def loadgen_health(raw: dict[str, Any], since: float, until: float) -> dict[str, float]:
@@ -239,5 +292,14 @@ def series(raw: dict[str, Any]) -> dict[str, list[float]]:
     ready = [float(p[1]) for p in raw["timeline"]]
     gc_t = [t - since for t, _ in raw["server"].get("gc_pauses", [])]
     gc_ms = [1000 * d for _, d in raw["server"].get("gc_pauses", [])]
-    return {"t": t, "connections": conns, "handshakes": hs, "lag_ms": lag,
-            "ready_t": ready_t, "ready": ready, "gc_t": gc_t, "gc_ms": gc_ms}  # fmt: skip
+    out = {"t": t, "connections": conns, "handshakes": hs, "lag_ms": lag,
+           "ready_t": ready_t, "ready": ready, "gc_t": gc_t, "gc_ms": gc_ms}  # fmt: skip
+    if raw.get("app") is not None:
+        app_t, app_calls = [], []
+        for a, b in itertools.pairwise(raw["app"]["samples"]):
+            dt = b["t"] - a["t"]
+            if dt > 0:
+                app_t.append(b["t"] - since)
+                app_calls.append(sum(b[k] - a[k] for k in _APP_CALLS) / dt)
+        out["app_t"], out["app_calls"] = app_t, app_calls
+    return out

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, help="backoff: runs per point (default 100, quick 20)")
     p.add_argument("--rows", help="restart: comma-separated rows (naive,jitter,linearized,"
                    "drain,resume,jwt,defaults; default all)")  # fmt: skip
+    p.add_argument("--rpc", action="store_true", help="restart/celebrity: the application "
+                   "answers over AnyCable HTTP RPC from a process of its own (trio_cable.rpc "
+                   "under uvicorn); results as <scenario>-rpc.*; restart rows default to "
+                   "naive,drain,resume,defaults")  # fmt: skip
     p.add_argument("--loadgens", type=int, help="load-generator processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -131,13 +135,14 @@ def run_restart(args: argparse.Namespace, scale: Any, progress: _Progress) -> di
 
     clients = args.clients or scale.clients
     rows = args.rows.split(",") if args.rows else None
-    specs = restart_specs(scale, clients, rows)
+    specs = restart_specs(scale, clients, rows, rpc=args.rpc)
     results = _run_trials(specs, args.out, progress)
     summaries = [r["summary"] for r in results]
-    md = report.rows_table(report.RESTART_COLUMNS, summaries)
+    md = report.rows_table(_columns(report.RESTART_COLUMNS, args.rpc), summaries)
     report.plot_timeseries(
-        args.out / "restart.png",
-        f"server restart, {clients:,} clients x {scale.subs} subscriptions",
+        args.out / f"{args.name}.png",
+        f"server restart, {clients:,} clients x {scale.subs} subscriptions"
+        + (", application over RPC" if args.rpc else ""),
         "seconds since the restart",
         {r["summary"]["name"]: r["series"] for r in results},
     )
@@ -150,15 +155,23 @@ def run_celebrity(args: argparse.Namespace, scale: Any, progress: _Progress) -> 
     from bench.avalanche.scenarios import celebrity_specs
 
     clients = args.clients or scale.celebrity_clients
-    results = _run_trials(celebrity_specs(scale, clients), args.out, progress)
+    results = _run_trials(celebrity_specs(scale, clients, rpc=args.rpc), args.out, progress)
     summaries = [r["summary"] for r in results]
     report.plot_timeseries(
-        args.out / "celebrity.png",
-        f"celebrity: {clients:,} clients join within 1 s",
+        args.out / f"{args.name}.png",
+        f"celebrity: {clients:,} clients join within 1 s"
+        + (", application over RPC" if args.rpc else ""),
         "seconds since the first client started",
         {r["summary"]["name"]: r["series"] for r in results},
     )
-    return {"table": report.rows_table(report.CELEBRITY_COLUMNS, summaries), "rows": summaries}
+    columns = _columns(report.CELEBRITY_COLUMNS, args.rpc)
+    return {"table": report.rows_table(columns, summaries), "rows": summaries}
+
+
+def _columns(columns: list[tuple[str, str]], rpc: bool) -> list[tuple[str, str]]:
+    from bench.avalanche import report
+
+    return [*columns, *report.RPC_COLUMNS] if rpc else columns
 
 
 def run_subscribe(args: argparse.Namespace, scale: Any, progress: _Progress) -> dict[str, Any]:
@@ -240,7 +253,13 @@ def main(argv: list[str] | None = None) -> int:
 
         scale = replace(scale, loadgens=args.loadgens)
     scenario = "restart" if args.scenario == "avalanche" else args.scenario
-    args.out = output.choose(args, scenario, quick=args.quick) or output.AVALANCHE_RESULTS_DIR
+    if args.rpc and scenario not in ("restart", "celebrity"):
+        raise output.UsageError("--rpc goes with avalanche (restart) and celebrity")
+    # What the files are called: RPC results never replace the in-process ones.
+    args.name = f"{scenario}-rpc" if args.rpc else scenario
+    if args.rpc:
+        require("uvicorn")
+    args.out = output.choose(args, args.name, quick=args.quick) or output.AVALANCHE_RESULTS_DIR
     if not args.quiet:
         print(f"{scenario}: writing to {args.out}", file=sys.stderr)
     if scenario != "backoff":
@@ -251,10 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         result = runner(args, scale, progress)
     result["conditions"] = _conditions(scale)
     result["quick"] = args.quick
-    (args.out / f"{scenario}.json").write_text(json.dumps(_clean(result), indent=1))
-    (args.out / f"{scenario}.md").write_text(result["table"] + "\n")
+    result["rpc"] = args.rpc
+    (args.out / f"{args.name}.json").write_text(json.dumps(_clean(result), indent=1))
+    (args.out / f"{args.name}.md").write_text(result["table"] + "\n")
     print(result["table"])
     if args.json:
         compact = result.get("summary") or {"rows": result["rows"]}
-        print(json.dumps(_clean({"scenario": scenario, "quick": args.quick, **compact})))
+        print(json.dumps(_clean({"scenario": scenario, "quick": args.quick, "rpc": args.rpc,
+                                 **compact})))  # fmt: skip
     return 0

@@ -51,6 +51,17 @@ RESTART_COLUMNS = [
     ("load gen CPU peak", "loadgen_cpu_peak"),
 ]
 
+#: RPC mode (``--rpc``): what reached the application and what the RPC executors did.
+RPC_COLUMNS = [
+    ("app calls", "app_calls"),
+    ("app calls/s peak", "app_calls_peak_s"),
+    ("connect calls", "app_connects"),
+    ("command calls", "app_commands"),
+    ("disconnect calls", "app_disconnects"),
+    ("RPC limit min", "rpc_limit_min"),
+    ("RPC refusals", "rpc_refusals"),
+]
+
 CELEBRITY_COLUMNS = [
     ("row", "name"),
     ("50% ready (s)", "back_50"),
@@ -86,21 +97,27 @@ def rows_table(columns: list[tuple[str, str]], summaries: list[dict[str, Any]]) 
 def plot_timeseries(path: Path, title: str, xlabel: str,
                     series: dict[str, dict[str, list[float]]]) -> None:  # fmt: skip
     """Four stacked panels, one line per strategy: connections, clients ready, handshakes/s,
-    loop lag (with the full garbage collections marked)."""
+    loop lag (with the full garbage collections marked); in RPC mode a fifth, the calls per
+    second that reached the application."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(4, 1, figsize=(10, 12), sharex=True)
     panels = [
         ("connections", "t", "open connections (server)"),
         ("ready", "ready_t", "clients ready (all subscriptions)"),
         ("handshakes", "t", "handshake attempts / s"),
+        ("app_calls", "app_t", "RPC calls / s reaching the application"),
         ("lag_ms", "t", "event-loop lag (ms, max per 0.25 s; x: full GC)"),
     ]
+    if not any(s.get("app_t") for s in series.values()):
+        panels = [p for p in panels if p[0] != "app_calls"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3 * len(panels)), sharex=True)
     for ax, (key, tkey, label) in zip(axes, panels, strict=True):
         for name, s in series.items():
+            if tkey not in s:
+                continue
             (line,) = ax.plot(s[tkey], s[key], label=name, linewidth=1.2)
             if key == "lag_ms" and s.get("gc_t"):
                 # The server's full garbage collections, to tell their pauses from overload.

@@ -21,6 +21,18 @@ ADMISSION_OFF: dict[str, Any] = {
 }
 
 
+# RPC mode, the naive rows: a fixed 128 calls in flight (the defaults' ceiling; anycable-go's
+# limit is fixed too), never retried.  The defaults start at 28 (anycable-go's default) and
+# adapt between 1 and 128, retrying what the application did not apply.
+RPC_NAIVE: dict[str, Any] = {
+    "rpc_concurrency": 128, "rpc_min_concurrency": 128, "rpc_max_concurrency": 128,
+    "rpc_retries": 0,
+}  # fmt: skip
+#: The rows an RPC run has by default: what the calls cost, then what drain, resume and the
+#: defaults (JWT, signed streams, admission control, adaptive RPC limit) save.
+RPC_ROWS = ("naive", "drain", "resume", "defaults")
+
+
 class ClientTimeouts(TypedDict):
     """The client timeouts of a scale (fields of ClientOpts)."""
 
@@ -107,8 +119,9 @@ class Row:
     restart: str
 
 
-def restart_rows(scale: Scale) -> list[Row]:
-    """naive, then one technique more per row, ending with trio_cable's defaults."""
+def restart_rows(scale: Scale, *, rpc: bool = False) -> list[Row]:
+    """naive, then one technique more per row, ending with trio_cable's defaults (in RPC
+    mode the rows before the defaults also call the application naively: RPC_NAIVE)."""
     base_server = {"secret": SECRET, **scale.drain}
     naive_client = ClientOpts(
         subprotocol="actioncable-v1-json",
@@ -119,7 +132,7 @@ def restart_rows(scale: Scale) -> list[Row]:
         resume=False,
         **scale.client_timeouts,
     )
-    off = {**base_server, **ADMISSION_OFF}
+    off = {**base_server, **ADMISSION_OFF, **(RPC_NAIVE if rpc else {})}
     jitter = replace(naive_client, strategy="full_jitter", base=0.5)
     linear = replace(jitter, linearized=True)
     resume = replace(linear, subprotocol="actioncable-v1-ext-json", resume=True)
@@ -147,8 +160,9 @@ ROW_KEYS = {
 
 
 def _spec(scale: Scale, name: str, clients: int, server: dict[str, Any], client: ClientOpts,
-          restart: str | None, ramp: float) -> TrialSpec:  # fmt: skip
+          restart: str | None, ramp: float, rpc: bool = False) -> TrialSpec:  # fmt: skip
     return TrialSpec(
+        rpc=rpc,
         name=name,
         clients=clients,
         subs=scale.subs,
@@ -167,21 +181,28 @@ def _spec(scale: Scale, name: str, clients: int, server: dict[str, Any], client:
     )
 
 
-def restart_specs(scale: Scale, clients: int, only: list[str] | None = None) -> list[TrialSpec]:
-    rows = restart_rows(scale)
+def restart_specs(scale: Scale, clients: int, only: list[str] | None = None, *,
+                  rpc: bool = False) -> list[TrialSpec]:  # fmt: skip
+    """The rows asked for (*only*: keys of ROW_KEYS; default every row, RPC_ROWS with *rpc*)."""
+    rows = restart_rows(scale, rpc=rpc)
+    if only is None and rpc:
+        only = list(RPC_ROWS)
     if only:
         wanted = {ROW_KEYS.get(k, k) for k in only}
         rows = [r for r in rows if r.name in wanted]
-    return [_spec(scale, r.name, clients, r.server, r.client, r.restart, scale.ramp) for r in rows]
+    return [_spec(scale, r.name, clients, r.server, r.client, r.restart, scale.ramp, rpc)
+            for r in rows]  # fmt: skip
 
 
-def celebrity_specs(scale: Scale, clients: int) -> list[TrialSpec]:
-    """Everybody joins within one second, no restart: admission control off, then on."""
+def celebrity_specs(scale: Scale, clients: int, *, rpc: bool = False) -> list[TrialSpec]:
+    """Everybody joins within one second, no restart: admission control off, then on (in
+    RPC mode, naive calls to the application, then the adaptive limit)."""
     client = ClientOpts(**scale.client_timeouts)
     base = {"secret": SECRET, **scale.drain}
+    off = {**base, **ADMISSION_OFF, **(RPC_NAIVE if rpc else {})}
     return [
-        _spec(scale, "admission off", clients, {**base, **ADMISSION_OFF}, client, None, 1.0),
-        _spec(scale, "admission on", clients, base, client, None, 1.0),
+        _spec(scale, "admission off", clients, off, client, None, 1.0, rpc),
+        _spec(scale, "admission on", clients, base, client, None, 1.0, rpc),
     ]
 
 

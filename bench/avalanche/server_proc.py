@@ -13,6 +13,10 @@ cable *nodes*: ``Server`` instances that come and go.  A **restart** replaces th
   ``/health`` turns 503), then drains slowly (``server.drain()``: disconnects with
   ``reconnect_after`` advice) and stops.
 
+In the RPC mode (``"rpc": true`` in the spec, ``rpc_host`` in its config) the nodes have no
+application of their own: :mod:`bench.avalanche.rpc_app`, another process, answers them over
+AnyCable's HTTP RPC, and the sampler records the RPC executor's calls, limit and queue.
+
 Driven by the orchestrator over stdin (``restart hard|drain``, ``stop_publish``, ``quit``);
 reports JSON lines on stdout.  Usage: ``python -m bench.avalanche.server_proc SPEC.json``.
 """
@@ -33,6 +37,7 @@ import trio
 from bench.avalanche import app as demo
 from bench.procs import emit, listen_socket
 from trio_cable.broker.memory import MemoryBroker
+from trio_cable.channels import CableApp
 from trio_cable.config import Config
 from trio_cable.server import Server
 
@@ -72,8 +77,11 @@ class Cluster:
         """Start a node on the run's port; returns once it listens."""
         config = Config(**{**self.spec["config"], "port": self.spec["port"]})
         # A pre-bound SO_REUSEPORT socket, so that old and new node can overlap in a handoff.
+        # RPC mode: an empty application, so that every connect and command goes to the
+        # RPC application (in-process channels would be served here).
+        app = CableApp() if self.spec.get("rpc") else demo.app
         server = Server(
-            config, demo.app, broker=self.broker, listen_socket=listen_socket(self.spec["port"])
+            config, app, broker=self.broker, listen_socket=listen_socket(self.spec["port"])
         )
         node = Node(server, trio.CancelScope())
 
@@ -141,7 +149,20 @@ class Recorder:
             refused += sum(m.labeled["handshakes_refused_total"].values())
             commands += m.commands_total
         live = list(self.cluster.live)
+        rpc_calls = rpc_refusals = 0.0
+        for node in self.cluster.nodes:
+            labeled = node.server.metrics.labeled
+            rpc_calls += sum(labeled.get("rpc_calls_total", {}).values())
+            rpc_refusals += sum(labeled.get("rpc_refusals_total", {}).values())
+        # The RPC executors' limits and queues (0 without RPC): what the nodes let through.
+        slots = [getattr(n.server.executor, "slots", None) for n in live]
+        rpc_limit = sum(s.total_tokens for s in slots if s is not None)
+        rpc_queued = sum(s.statistics().tasks_waiting for s in slots if s is not None)
         return {
+            "rpc_calls": rpc_calls,
+            "rpc_refusals": rpc_refusals,
+            "rpc_limit": float(rpc_limit),
+            "rpc_queued": float(rpc_queued),
             "connections": float(sum(len(n.server.connections) for n in live)),
             "handshakes": handshakes,
             "refused": refused,

@@ -68,6 +68,9 @@ class TrialSpec:
     max_wait: float = 60.0  # bound on each waiting phase
     settle: float = 2.0  # after recovery, before the publisher stops
     boot_gap: float = 1.0  # hard restart: seconds without a listener
+    #: The application answers over AnyCable HTTP RPC from a process of its own
+    #: (bench.avalanche.rpc_app, on the server core) instead of in the server's process.
+    rpc: bool = False
 
 
 class Child:
@@ -179,9 +182,16 @@ async def run_trial(
     server_core, client_core = procs.cores()
     port = procs.free_port()
     tag = spec.name.replace(" ", "_").replace("+", "p").replace("/", "_")
+    rpc_config: dict[str, Any] = {}
+    app_spec_path: Path | None = None
+    app_port = procs.free_port() if spec.rpc else 0
+    if spec.rpc:
+        rpc_config = {"rpc_host": f"http://127.0.0.1:{app_port}"}
+        app_spec_path = workdir / f"{tag}.app_spec.json"
     server_spec = {
         "port": port,
-        "config": {"log_level": "warning", **spec.server, **_dashboard_config()},
+        "rpc": spec.rpc,
+        "config": {"log_level": "warning", **spec.server, **rpc_config, **_dashboard_config()},
         "cost": spec.cost,
         "streams": spec.streams,
         "msg_interval": spec.msg_interval,
@@ -193,6 +203,11 @@ async def run_trial(
         stale.unlink()
     server_path = workdir / f"{tag}.server_spec.json"
     server_path.write_text(json.dumps(server_spec))
+    if app_spec_path is not None:
+        app_spec_path.write_text(json.dumps({
+            "port": app_port, "secret": SECRET, "cost": spec.cost,
+            "samples_out": str(workdir / f"{tag}.app.json"),
+        }))  # fmt: skip
     log = workdir / f"{tag}.log"
     log.write_text("")
     children: list[Child] = []
@@ -202,6 +217,15 @@ async def run_trial(
     progress = on_progress or (lambda phase, done, total: None)
     try:
         async with trio.open_nursery() as nursery:
+            app: Child | None = None
+            if app_spec_path is not None:
+                # The application first: the server's first connect must find it.  It shares
+                # the server core, where the in-process rows run their callbacks.
+                app = await _spawn("bench.avalanche.rpc_app", app_spec_path, "app", log,
+                                   server_core)  # fmt: skip
+                children.append(app)
+                nursery.start_soon(app.pump)
+                await app.wait_event("ready", 30)
             server = await _spawn(
                 "bench.avalanche.server_proc", server_path, "server", log, server_core
             )
@@ -291,6 +315,10 @@ async def run_trial(
             await server.send("quit")
             with trio.move_on_after(30):
                 await server.wait_event("bye", 30)
+            if app is not None:
+                await app.send("quit")
+                with trio.move_on_after(30):
+                    await app.wait_event("bye", 30)
             nursery.cancel_scope.cancel()
     finally:
         for child in children:
@@ -302,6 +330,8 @@ async def run_trial(
             clients.extend(json.loads(path.read_text()))
     server_data_path = workdir / f"{tag}.server.json"
     server_data = json.loads(server_data_path.read_text()) if server_data_path.exists() else {}
+    app_data_path = workdir / f"{tag}.app.json"
+    app_data = json.loads(app_data_path.read_text()) if app_data_path.exists() else None
     return {
         "spec": asdict(spec),
         "t0": t0,
@@ -318,4 +348,5 @@ async def run_trial(
         "gen_timeline": gen_timeline,
         "clients": clients,
         "server": server_data,
+        "app": app_data,
     }

@@ -191,7 +191,11 @@ class RpcExecutor:
         self.headers_to_pass = tuple(h.strip().lower() for h in config.rpc_headers if h.strip())
         key = config.effective_rpc_secret
         self._auth = {"authorization": f"Bearer {key}"} if key else {}
-        self.adaptive = AdaptiveLimit(config.rpc_concurrency, maximum=config.rpc_max_concurrency)
+        self.adaptive = AdaptiveLimit(
+            config.rpc_concurrency,
+            minimum=config.rpc_min_concurrency,
+            maximum=config.rpc_max_concurrency,
+        )
         self.slots = trio.CapacityLimiter(self.adaptive.value)
         self.breaker = CircuitBreaker(cooldown=config.rpc_breaker_cooldown)
         # One client, one pool: keep-alive connections up to the limit's ceiling (more would
