@@ -519,8 +519,9 @@ async def test_over_the_rate_big_frames_are_not_decoded(nursery, config: Config)
     for _ in range(50):
         await raw.send_frame(1, big)
     await wait_until(
-        lambda: server.metrics.commands_total >= 50
-        and server.metrics.rate_limited_commands_total >= 48
+        lambda: (
+            server.metrics.commands_total >= 50 and server.metrics.rate_limited_commands_total >= 48
+        )
     )
     # Dropped unanswered (not decoded to be refused), and the connection goes on.
     assert server.metrics.invalid_requests_total == 0

@@ -211,3 +211,35 @@ def test_hand_on_rate_never_exceeds_the_bound() -> None:
         now = round(now + 0.1, 1)
     assert max(per_second.values()) <= 20  # the bound, every second
     assert sum(per_second.values()) >= 400  # and it does move (mean 500: it heads there)
+    assert rebalancer.peak_per_second == 20
+
+
+def test_the_peak_per_second_is_the_busiest_second_of_any_alignment() -> None:
+    """The rebalancer's own account of its bound (the gauge the rollout benchmark reads):
+    steps at uneven times, as a busy loop makes them, are >= 0.1 s apart, so no second
+    (t - 1, t] holds more than the rate; the gauge is the busiest such second."""
+    import random
+
+    from trio_cable.metrics import Metrics
+    from trio_cable.server.rebalance import Rebalancer
+
+    conns = [_Conn() for _ in range(2000)]
+    metrics = Metrics()
+    rebalancer = Rebalancer(
+        "me", tolerance=0.15, rate=20.0, reconnect_advice=1.0, metrics=metrics,
+        connections=conns, draining=lambda: False, publish=None,  # type: ignore[arg-type]
+        settle=0.0,
+    )  # fmt: skip
+    rng = random.Random(15)
+    now = 0.0
+    steps: list[tuple[float, int]] = []
+    for _ in range(400):
+        rebalancer.table.update("other", 0, False, now)
+        open_now = sum(c.is_open for c in conns)
+        rebalancer.table.update("me", open_now, False, now)
+        steps.append((now, rebalancer.step(open_now, now, 0.1)))
+        now += 0.1 + rng.choice([0.0, 0.0, 0.001, 0.03, 0.2])  # a late loop now and then
+    busiest = max(sum(n for u, n in steps if t - 1.0 < u <= t) for t, _ in steps)
+    assert 0 < busiest <= 20
+    assert rebalancer.peak_per_second == busiest
+    assert metrics.gauges["rebalance_peak_per_second"]() == busiest

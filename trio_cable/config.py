@@ -381,8 +381,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rpc_secret", "bearer key for RPC calls (default: derived from secret)", secret=True),
     Setting("rpc_headers", "request headers passed to the RPC application, comma separated"),
     Setting("rpc_concurrency", "RPC calls in flight at first (the adaptive limit starts here)"),
-    Setting("rpc_min_concurrency", "RPC calls in flight the adaptive limit never goes below "
-            "(= rpc_concurrency = rpc_max_concurrency: a fixed limit)"),
+    Setting(
+        "rpc_min_concurrency",
+        "RPC calls in flight the adaptive limit never goes below "
+        "(= rpc_concurrency = rpc_max_concurrency: a fixed limit)",
+    ),
     Setting("rpc_max_concurrency", "RPC calls in flight at most (the adaptive limit's ceiling)"),
     Setting("rpc_timeout", "seconds one RPC request may take"),
     Setting("rpc_command_timeout", "seconds a command may wait for its RPC answer, all retries"),

@@ -94,6 +94,7 @@ GAUGES: dict[str, str] = {
     "pending_handshakes": "connections still in their HTTP handshake",
     "handshake_rate_limit": "handshakes per second admitted now (adaptive)",
     "callback_concurrency_limit": "application callbacks allowed at once now (adaptive)",
+    "rebalance_peak_per_second": "most rebalancing disconnects within any one second so far",
     "rpc_concurrency_limit": "RPC calls allowed in flight now (adaptive)",
     "rpc_in_flight": "RPC calls in flight now",
     "rpc_queued": "RPC calls waiting for a slot under the limit",
@@ -333,7 +334,7 @@ def prometheus_text(metrics: Metrics, extra: Iterable[Metric] = ()) -> bytes:
 #: Gauges whose whole-server value is the largest worker's, not the sum: a stream watched on
 #: every worker is one stream (the max is a lower bound of the distinct count), and the
 #: server is draining when any worker is.
-MAXED_GAUGES = frozenset({"streams", "draining"})
+MAXED_GAUGES = frozenset({"streams", "draining", "rebalance_peak_per_second"})
 
 
 def export(metrics: Metrics) -> tuple[dict[str, float], dict[str, float]]:

@@ -141,6 +141,12 @@ class Rebalancer:
         self.publish = publish
         self._moved: deque[tuple[float, int]] = deque()  # (when, how many)
         self._credit = 0.0  # disconnects the rate allows and that were not used yet
+        # The steps of the last second, and the most disconnects any one second saw: the
+        # rate's bound as it held (a second is (t - 1, t]; steps are >= _TICK apart, so at
+        # most rate disconnects fit in one).
+        self._last_second: deque[tuple[float, int]] = deque()
+        self.peak_per_second = 0
+        metrics.gauges["rebalance_peak_per_second"] = lambda: float(self.peak_per_second)
 
     def on_load(self, command: dict[str, Any]) -> None:
         """A ``load`` node command (from any node, this one too)."""
@@ -218,6 +224,11 @@ class Rebalancer:
         self._credit -= moved
         if moved:
             self._moved.append((now, moved))
+            recent = self._last_second
+            recent.append((now, moved))
+            while recent[0][0] <= now - 1.0 + 1e-9:  # (a step exactly 1 s back is out)
+                recent.popleft()
+            self.peak_per_second = max(self.peak_per_second, sum(n for _, n in recent))
             self.metrics.rebalanced_total += moved
             log.debug(
                 "rebalance: handed on %d connections (%d over the mean, %d held)",
