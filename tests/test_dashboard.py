@@ -113,3 +113,32 @@ async def test_charts_move_during_an_avalanche(nursery: trio.Nursery, tmp_path: 
             Path(shot).write_bytes(await browser.screenshot())
         for client in clients:
             await client.aclose()
+
+
+def test_workers_add_up_and_each_is_listed() -> None:
+    """``serve --workers N``: the answering worker draws the whole server (sans I/O)."""
+    from trio_cable.server.dashboard import combine
+
+    def worker(index: int, conns: int, lag: float, refused: dict[str, int]) -> dict[str, object]:
+        return {
+            "worker": index, "pid": 100 + index, "time": 5.0, "node": f"w{index}",
+            "connections": conns, "pending_handshakes": 1, "streams": 3 + index,
+            "handshake_rate_limit": 500.0, "draining": index == 1, "accepted": 10 * conns,
+            "handshakes_failed": 1, "refused": refused, "drained": 2, "rebalanced": 0,
+            "lag_max_ms": lag, "lag_p99_ms": lag / 2, "gc_pause_max_ms": 0.5,
+            "broker": {"kind": "RedisBroker", "connected": True},
+        }  # fmt: skip
+
+    own = worker(1, 7, 4.0, {"rate": 2})
+    combined = combine(own, [own, worker(0, 5, 9.0, {"rate": 1, "pending": 4})])
+    assert combined["connections"] == 12 and combined["accepted"] == 120
+    assert combined["handshake_rate_limit"] == 1000.0 and combined["pending_handshakes"] == 2
+    assert combined["refused"] == {"rate": 3, "pending": 4}
+    assert combined["lag_max_ms"] == 9.0 and combined["streams"] == 4
+    assert combined["draining"] is True and combined["node"] == "trio_cable, 2 workers"
+    assert [(w["worker"], w["connections"], w["lag_max_ms"]) for w in combined["workers"]] == [
+        (0, 5, 9.0), (1, 7, 4.0),
+    ]  # fmt: skip
+    assert combined["broker"] == own["broker"]
+    # One process (no group): its own figures, unchanged, and no per-worker list.
+    assert combine(own, []) is own

@@ -186,7 +186,10 @@ async def run_worker(config: Config, app: CableApp, spec: WorkerSpec) -> None:
     server = Server(config, app, listen_socket=listener, label=f"trio_cable worker {spec.index}")
     store = server.broker
     if isinstance(store, RedisBroker):  # always: Config.validate() sees to it
-        server.group = WorkerGroup(store, spec.group, spec.index, server.metrics, server.health)
+        server.group = WorkerGroup(
+            store, spec.group, spec.index, server.metrics, server.health,
+            dashboard=server.dashboard_data if config.dashboard else None,
+        )  # fmt: skip
     await serve_node(server, spec)
 
 

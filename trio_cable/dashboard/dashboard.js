@@ -10,9 +10,12 @@ const CHARTS = [
   {id: "lag", title: "Event-loop lag (ms)", series: ["max", "p99"]},
   {id: "gc", title: "Full GC pauses (ms, max per second)", series: ["pause"]},
   {id: "drain", title: "Drain and rebalancing (per s)", series: ["drained", "handed on"]},
+  // Under serve --workers N: one series per worker (only drawn when there are several).
+  {id: "worker_connections", title: "Connections per worker", series: [], perWorker: true},
+  {id: "worker_lag", title: "Event-loop lag max per worker (ms)", series: [], perWorker: true},
 ];
 const dashboard = {points: [], charts: {}, key: sessionStorage.getItem("trio_cable_key") || "",
-                   last: null, reasons: [], status: "idle"};
+                   last: null, reasons: [], workers: [], status: "idle"};
 window.dashboard = dashboard;
 
 function rate(now, prev, pick) {
@@ -34,6 +37,11 @@ function row(now, prev) {
     gc: [now.gc_pause_max_ms],
     drain: [rate(now, prev, (s) => s.drained), rate(now, prev, (s) => s.rebalanced)],
   };
+  const byWorker = {};
+  for (const w of now.workers || []) byWorker[w.worker] = w;
+  const pick = (field) => dashboard.workers.map((k) => (byWorker[k] ? byWorker[k][field] : null));
+  out.worker_connections = pick("connections");
+  out.worker_lag = pick("lag_max_ms");
   return out;
 }
 
@@ -55,14 +63,18 @@ function makeChart(spec) {
 function redraw() {
   for (const spec of CHARTS) {
     let chart = dashboard.charts[spec.id];
-    if (spec.id === "refusals" && spec.series.length !== dashboard.reasons.length) {
-      if (chart) { chart.destroy(); document.getElementById("chart-refusals").remove(); }
-      spec.series = dashboard.reasons.slice();
+    if (spec.perWorker && dashboard.workers.length < 2) continue;  // one process: nothing to split
+    // Charts whose series come and go (refusal reasons, workers) are rebuilt when they change.
+    const wanted = spec.id === "refusals" ? dashboard.reasons
+                 : spec.perWorker ? dashboard.workers.map((k) => "worker " + k) : null;
+    if (wanted && spec.series.length !== wanted.length) {
+      if (chart) { chart.destroy(); document.getElementById("chart-" + spec.id).remove(); }
+      spec.series = wanted.slice();
       chart = null;
     }
     if (!chart) chart = dashboard.charts[spec.id] = makeChart(spec);
     const data = [dashboard.points.map((p) => p.t)];
-    spec.series.forEach((_, i) => data.push(dashboard.points.map((p) => p[spec.id][i])));
+    spec.series.forEach((_, i) => data.push(dashboard.points.map((p) => (p[spec.id] || [])[i] ?? null)));
     chart.setData(data);
   }
 }
@@ -75,7 +87,8 @@ function showStatus(s) {
     "<span>connections: <b id=conns>" + s.connections + "</b></span>" +
     "<span>streams: " + s.streams + "</span>" +
     (s.draining ? "<span class=bad>draining</span>" : "<span>serving</span>") +
-    broker + "<span>handshake limit: " + Math.round(s.handshake_rate_limit) + "/s</span>";
+    broker + "<span>handshake limit: " + Math.round(s.handshake_rate_limit) + "/s</span>" +
+    (s.workers ? "<span>workers: <b id=workers>" + s.workers.length + "</b></span>" : "");
 }
 
 async function poll() {
@@ -96,6 +109,8 @@ async function poll() {
   const s = await answer.json();
   document.getElementById("login").style.display = "none";
   for (const r of Object.keys(s.refused || {})) if (!dashboard.reasons.includes(r)) dashboard.reasons.push(r);
+  for (const w of s.workers || []) if (!dashboard.workers.includes(w.worker)) dashboard.workers.push(w.worker);
+  dashboard.workers.sort((a, b) => a - b);
   dashboard.points.push(row(s, dashboard.last));
   if (dashboard.points.length > WINDOW) dashboard.points.shift();
   dashboard.last = s;

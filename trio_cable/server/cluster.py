@@ -14,6 +14,10 @@ answers a scrape adds up the snapshots of the live ones (its own figures it read
 - ``trio_cable_workers`` says how many workers the answer covers, and
   ``trio_cable_worker_connections{worker,pid}`` how the connections are spread.
 
+With ``--dashboard`` each snapshot also carries the worker's dashboard figures, and
+``/_dashboard/data`` answers with the whole server's and every live worker's
+(:func:`trio_cable.server.dashboard.combine`).
+
 A snapshot older than :data:`STALE` seconds is a worker that died without leaving (kill
 -9): the first reader to see it moves its counters into ``retired``.  A worker that was
 only slow finds itself retired on its next write and goes on under a new name, counting
@@ -41,6 +45,7 @@ from trio_cable.metrics import (
     merge_gauges,
     prometheus_text,
 )
+from trio_cable.server.dashboard import combine
 
 log = logging.getLogger("trio_cable.cluster")
 
@@ -79,12 +84,16 @@ class WorkerGroup:
         index: int,
         metrics: Metrics,
         health: Callable[[], dict[str, Any]],
+        *,
+        dashboard: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.group = group
         self.index = index
         self.metrics = metrics
         self.local_health = health
+        #: This worker's dashboard figures (``--dashboard``), published with its snapshot.
+        self.local_dashboard = dashboard
         self.member = self._new_member()
         # Counters already counted under a retired name of this worker (see the docstring).
         self._baseline: dict[str, float] = {}
@@ -105,6 +114,8 @@ class WorkerGroup:
             "gauges": gauges,
             "health": self.local_health(),
         }
+        if self.local_dashboard is not None:
+            doc["dashboard"] = self.local_dashboard()
         return doc, counters
 
     async def publish(self) -> None:
@@ -199,6 +210,23 @@ class WorkerGroup:
             for d in live
         ]
         return doc
+
+    async def dashboard(self) -> dict[str, Any]:
+        """The whole server's ``/_dashboard/data``: every live worker's figures added up,
+        and each worker's under ``workers`` (this worker's alone when Redis does not
+        answer)."""
+        assert self.local_dashboard is not None, "the dashboard is off"
+        try:
+            _counters, live = await self._gather()
+        except Exception as exc:
+            log.warning("aggregate dashboard unavailable (%s): answering for this worker", exc)
+            live = [self._snapshot()[0]]
+        workers = [
+            {"worker": d["worker"], "pid": d["pid"], **d["dashboard"]}
+            for d in live
+            if isinstance(d.get("dashboard"), dict)
+        ]
+        return combine(self.local_dashboard(), workers)
 
 
 def _worker_families(live: list[dict[str, Any]]) -> list[GaugeMetricFamily]:

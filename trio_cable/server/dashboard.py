@@ -7,6 +7,10 @@ no build step) carry no data; the data endpoint answers only with the key
 (``--dashboard-key``, else the broadcast key), as ``Authorization: Bearer``.  The page keeps
 the key in the tab's session storage and asks for it when it has none.
 
+Under ``serve --workers N`` whichever worker answers draws the whole server: the figures of
+every live worker added up (:func:`combine`), and each worker's own under ``workers``, which
+the page draws one line per worker.
+
 This module builds the answers; the node routes to it.
 """
 
@@ -18,7 +22,7 @@ from typing import Any
 
 from trio_cable.metrics import Metrics
 
-__all__ = ["ASSETS", "asset", "snapshot"]
+__all__ = ["ASSETS", "asset", "combine", "snapshot"]
 
 #: Path under ``/_dashboard`` -> (file in the package, content type).
 ASSETS: dict[str, tuple[str, str]] = {
@@ -90,3 +94,36 @@ def snapshot(
         "gc_pause_max_ms": round(gc_max, 3),
         "broker": {"kind": broker_kind, "connected": broker_connected},
     }
+
+
+#: Figures of :func:`snapshot` that add up over workers; the others take the worst worker's.
+_SUMMED = ("connections", "pending_handshakes", "handshake_rate_limit", "accepted",
+           "handshakes_failed", "drained", "rebalanced")  # fmt: skip
+_WORST = ("streams", "lag_max_ms", "lag_p99_ms", "gc_pause_max_ms")
+#: What the page shows of each worker.
+_PER_WORKER = ("worker", "pid", "node", "connections", "accepted", "draining", "lag_max_ms",
+               "lag_p99_ms", "gc_pause_max_ms")  # fmt: skip
+
+
+def combine(own: dict[str, Any], workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole server's dashboard data from every live worker's :func:`snapshot` (each with
+    its ``worker`` index and ``pid``; *own*, the answering worker's, gives the time and the
+    broker).  Counters and gauges add up, loop lag and GC pauses are the worst worker's, the
+    server drains while any worker does; ``workers`` lists each, by index."""
+    if not workers:
+        return own
+    out = dict(own)
+    for name in _SUMMED:
+        out[name] = sum(w.get(name, 0) for w in workers)
+    for name in _WORST:
+        out[name] = max(w.get(name, 0) for w in workers)
+    refused: dict[str, int] = {}
+    for w in workers:
+        for reason, count in (w.get("refused") or {}).items():
+            refused[reason] = refused.get(reason, 0) + count
+    out["refused"] = refused
+    out["draining"] = any(w.get("draining") for w in workers)
+    out["node"] = f"trio_cable, {len(workers)} worker{'s' if len(workers) != 1 else ''}"
+    ordered = sorted(workers, key=lambda w: (w.get("worker", 0), w.get("pid", 0)))
+    out["workers"] = [{k: w[k] for k in _PER_WORKER if k in w} for w in ordered]
+    return out

@@ -726,23 +726,40 @@ class Server:
             ],
         )
 
-    async def _sse_request(
-        self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
-    ) -> Response | EventStream:
+    def _cross_origin(self, request: Request) -> tuple[list[tuple[str, str]], Response | None]:
+        """(CORS headers, None) for an allowed origin; a refusal (403) or the preflight's
+        answer (OPTIONS) in place of None when that is all there is to say."""
         cors = self._cors(request)
         if cors is None:
             self.metrics.handshakes_failed_total += 1
-            return Response.text(403, "origin not allowed")
+            return [], Response.text(403, "origin not allowed")
         if request.method == "OPTIONS":
-            return self._preflight(request, cors)
+            return cors, self._preflight(request, cors)
+        return cors, None
+
+    async def _command_lines(
+        self, sock: socket.socket, conn: h11.Connection, cors: list[tuple[str, str]]
+    ) -> list[bytes] | Response:
+        """A POST body's commands, one JSON document per line (blank lines skipped), or the
+        answer to a body that cannot be read (too big, cut short)."""
+        try:
+            body = await read_body(sock, conn, self.config.max_message_size)
+        except BadRequest as exc:
+            return Response.text(exc.status, exc.message, cors)
+        return [line for line in body.split(b"\n") if line.strip()]
+
+    async def _sse_request(
+        self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
+    ) -> Response | EventStream:
+        cors, answer = self._cross_origin(request)
+        if answer is not None:
+            return answer
         if request.method == "POST":
             # anycable-go's other form: the commands (subscribes) as JSON lines in the body,
             # for clients that can send a body (fetch, curl), not EventSource.
-            try:
-                body = await read_body(sock, conn, self.config.max_message_size)
-            except BadRequest as exc:
-                return Response.text(exc.status, exc.message, cors)
-            commands = [line for line in body.split(b"\n") if line.strip()]
+            commands = await self._command_lines(sock, conn, cors)
+            if isinstance(commands, Response):
+                return commands
             if not commands:
                 return Response.text(400, "POST the commands as JSON lines", cors)
         elif request.method == "GET":
@@ -770,19 +787,14 @@ class Server:
     async def _poll_request(
         self, sock: socket.socket, conn: h11.Connection, request: Request, ip: str
     ) -> Response | Poll:
-        cors = self._cors(request)
-        if cors is None:
-            self.metrics.handshakes_failed_total += 1
-            return Response.text(403, "origin not allowed")
-        if request.method == "OPTIONS":
-            return self._preflight(request, cors)
+        cors, answer = self._cross_origin(request)
+        if answer is not None:
+            return answer
         if request.method != "POST":
             return Response.text(405, "use POST", [("allow", "POST"), *cors])
-        try:
-            body = await read_body(sock, conn, self.config.max_message_size)
-        except BadRequest as exc:
-            return Response.text(exc.status, exc.message, cors)
-        commands = [line for line in body.split(b"\n") if line.strip()]
+        commands = await self._command_lines(sock, conn, cors)
+        if isinstance(commands, Response):
+            return commands
         poll_id = request.headers.get(POLL_ID_HEADER)
         if poll_id:
             transport = self._polls.sessions.get(poll_id)
@@ -862,7 +874,7 @@ class Server:
                 return Response.text(405, "use GET", [("allow", "GET")])
             return Response.json(200, self.metrics.recent(_since(request.query)))
         if path == "/_dashboard" or path.startswith("/_dashboard/"):
-            return self._dashboard(request)
+            return await self._dashboard(request)
         if path == "/_broadcast":
             if method != "POST":
                 return Response.text(405, "use POST", [("allow", "POST")])
@@ -1164,9 +1176,10 @@ class Server:
         """Make a drain in progress disconnect everybody at once (a second signal)."""
         self.drainer.hurry()
 
-    def _dashboard(self, request: Request) -> Response:
+    async def _dashboard(self, request: Request) -> Response:
         """``/_dashboard``: the page and its files for anyone (they hold no data), the data
-        only with the key; all of it 404 unless ``--dashboard``."""
+        only with the key; all of it 404 unless ``--dashboard``.  Under ``--workers`` the data
+        is the whole server's, with each worker's beside it."""
         if not self.config.dashboard:
             return Response.text(404, "not found")
         if request.method not in ("GET", "HEAD"):
@@ -1178,23 +1191,26 @@ class Server:
                 return Response.text(
                     401, "missing or wrong dashboard key", [("www-authenticate", "Bearer")]
                 )
-            broker = self.broker
-            connected = getattr(broker, "connected", None)
-            return Response.json(
-                200,
-                dashboard.snapshot(
-                    self.metrics,
-                    node=self.label,
-                    draining=self.draining,
-                    broker_kind=type(broker).__name__,
-                    broker_connected=connected if isinstance(connected, bool) else None,
-                ),
-            )
+            if self.group is None:
+                return Response.json(200, self.dashboard_data())
+            return Response.json(200, await self.group.dashboard())
         found = dashboard.asset(subpath)
         if found is None:
             return Response.text(404, "not found")
         body, content_type = found
         return Response(200, body, content_type)
+
+    def dashboard_data(self) -> dict[str, Any]:
+        """This node's figures for the dashboard (see :func:`dashboard.snapshot`)."""
+        broker = self.broker
+        connected = getattr(broker, "connected", None)
+        return dashboard.snapshot(
+            self.metrics,
+            node=self.label,
+            draining=self.draining,
+            broker_kind=type(broker).__name__,
+            broker_connected=connected if isinstance(connected, bool) else None,
+        )
 
     def health(self) -> dict[str, Any]:
         """The ``/health`` document."""
